@@ -1,0 +1,29 @@
+# make demo  — set up .venv (CPU torch) and train the demo
+# make test  — set up .venv and run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Torch first, pinned to the CPU build that lies on disk, so the package's torch>=2.2 installs nothing more.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/fewstep demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) fewstep-demo .pytest_cache

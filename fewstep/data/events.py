@@ -1,0 +1,85 @@
+"""Event streams as numpy structured arrays with fields ``x, y, t, p`` (Tonic's convention).
+
+``t`` is in microseconds, ``p`` is 0 (OFF) or 1 (ON). Readers validate what they decode and raise
+:class:`EventFileError` naming the file, never return silently wrong events.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+EVENT_DTYPE = np.dtype([("x", "<i2"), ("y", "<i2"), ("t", "<i8"), ("p", "<i1")])
+
+
+class EventFileError(ValueError):
+    """A corrupt or unexpected event file."""
+
+
+def make_events(x, y, t, p) -> np.ndarray:
+    """Build a structured event array from four equally long sequences."""
+    n = len(t)
+    if not (len(x) == len(y) == len(p) == n):
+        raise ValueError(f"x, y, t, p must have the same length, got {len(x)}, {len(y)}, {n}, {len(p)}")
+    ev = np.empty(n, dtype=EVENT_DTYPE)
+    ev["x"], ev["y"], ev["t"], ev["p"] = x, y, t, p
+    return ev
+
+
+def check_events(ev: np.ndarray, sensor_size, source: str = "events") -> np.ndarray:
+    """Raise if ``ev`` is not a structured event array inside ``sensor_size = (W, H)``."""
+    if ev.dtype.names is None or not {"x", "y", "t", "p"} <= set(ev.dtype.names):
+        raise EventFileError(f"{source}: expected a structured array with fields x, y, t, p, got dtype {ev.dtype}")
+    if len(ev) == 0:
+        return ev
+    w, h = int(sensor_size[0]), int(sensor_size[1])
+    bad = (ev["x"] < 0) | (ev["x"] >= w) | (ev["y"] < 0) | (ev["y"] >= h)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise EventFileError(
+            f"{source}: event {i} at (x={int(ev['x'][i])}, y={int(ev['y'][i])}) lies outside the "
+            f"{w}x{h} sensor ({int(bad.sum())} such events)"
+        )
+    return ev
+
+
+def decode_nmnist(buf: bytes | np.ndarray, source: str = "buffer", sensor_size=(34, 34)) -> np.ndarray:
+    """Decode the N-MNIST / N-Caltech101 40-bit format: per event 5 big-endian bytes
+    ``x:8 | y:8 | p:1 | t:23`` (microseconds)."""
+    a = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.astype(np.uint8, copy=False)
+    if a.size % 5:
+        raise EventFileError(
+            f"{source}: size {a.size} bytes is not a multiple of 5 (the N-MNIST format stores 5 bytes per event); "
+            "the file is truncated or not in this format"
+        )
+    a = a.reshape(-1, 5).astype(np.int64)
+    t = ((a[:, 2] & 0x7F) << 16) | (a[:, 3] << 8) | a[:, 4]
+    ev = make_events(a[:, 0], a[:, 1], t, a[:, 2] >> 7)
+    return check_events(ev, sensor_size, source)
+
+
+def read_nmnist(path: "str | os.PathLike", sensor_size=(34, 34)) -> np.ndarray:
+    """Read one N-MNIST ``.bin`` / ``.bs2`` recording (see :func:`decode_nmnist`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"event file not found: {path}")
+    with open(path, "rb") as f:
+        return decode_nmnist(f.read(), path, sensor_size)
+
+
+def encode_nmnist(ev: np.ndarray) -> bytes:
+    """Inverse of :func:`decode_nmnist` (x, y < 256, t < 2**23 µs)."""
+    x, y, t, p = (ev[k].astype(np.int64) for k in ("x", "y", "t", "p"))
+    if len(ev) and (x.min() < 0 or x.max() > 255 or y.min() < 0 or y.max() > 255 or t.min() < 0 or t.max() >= 1 << 23):
+        raise ValueError("events do not fit the 40-bit N-MNIST format (x, y in 0..255, t in 0..2**23-1)")
+    out = np.empty((len(ev), 5), dtype=np.uint8)
+    out[:, 0], out[:, 1] = x, y
+    out[:, 2] = (p.astype(np.int64) << 7) | (t >> 16)
+    out[:, 3], out[:, 4] = (t >> 8) & 0xFF, t & 0xFF
+    return out.tobytes()
+
+
+def write_nmnist(path: "str | os.PathLike", ev: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(encode_nmnist(ev))

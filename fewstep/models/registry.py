@@ -1,0 +1,102 @@
+"""The model registry and the base class every fewstep network derives from."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..neurons import make_neuron
+
+MODELS: dict[str, Callable[..., "SNN"]] = {}
+
+NEURON_KEYS = ("neuron", "tau", "theta", "v0", "reset", "detach_reset", "surrogate", "learn_theta", "learn_tau")
+
+
+def register(name: str):
+    """Decorator: make a builder available as ``create(name, ...)``."""
+
+    def deco(fn):
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(MODELS)
+
+
+def create(name: str, **kwargs) -> "SNN":
+    """Build a registered model. Unknown names and unknown options raise ``ValueError``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}")
+    builder = MODELS[name]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(kwargs) - set(params))
+        if bad:
+            raise ValueError(f"model {name!r} has no option(s) {bad}; valid options: {sorted(params)}")
+    net = builder(**kwargs)
+    net.model_name = name
+    return net
+
+
+class NeuronFactory:
+    """Builds the spiking neurons of a model from shared options (``neuron='lif'``, ``tau``, ...)."""
+
+    def __init__(self, neuron: str = "lif", **options):
+        bad = sorted(set(options) - set(NEURON_KEYS))
+        if bad:
+            raise ValueError(f"unknown neuron option(s) {bad}; valid options: {list(NEURON_KEYS)}")
+        self.kind = neuron
+        self.options = {k: v for k, v in options.items() if v is not None}
+        make_neuron(self.kind, **self.options)  # fail early on a bad value
+
+    def __call__(self) -> nn.Module:
+        return make_neuron(self.kind, **self.options)
+
+
+class SNN(nn.Module):
+    """Base class: checks the input shape and gives per-step logits ``[T, N, classes]``.
+
+    In multi-step mode ``forward`` takes ``[T, N, *input_shape]``; in single-step mode (after
+    ``fewstep.set_step_mode(net, "s")``) it takes one frame ``[N, *input_shape]`` and returns
+    ``[N, classes]``. Subclasses implement :meth:`body`.
+    """
+
+    def __init__(self, input_shape, num_classes: int):
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.model_name = type(self).__name__
+
+    def current_step_mode(self) -> str:
+        """``"m"`` or ``"s"``, as set by :func:`fewstep.set_step_mode`."""
+        for m in self.modules():
+            if hasattr(m, "step_mode"):
+                return m.step_mode
+        return "m"
+
+    def check_input(self, x: torch.Tensor) -> None:
+        mode = self.current_step_mode()
+        lead = 2 if mode == "m" else 1
+        shape = tuple(x.shape)
+        want = ("T", "N") if lead == 2 else ("N",)
+        if x.dim() != lead + len(self.input_shape) or shape[lead:] != self.input_shape:
+            raise ValueError(
+                f"model {self.model_name!r} expects input [{', '.join(want + tuple(map(str, self.input_shape)))}] "
+                f"(step_mode={mode!r}) but got {list(shape)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.body(x)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+

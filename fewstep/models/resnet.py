@@ -1,0 +1,91 @@
+"""Spiking ResNets: ``resnet19`` (TET), ``resnet18`` and ``resnet20`` (CIFAR stems), ``sew_resnet18``.
+
+Spiking basic block (TET / tdBN style): ``LIF(BN(conv(LIF(BN(conv(x))))) + shortcut(x))``.
+SEW block (Fang et al., NeurIPS 2021, ADD connect): ``LIF(BN(conv(LIF(BN(conv(x)))))) + shortcut(x)``
+where the shortcut of a SEW block is the identity or conv1×1-BN-LIF, so spikes are added.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import layers as L
+from .registry import SNN, NeuronFactory, register
+
+
+def conv_bn(cin, cout, k=3, stride=1):
+    return [L.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), L.BatchNorm2d(cout)]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, make):
+        super().__init__()
+        self.residual = nn.Sequential(*conv_bn(cin, cout, 3, stride), make(), *conv_bn(cout, cout, 3))
+        self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else nn.Identity()
+        self.sn = make()
+
+    def forward(self, x):
+        return self.sn(self.residual(x) + self.shortcut(x))
+
+
+class SEWBlock(nn.Module):
+    def __init__(self, cin, cout, stride, make):
+        super().__init__()
+        self.residual = nn.Sequential(*conv_bn(cin, cout, 3, stride), make(), *conv_bn(cout, cout, 3), make())
+        self.shortcut = (
+            nn.Sequential(*conv_bn(cin, cout, 1, stride), make()) if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x):
+        return self.residual(x) + self.shortcut(x)
+
+
+class SpikingResNet(SNN):
+    """Stem conv3×3 → stages of blocks → global average pool → head (one Linear, or Linear-LIF-Linear)."""
+
+    def __init__(self, input_shape, num_classes, widths, blocks, stem_width=None, block=BasicBlock, fc_hidden=None, **neuron):
+        super().__init__(input_shape, num_classes)
+        if len(widths) != len(blocks):
+            raise ValueError(f"widths {widths} and blocks {blocks} must have the same length")
+        make = NeuronFactory(**neuron)
+        c = stem_width or widths[0]
+        self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, 3), make())
+        stages = []
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            stride = 1 if i == 0 else 2
+            for j in range(n):
+                stages.append(block(c, w, stride if j == 0 else 1, make))
+                c = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(L.AdaptiveAvgPool2d(1), L.Flatten())
+        if fc_hidden:
+            self.head = nn.Sequential(L.Linear(c, fc_hidden), make(), L.Linear(fc_hidden, num_classes))
+        else:
+            self.head = L.Linear(c, num_classes)
+
+    def body(self, x):
+        return self.head(self.pool(self.stages(self.stem(x))))
+
+
+@register("resnet19")
+def resnet19(input_shape=(3, 32, 32), num_classes=10, widths=(128, 256, 512), blocks=(3, 3, 2), **neuron):
+    """ResNet-19 of TET: widths 128/256/512, blocks 3/3/2, head Linear(512, 256)-LIF-Linear."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), fc_hidden=256, **neuron)
+
+
+@register("resnet18")
+def resnet18(input_shape=(3, 32, 32), num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **neuron):
+    """ResNet-18 with the CIFAR stem (one 3×3 conv, no max-pool)."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), **neuron)
+
+
+@register("resnet20")
+def resnet20(input_shape=(3, 32, 32), num_classes=10, widths=(16, 32, 64), blocks=(3, 3, 3), **neuron):
+    """ResNet-20 of He et al. for CIFAR: widths 16/32/64, three blocks each."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), **neuron)
+
+
+@register("sew_resnet18")
+def sew_resnet18(input_shape=(3, 32, 32), num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **neuron):
+    """SEW ResNet-18 (ADD connect) with the CIFAR stem."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), block=SEWBlock, **neuron)

@@ -1,0 +1,259 @@
+"""Spiking neurons: pure step functions and stateful modules on top of them.
+
+LIF as in the seed code (METHODS §0)::
+
+    u(t) = τ·v(t−1) + I(t)              (multiplicative leak τ, default 0.5; IF is τ = 1)
+    s(t) = H(u(t) − θ)                  (surrogate gradient in backward)
+    v(t) = u(t)·(1 − s(t))              hard reset
+    v(t) = u(t) − θ·s(t)                soft reset (reset by subtraction)
+    v(0) = v0                           (default 0)
+
+The functional core follows Norse: ``lif_step(x, state, params) -> (spikes, state)``.
+The modules follow SpikingJelly: state lives in plain attributes (never in ``state_dict``),
+``step_mode`` is ``"m"`` (multi-step: ``[T, N, ...]`` in, starts from a fresh state on every call)
+or ``"s"`` (streaming: one ``[N, ...]`` frame per call, state kept until :func:`reset`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import surrogate as _surrogate
+
+STEP_MODES = ("m", "s")
+RESETS = ("hard", "soft")
+
+
+class LIFState(NamedTuple):
+    """Membrane after reset, ``v(t)``."""
+
+    v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LIFParameters:
+    """Parameters of :func:`lif_step`. ``tau`` and ``theta`` may be tensors (learnable)."""
+
+    tau: "float | torch.Tensor" = 0.5
+    theta: "float | torch.Tensor" = 1.0
+    v0: float = 0.0
+    reset: str = "hard"
+    detach_reset: bool = False
+    surrogate: _surrogate.Surrogate = field(default_factory=_surrogate.Triangle)
+
+    def __post_init__(self):
+        if self.reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
+
+
+def initial_state(x: torch.Tensor, p: LIFParameters) -> LIFState:
+    """Fresh state shaped like one frame ``x`` (``v = v0``)."""
+    return LIFState(torch.full_like(x, float(p.v0)))
+
+
+def lif_update(x: torch.Tensor, v: torch.Tensor, p: LIFParameters):
+    """One step; returns ``(spikes, u_pre_reset, v_post_reset)``."""
+    u = p.tau * v + x
+    s = p.surrogate(u - p.theta)
+    sr = s.detach() if p.detach_reset else s
+    if p.reset == "hard":
+        v_next = u * (1.0 - sr)
+    else:
+        v_next = u - p.theta * sr
+    return s, u, v_next
+
+
+def lif_step(x: torch.Tensor, state: "LIFState | None", p: LIFParameters) -> tuple[torch.Tensor, LIFState]:
+    """Pure LIF step: ``(x[N, ...], state) -> (spikes[N, ...], new state)``."""
+    if state is None:
+        state = initial_state(x, p)
+    s, _, v = lif_update(x, state.v, p)
+    return s, LIFState(v)
+
+
+def if_step(x: torch.Tensor, state: "LIFState | None", p: LIFParameters) -> tuple[torch.Tensor, LIFState]:
+    """IF neuron: :func:`lif_step` with τ = 1."""
+    return lif_step(x, state, replace(p, tau=1.0))
+
+
+def lif_multi_step(x_seq: torch.Tensor, state: "LIFState | None", p: LIFParameters) -> tuple[torch.Tensor, LIFState]:
+    """Run :func:`lif_step` over a time-first sequence ``[T, N, ...]``."""
+    out = []
+    for x in x_seq:
+        s, state = lif_step(x, state, p)
+        out.append(s)
+    return torch.stack(out), state
+
+
+class StatefulModule(nn.Module):
+    """Base for modules that carry state between steps.
+
+    Subclasses list their state attributes in ``_state_names``; the values are plain tensors
+    (or ``None`` for "fresh") held outside ``state_dict``.
+    """
+
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(self, step_mode: str = "m"):
+        super().__init__()
+        self.step_mode = step_mode
+        self._recorder = None
+        self._record_name = None
+        self.reset()
+
+    @property
+    def step_mode(self) -> str:
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, mode: str):
+        if mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be 'm' (multi-step) or 's' (single-step), got {mode!r}")
+        self._step_mode = mode
+
+    def reset(self) -> None:
+        for name in self._state_names:
+            setattr(self, name, None)
+
+    def compact(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` of every state tensor (for early exit)."""
+        for name in self._state_names:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index])
+
+    def extra_repr(self) -> str:
+        return f"step_mode={self.step_mode!r}"
+
+
+class LIF(StatefulModule):
+    """Leaky integrate-and-fire neuron module (see module docstring for the equations).
+
+    Args:
+        tau: multiplicative leak (1.0 gives IF). ``learn_tau`` makes it a parameter.
+        theta: firing threshold. ``learn_theta`` makes it a parameter.
+        v0: initial membrane.
+        reset: ``"hard"`` (to zero) or ``"soft"`` (subtract θ).
+        detach_reset: stop gradients through the reset path.
+        surrogate: a name from :mod:`fewstep.surrogate` or a surrogate module.
+        step_mode: ``"m"`` (``[T, N, ...]``) or ``"s"`` (``[N, ...]``, streaming).
+    """
+
+    _state_names = ("v",)
+
+    def __init__(
+        self,
+        tau: float = 0.5,
+        theta: float = 1.0,
+        v0: float = 0.0,
+        reset: str = "hard",
+        detach_reset: bool = False,
+        surrogate: "str | _surrogate.Surrogate" = "zif",
+        learn_theta: bool = False,
+        learn_tau: bool = False,
+        step_mode: str = "m",
+    ):
+        super().__init__(step_mode)
+        if reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+        if not 0.0 < float(tau) <= 1.0:
+            raise ValueError(f"tau is a multiplicative leak in (0, 1], got {tau}")
+        self.theta = nn.Parameter(torch.tensor(float(theta))) if learn_theta else float(theta)
+        self.tau = nn.Parameter(torch.tensor(float(tau))) if learn_tau else float(tau)
+        self.v0 = float(v0)
+        self.reset_mode = reset
+        self.detach_reset = bool(detach_reset)
+        self.surrogate = _surrogate.get(surrogate)
+
+    @property
+    def params(self) -> LIFParameters:
+        return LIFParameters(self.tau, self.theta, self.v0, self.reset_mode, self.detach_reset, self.surrogate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        rec = self._recorder
+        if self.step_mode == "s":
+            if self.v is None:
+                self.v = torch.full_like(x, self.v0)
+            elif self.v.shape != x.shape:
+                raise ValueError(
+                    f"{type(self).__name__} '{self._record_name or ''}': streaming state has shape "
+                    f"{tuple(self.v.shape)} but the input frame has shape {tuple(x.shape)}; "
+                    "call fewstep.reset(net) before feeding a new batch"
+                )
+            s, u, self.v = lif_update(x, self.v, p)
+            if rec is not None:
+                rec.add(self, s.unsqueeze(0), u.unsqueeze(0), self.v.unsqueeze(0))
+            return s
+        if x.dim() < 2:
+            raise ValueError(f"multi-step input must be [T, N, ...], got shape {tuple(x.shape)}")
+        v = torch.full_like(x[0], self.v0)
+        spikes, us, vs = [], [], []
+        for xt in x:
+            s, u, v = lif_update(xt, v, p)
+            spikes.append(s)
+            if rec is not None:
+                us.append(u)
+                vs.append(v)
+        self.v = None  # multi-step calls never leak state into the next call
+        out = torch.stack(spikes)
+        if rec is not None:
+            rec.add(self, out, torch.stack(us), torch.stack(vs))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"tau={float(self.tau):g}, theta={float(self.theta):g}, v0={self.v0:g}, reset={self.reset_mode!r}, "
+            f"detach_reset={self.detach_reset}, surrogate={self.surrogate.name}, step_mode={self.step_mode!r}"
+        )
+
+
+class IF(LIF):
+    """Integrate-and-fire: :class:`LIF` with τ = 1 (no leak)."""
+
+    def __init__(self, theta: float = 1.0, v0: float = 0.0, reset: str = "hard", **kwargs):
+        kwargs.pop("tau", None)
+        super().__init__(tau=1.0, theta=theta, v0=v0, reset=reset, **kwargs)
+
+
+NEURONS: dict[str, type[LIF]] = {"lif": LIF, "if": IF}
+
+
+def make_neuron(kind: str = "lif", **kwargs) -> LIF:
+    """A neuron module by name (``lif`` or ``if``)."""
+    key = str(kind).lower()
+    if key not in NEURONS:
+        raise ValueError(f"unknown neuron {kind!r}; valid names: {', '.join(sorted(NEURONS))}")
+    return NEURONS[key](**kwargs)
+
+
+def stateful_modules(net: nn.Module):
+    return [m for m in net.modules() if isinstance(m, StatefulModule)]
+
+
+def reset(net: nn.Module) -> nn.Module:
+    """Reset the state of every stateful module in ``net`` (needed between streams in ``"s"`` mode)."""
+    for m in stateful_modules(net):
+        m.reset()
+    return net
+
+
+def set_step_mode(net: nn.Module, mode: str) -> nn.Module:
+    """Switch every module of ``net`` with a ``step_mode`` to ``"m"`` or ``"s"`` and reset its state."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"step_mode must be 'm' (multi-step) or 's' (single-step), got {mode!r}")
+    for m in net.modules():
+        if hasattr(m, "step_mode"):
+            m.step_mode = mode
+    return reset(net)
+
+
+def compact(net: nn.Module, index: torch.Tensor) -> nn.Module:
+    """Keep only batch rows ``index`` of every carried state (streaming early exit)."""
+    for m in stateful_modules(net):
+        m.compact(index)
+    return net

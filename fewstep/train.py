@@ -1,0 +1,327 @@
+"""Training loop: seeding, SGD/AdamW, cosine schedule, AMP on CUDA, progress bar, CSV log,
+a checkpoint every epoch (atomic), exact resume, best-on-validation weights, and metrics.json.
+
+A run lives in one folder::
+
+    config.yaml     the full resolved config
+    checkpoint.pt   weights, optimiser, scheduler, epoch, RNG states, config, best weights
+    log.csv         one row per epoch
+    metrics.json    dataset, model, T, val_accuracy, accuracy_per_step (test, best weights), ...
+
+Checkpoints hold only tensors and plain Python values: ``torch.load(path, weights_only=True)``.
+Model selection uses the validation split only; the test split is evaluated once, at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import config as _config
+from . import losses as _losses
+from . import models as _models
+from .data import datasets as _datasets
+from .metrics import evaluate, time_first
+from .record import record
+
+CHECKPOINT_FORMAT = "fewstep-checkpoint-v1"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} requested but CUDA is not available; use device: auto or cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: _config.Config) -> _datasets.DataBundle:
+    d = cfg.data
+    return _datasets.load(d.name, root=d.root, T=d.T, val_fraction=d.val_fraction, seed=cfg.train.seed,
+                          augment=d.augment, cutout=d.cutout, binarize=d.binarize)
+
+
+def build_model(cfg: _config.Config, bundle: _datasets.DataBundle) -> torch.nn.Module:
+    m = cfg.model
+    return _models.create(m.name, input_shape=bundle.input_shape, num_classes=bundle.num_classes, neuron=m.neuron,
+                          tau=m.tau, theta=m.theta, v0=m.v0, reset=m.reset, detach_reset=m.detach_reset,
+                          surrogate=m.surrogate, learn_theta=m.learn_theta, **(m.options or {}))
+
+
+def make_optimizer(cfg: _config.TrainConfig, params):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names: adamw, sgd")
+
+
+def make_scheduler(cfg: _config.TrainConfig, opt):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs), eta_min=0.0)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid names: constant, cosine")
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fewstep checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+class Trainer:
+    """Train ``cfg`` into ``out_dir``; resumes automatically from ``out_dir/checkpoint.pt``.
+
+    ``regularizers`` are callables ``(logits, y, rec) -> loss`` added to the base loss; when any is
+    given, the forward pass runs under :func:`fewstep.record` and ``rec`` holds per-layer spikes
+    and membranes (RCS, STR and TRT plug in here).
+    """
+
+    def __init__(self, cfg: _config.Config, out_dir, bundle: _datasets.DataBundle | None = None,
+                 regularizers: list[Callable] | None = None, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.log = log
+        self.regularizers = list(regularizers or [])
+        seed_everything(cfg.train.seed)
+        self.device = resolve_device(cfg.train.device)
+        self.bundle = bundle if bundle is not None else load_data(cfg)
+        if self.bundle.kind == "frames" and self.bundle.T != cfg.data.T:
+            raise ValueError(f"T mismatch: dataset frames have T = {self.bundle.T} but data.T = {cfg.data.T}")
+        self.model = build_model(cfg, self.bundle).to(self.device)
+        self.loss_fn = _losses.make(cfg.train.loss, cfg.train.tet_lambda, cfg.train.tet_phi)
+        self.opt = make_optimizer(cfg.train, self.model.parameters())
+        self.sched = make_scheduler(cfg.train, self.opt)
+        self.epoch = 0  # epochs completed
+        self.best_val = -1.0
+        self.best_epoch = 0
+        self.best_state = None
+        self.history: list[dict] = []
+        self.train_time = 0.0
+
+    # ------------------------------------------------------------------ checkpointing
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def state(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
+                "model": self.model.state_dict(), "best_model": self.best_state, "best_val": self.best_val,
+                "best_epoch": self.best_epoch, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": _rng_state(), "history": self.history,
+                "train_time": self.train_time}
+
+    def resume(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        ckpt = load_checkpoint(self.ckpt_path)
+        saved = _config.from_dict(ckpt["config"]).to_dict()
+        mine = self.cfg.to_dict()
+        # The number of epochs may grow on resume; anything else must match.
+        saved["train"].pop("epochs"), mine["train"].pop("epochs")
+        for k in ("progress", "num_workers", "eval_batch_size", "device"):
+            saved["train"].pop(k), mine["train"].pop(k)
+        if saved != mine:
+            diff = [f"{s}.{k}" for s in mine for k in mine[s] if mine[s][k] != saved[s].get(k)]
+            raise ValueError(f"{self.out} holds a run with a different config (differs in {diff}); "
+                             "use a new --out folder")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.sched.__class__.__name__ == "CosineAnnealingLR":
+            self.sched.T_max = max(1, self.cfg.train.epochs)
+        _set_rng_state(ckpt["rng"])
+        self.epoch, self.best_val, self.best_epoch = ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"]
+        self.best_state, self.history = ckpt["best_model"], list(ckpt["history"])
+        self.train_time = ckpt.get("train_time", 0.0)
+        self.log(f"resuming {self.out} after epoch {self.epoch}")
+        return True
+
+    # ------------------------------------------------------------------ one epoch
+    def _batches(self, epoch: int):
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        return DataLoader(self.bundle.train, batch_size=self.cfg.train.batch_size, shuffle=True, generator=g,
+                          num_workers=self.cfg.train.num_workers, drop_last=False)
+
+    def train_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg.train
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation / dropout / Poisson: reproducible per epoch
+        self.model.train()
+        amp = cfg.amp and self.device.type == "cuda"
+        tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        bar = tqdm(self._batches(epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=None if cfg.progress else True)
+        for step, (x, y) in enumerate(bar):
+            x = time_first(x, self.bundle.kind, self.cfg.data.T, self.cfg.data.encoding).to(self.device)
+            y = y.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                if self.regularizers:
+                    with record(self.model) as rec:
+                        out = self.model(x)
+                    loss = self.loss_fn(out, y) + sum(r(out, y, rec) for r in self.regularizers)
+                else:
+                    out = self.model(x)
+                    loss = self.loss_fn(out, y)
+            if not torch.isfinite(loss):
+                last = f"{self.ckpt_path} (after epoch {self.epoch})" if self.ckpt_path.is_file() else "none yet"
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}, step {step}; training stopped. "
+                                       f"Last good checkpoint: {last}. Try a lower train.lr or train.grad_clip.")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            n = y.numel()
+            tot_loss += loss.item() * n
+            tot_correct += int((out.detach().float().mean(0).argmax(-1) == y).sum())
+            tot_n += n
+            bar.set_postfix(loss=f"{tot_loss / tot_n:.3f}", acc=f"{tot_correct / tot_n:.3f}")
+        return {"train_loss": tot_loss / tot_n, "train_acc": tot_correct / tot_n}
+
+    def evaluate(self, split: str) -> dict:
+        return evaluate(self.model, self.bundle.split(split), self.cfg.data.T, self.bundle.kind,
+                        self.cfg.data.encoding, self.cfg.train.eval_batch_size, self.device)
+
+    # ------------------------------------------------------------------ the whole run
+    def fit(self, stop_after: int | None = None) -> dict | None:
+        """Train to ``cfg.train.epochs`` (resuming if a checkpoint exists) and write metrics.json.
+
+        ``stop_after`` stops after that many epochs of this call (to simulate an interruption);
+        then no metrics are written and ``None`` is returned.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        self.cfg.dump(self.out / "config.yaml")
+        tb = _tensorboard(self.out)
+        done_now = 0
+        while self.epoch < self.cfg.train.epochs:
+            if stop_after is not None and done_now >= stop_after:
+                return None
+            e = self.epoch + 1
+            t0 = time.perf_counter()
+            row = {"epoch": e, "lr": self.opt.param_groups[0]["lr"], **self.train_epoch(e)}
+            self.sched.step()
+            val = self.evaluate("val")
+            row.update(val_acc=val["accuracy"], epoch_time_s=time.perf_counter() - t0)
+            self.train_time += row["epoch_time_s"]
+            if val["accuracy"] > self.best_val:
+                self.best_val, self.best_epoch = val["accuracy"], e
+                self.best_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+            self.epoch = e
+            self.history.append(row)
+            _atomic_save(self.state(), self.ckpt_path)
+            self._log_csv()
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        tb.add_scalar(k, v, e)
+            self.log(f"epoch {e:3d}/{self.cfg.train.epochs}  loss {row['train_loss']:.4f}  "
+                     f"train {row['train_acc']:.3f}  val {row['val_acc']:.3f}  ({row['epoch_time_s']:.1f}s)")
+            done_now += 1
+        return self.finish()
+
+    def finish(self) -> dict:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test = self.evaluate("test")
+        val = self.evaluate("val")
+        metrics = {
+            "dataset": self.cfg.data.name, "model": self.cfg.model.name, "T": self.cfg.data.T,
+            "val_accuracy": val["accuracy"], "val_accuracy_per_step": val["accuracy_per_step"],
+            "test_accuracy": test["accuracy"], "accuracy_per_step": test["accuracy_per_step"],
+            "firing_rates": test["firing_rates"], "mean_firing_rate": test["mean_firing_rate"],
+            "best_epoch": self.best_epoch, "epochs": self.epoch, "train_time_s": round(self.train_time, 2),
+            "n_params": sum(p.numel() for p in self.model.parameters()), "device": str(self.device),
+            "n_test": test["n"], "n_val": val["n"], "n_train": len(self.bundle.train),
+        }
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    def _log_csv(self) -> None:
+        keys = list(self.history[0])
+        with open(self.out / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: the CSV log is enough
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def train(cfg: _config.Config, out_dir, **kwargs) -> dict:
+    return Trainer(cfg, out_dir, **kwargs).fit()
+
+
+def load_run(run_dir, weights: str = "best", device: str = "cpu"):
+    """Rebuild ``(model, cfg, bundle)`` of a finished or interrupted run folder.
+
+    ``weights`` is ``"best"`` (best on validation) or ``"last"``.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fewstep run folder (no checkpoint.pt); train one with "
+                                "'fewstep train CONFIG --out DIR'")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = _config.from_dict(ckpt["config"])
+    bundle = load_data(cfg)
+    model = build_model(cfg, bundle)
+    state = ckpt["best_model"] if weights == "best" and ckpt["best_model"] is not None else ckpt["model"]
+    model.load_state_dict(state)
+    return model.to(resolve_device(device)).eval(), cfg, bundle
