@@ -21,6 +21,8 @@ def accuracy_per_step(curves: dict[str, list[float]], path, title: str = "Accura
     for name, acc in curves.items():
         t = list(range(1, len(acc) + 1))
         ax.plot(t, [100 * a for a in acc], marker="o", label=name)
+    lo = min(min(a) for a in curves.values()) * 100
+    ax.set_ylim(max(0.0, min(lo - 2.0, 90.0)), 100.5)  # never magnify sub-point noise into a cliff
     ax.set_xlabel("timestep t (prediction = argmax of running mean)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

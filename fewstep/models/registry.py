@@ -37,10 +37,12 @@ def create(name: str, **kwargs) -> "SNN":
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}")
     builder = MODELS[name]
     params = inspect.signature(builder).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        bad = sorted(set(kwargs) - set(params))
-        if bad:
-            raise ValueError(f"model {name!r} has no option(s) {bad}; valid options: {sorted(params)}")
+    valid = [k for k, p in params.items() if p.kind != p.VAR_KEYWORD]
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        valid += list(NEURON_KEYS)
+    bad = sorted(set(kwargs) - set(valid))
+    if bad:
+        raise ValueError(f"model {name!r} has no option(s) {bad}; valid options: {valid}")
     net = builder(**kwargs)
     net.model_name = name
     return net

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+import fewstep
+from fewstep import models
+
+SMALL = {  # fast variants of the big models; layouts as registered
+    "mlp": dict(input_shape=(1, 8, 8)),
+    "cnn": dict(input_shape=(2, 34, 34)),
+    "vggsnn": dict(input_shape=(2, 48, 48), cfg=(8, 8, "A", 16, 16, "A", 16, 16, "A", 16, 16, "A")),
+    "resnet19": dict(input_shape=(3, 32, 32), widths=(8, 16, 32)),
+    "resnet18": dict(input_shape=(3, 32, 32), widths=(8, 8, 16, 16)),
+    "resnet20": dict(input_shape=(3, 32, 32)),
+    "sew_resnet18": dict(input_shape=(3, 32, 32), widths=(8, 8, 16, 16)),
+}
+
+
+def test_registry_lists_the_documented_models():
+    assert set(SMALL) <= set(models.available())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_model_gives_per_step_logits_and_streams_identically(name):
+    torch.manual_seed(0)
+    net = models.create(name, num_classes=7, **SMALL[name])
+    x = torch.rand(3, 2, *net.input_shape) * 2
+    out = net(x)  # train mode
+    assert out.shape == (3, 2, 7)
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.eval()
+    ref = net(x)
+    fewstep.set_step_mode(net, "s")
+    stream = torch.stack([net(f) for f in x])
+    fewstep.set_step_mode(net, "m")
+    torch.testing.assert_close(stream, ref, rtol=1e-5, atol=1e-5)
+    assert not any(k.endswith(".v") for k in net.state_dict())
+
+
+def test_full_size_layouts():
+    net = models.create("resnet19", input_shape=(3, 32, 32), num_classes=10)
+    widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert widths[0] == 128 and max(widths) == 512
+    assert sum(1 for _ in net.stages) == 8
+    v = models.create("vggsnn", input_shape=(2, 128, 128), num_classes=11)
+    assert v.classifier[1].in_features == 512 * 8 * 8
+
+
+def test_wrong_input_shape_names_both_shapes():
+    net = models.create("cnn", input_shape=(2, 34, 34), num_classes=10)
+    with pytest.raises(ValueError, match=r"expects input \[T, N, 2, 34, 34\].*got \[4, 3, 34, 34\]"):
+        net(torch.zeros(4, 3, 34, 34))
+    fewstep.set_step_mode(net, "s")
+    with pytest.raises(ValueError, match=r"expects input \[N, 2, 34, 34\]"):
+        net(torch.zeros(4, 2, 34, 34, 1))
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="valid names: .*resnet19"):
+        models.create("resnet50")
+    with pytest.raises(ValueError, match="no option"):
+        models.create("cnn", kernel=5)
+    with pytest.raises(ValueError, match=r"no option.*leak.*valid options: .*tau"):
+        models.create("mlp", leak=0.3)
+    with pytest.raises(ValueError, match="valid names: if, lif"):
+        models.create("mlp", neuron="izhikevich")

@@ -1,0 +1,159 @@
+import pickle
+
+import pytest
+import torch
+
+import fewstep
+from fewstep import surrogate as S
+from fewstep.neurons import IF, LIF, LIFParameters, lif_multi_step, lif_step
+
+
+def run(neuron, xs):
+    out = neuron(torch.tensor(xs, dtype=torch.float32).view(-1, 1))
+    return out.view(-1).tolist()
+
+
+def test_lif_hard_reset_hand_computed():
+    n = LIF(tau=0.5, theta=1.0, reset="hard")
+    with fewstep.record(n) as rec:
+        s = run(n, [0.6, 0.6, 0.6, 1.5, 0.2])
+    assert s == [0, 0, 1, 1, 0]
+    assert rec.u[rec.layers[0]].view(-1).tolist() == pytest.approx([0.6, 0.9, 1.05, 1.5, 0.2])
+    assert rec.v[rec.layers[0]].view(-1).tolist() == pytest.approx([0.6, 0.9, 0.0, 0.0, 0.2])
+
+
+def test_lif_soft_reset_hand_computed():
+    n = LIF(tau=0.5, theta=1.0, reset="soft")
+    with fewstep.record(n) as rec:
+        s = run(n, [0.6, 0.6, 0.6, 1.5, 0.2])
+    assert s == [0, 0, 1, 1, 0]
+    assert rec.u[rec.layers[0]].view(-1).tolist() == pytest.approx([0.6, 0.9, 1.05, 1.525, 0.4625], abs=1e-6)
+    assert rec.v[rec.layers[0]].view(-1).tolist() == pytest.approx([0.6, 0.9, 0.05, 0.525, 0.4625], abs=1e-6)
+
+
+def test_if_and_initial_membrane():
+    assert run(IF(theta=1.0, reset="hard"), [0.6, 0.6, 0.6, 0.6]) == [0, 1, 0, 1]
+    soft = IF(theta=1.0, reset="soft")
+    with fewstep.record(soft) as rec:
+        assert run(soft, [0.6, 0.6, 0.6]) == [0, 1, 0]
+    assert rec.v[rec.layers[0]].view(-1).tolist() == pytest.approx([0.6, 0.2, 0.8])
+    # v0 = 0.5 (QCFS-style half threshold): the first input of 0.5 fires at once
+    assert run(IF(theta=1.0, v0=0.5), [0.5, 0.1]) == [1, 0]
+
+
+def test_functional_core_matches_module():
+    x = torch.randn(6, 3, 5)
+    p = LIFParameters(tau=0.7, theta=0.8, reset="soft")
+    s_fn, state = lif_multi_step(x, None, p)
+    mod = LIF(tau=0.7, theta=0.8, reset="soft")
+    assert torch.equal(s_fn, mod(x))
+    # step by step with explicit state
+    st = None
+    for t in range(6):
+        s, st = lif_step(x[t], st, p)
+        assert torch.equal(s, s_fn[t])
+    assert torch.equal(st.v, state.v)
+
+
+@pytest.mark.parametrize(
+    "name,kw,formula",
+    [
+        ("zif", {"gamma": 1.0}, lambda x: (1 - x.abs()).clamp(min=0)),
+        ("triangle", {"gamma": 0.5}, lambda x: 4 * (0.5 - x.abs()).clamp(min=0)),
+        ("sigmoid", {"alpha": 4.0}, lambda x: 4 * torch.sigmoid(4 * x) * (1 - torch.sigmoid(4 * x))),
+        ("atan", {"alpha": 2.0}, lambda x: 1 / (1 + (torch.pi * x) ** 2)),
+        ("rectangle", {"width": 1.0}, lambda x: (x.abs() < 0.5).float()),
+    ],
+)
+def test_surrogate_gradients_match_formulas(name, kw, formula):
+    x = torch.linspace(-2, 2, 81, requires_grad=True)
+    s = S.get(name, **kw)(x)
+    assert torch.equal(s, (x >= 0).float())
+    s.sum().backward()
+    torch.testing.assert_close(x.grad, formula(x.detach()))
+
+
+def test_bptt_gradient_hand_computed_and_detach_reset():
+    # u1 = x1 = 0.8 (no spike, g(-0.2) = 0.8); u2 = 0.5*0.8 + 0.7 = 1.1, g(0.1) = 0.9 (triangle, gamma 1)
+    for detach, expected in [(False, 0.9 * 0.5 * (1 - 1.0 * 0.8)), (True, 0.9 * 0.5)]:
+        x = torch.tensor([[0.8], [0.7]], requires_grad=True)
+        s = LIF(tau=0.5, theta=1.0, reset="soft", detach_reset=detach)(x)
+        s[1].sum().backward()
+        assert x.grad[0].item() == pytest.approx(expected)
+        assert x.grad[1].item() == pytest.approx(0.9)
+
+
+def test_learnable_threshold_gets_surrogate_gradient():
+    n = LIF(theta=1.0, learn_theta=True)
+    assert [k for k in n.state_dict()] == ["theta"]
+    x = torch.tensor([[1.2, 0.7]])
+    n(x).sum().backward()
+    # ds/dtheta = -g(x - theta) = -(0.8 + 0.7)
+    assert n.theta.grad.item() == pytest.approx(-1.5)
+
+
+def test_state_never_in_state_dict_and_streaming_equals_multistep():
+    n = LIF(reset="soft")
+    x = torch.randn(7, 4, 3, 5, 5)
+    m_out = n(x)
+    assert n.state_dict() == {}
+    fewstep.set_step_mode(n, "s")
+    s_out = torch.stack([n(f) for f in x])
+    assert n.v is not None and "v" not in n.state_dict()
+    assert torch.equal(m_out, s_out)
+
+
+def test_batches_of_different_sizes_need_no_reset():
+    n = LIF()
+    a, b = torch.randn(5, 3, 8), torch.randn(5, 7, 8) + 0.5
+    ref = LIF()(b)
+    n(a)
+    assert torch.equal(n(b), ref)  # nothing leaked from the first batch
+
+
+def test_streaming_shape_change_requires_reset():
+    n = LIF(step_mode="s")
+    n(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="fewstep.reset"):
+        n(torch.randn(5, 4))
+    fewstep.reset(n)
+    assert n(torch.randn(5, 4)).shape == (5, 4)
+
+
+def test_compact_keeps_rows():
+    n = LIF(step_mode="s")
+    x = torch.randn(4, 3)
+    n(x)
+    v = n.v.clone()
+    fewstep.compact(n, torch.tensor([0, 2]))
+    assert torch.equal(n.v, v[[0, 2]])
+
+
+def test_modules_pickle_and_bad_names():
+    n = LIF(surrogate="sigmoid")
+    n2 = pickle.loads(pickle.dumps(n))
+    x = torch.randn(3, 2, 4)
+    assert torch.equal(n(x), n2(x))
+    with pytest.raises(ValueError, match="valid names: atan, rectangle, sigmoid, triangle, zif"):
+        S.get("relu")
+    with pytest.raises(ValueError, match="step_mode"):
+        LIF(step_mode="x")
+    with pytest.raises(ValueError, match="reset"):
+        LIF(reset="zero")
+
+
+def test_recorder_costs_nothing_when_unused_and_detaches():
+    n = LIF()
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    with fewstep.record(n) as rec:
+        n(x)
+    assert rec.spikes[rec.layers[0]].requires_grad
+    assert n._recorder is None
+    with fewstep.record(n, detach=True) as rec:
+        n(x)
+    assert not rec.spikes[rec.layers[0]].requires_grad
+    fewstep.set_step_mode(n, "s")
+    with fewstep.record(n) as rec:
+        for f in x:
+            n(f)
+    assert rec.spikes[rec.layers[0]].shape == (3, 2, 4)

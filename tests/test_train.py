@@ -1,0 +1,127 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from fewstep import config as C
+from fewstep import losses
+from fewstep.cli import main as cli
+from fewstep.train import Trainer, TrainingDiverged, load_run
+
+
+def test_losses_hand_computed():
+    out = torch.tensor([[[0.0, 0.0]], [[math.log(3), 0.0]]])  # [T=2, N=1, C=2]
+    y = torch.tensor([0])
+    ce_t = (math.log(2) + math.log(4 / 3)) / 2
+    mse = (1 + 1 + (math.log(3) - 1) ** 2 + 1) / 4
+    assert losses.tet(out, y, lam=1e-3, phi=1.0).item() == pytest.approx((1 - 1e-3) * ce_t + 1e-3 * mse, rel=1e-6)
+    assert losses.mean_ce(out, y).item() == pytest.approx(math.log(1 + 1 / math.sqrt(3)), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\[T, N, C\]"):
+        losses.tet(out[0], y)
+    with pytest.raises(ValueError, match="valid names: ce, tet"):
+        losses.make("focal")
+
+
+def test_config_validation_and_overrides(tmp_path):
+    cfg = C.load(None, ["train.lr=0.01", "model.options.hidden=[32]", "data.T=3"])
+    assert cfg.train.lr == 0.01 and cfg.model.options == {"hidden": [32]} and cfg.data.T == 3
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['train.lrate'\]; valid keys in 'train'"):
+        C.load(None, ["train.lrate=1"])
+    with pytest.raises(ValueError, match="must be a number"):
+        C.load(None, ["train.lr=fast"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        C.load(tmp_path / "nope.yaml")
+    for f in ["digits.yaml", "nmnist_small.yaml", "cifar10_resnet19.yaml"]:
+        C.load(f"configs/{f}")  # shipped configs are valid
+
+
+def quick(tmp_path, epochs=3, **over):
+    base = {"data": {"name": "digits", "T": 3}, "model": {"name": "cnn", "options": {"channels": [8, 16], "hidden": 32}},
+            "train": {"epochs": epochs, "batch_size": 128, "lr": 3e-3, "progress": False}}
+    for k, v in over.items():
+        s, key = k.split("__")
+        base[s][key] = v
+    return C.from_dict(base)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    a = Trainer(quick(tmp_path, data__augment=True), tmp_path / "a", log=lambda s: None)
+    ma = a.fit()
+    b = Trainer(quick(tmp_path, data__augment=True), tmp_path / "b", log=lambda s: None)
+    assert b.fit(stop_after=2) is None
+    assert b.epoch == 2 and not (tmp_path / "b" / "metrics.json").exists()
+    b2 = Trainer(quick(tmp_path, data__augment=True), tmp_path / "b", log=lambda s: None)
+    mb = b2.fit()
+    assert b2.history[0] == b.history[0]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b2.model.state_dict()[k]), k
+    assert ma["accuracy_per_step"] == mb["accuracy_per_step"]
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and set(ckpt) >= {"model", "best_model", "optimizer", "scheduler", "rng", "config"}
+    # a different config in the same folder is refused, not silently mixed
+    with pytest.raises(ValueError, match="different config"):
+        Trainer(quick(tmp_path, train__lr=0.5), tmp_path / "b", log=lambda s: None).fit()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def poison(out, y, rec):
+        calls["n"] += 1
+        return out.sum() * (float("nan") if calls["n"] > 12 else 0.0)
+
+    t = Trainer(quick(tmp_path, epochs=5), tmp_path / "r", regularizers=[poison], log=lambda s: None)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*Last good checkpoint: .*after epoch 1"):
+        t.fit()
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_digits_learns_to_90_percent(tmp_path):
+    cfg = C.load("configs/digits.yaml", ["train.epochs=8", "train.progress=false"])
+    m = Trainer(cfg, tmp_path / "d", log=print).fit()
+    print("digits test accuracy per step:", m["accuracy_per_step"])
+    assert m["accuracy_per_step"][-1] >= 0.90, m
+    assert len(m["accuracy_per_step"]) == 6 and m["val_accuracy"] >= 0.90
+
+
+@pytest.mark.slow
+def test_nmnist_subset_learns_to_75_percent(tmp_path, nmnist_root):
+    cfg = C.load("configs/nmnist_small.yaml", [f"data.root={nmnist_root}", "train.epochs=4", "train.progress=false"])
+    m = Trainer(cfg, tmp_path / "n", log=print).fit()
+    print("N-MNIST subset test accuracy per step:", m["accuracy_per_step"])
+    assert m["T"] == 10 and m["n_test"] == 100
+    assert m["accuracy_per_step"][-1] >= 0.75, m
+
+
+def test_cli_train_eval_and_errors(tmp_path, capsys):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(yaml.safe_dump(quick(tmp_path, epochs=2).to_dict()))
+    assert cli(["train", str(cfgfile), "--out", str(tmp_path / "run"), "--set", "train.epochs=1"]) == 0
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "checkpoint.pt", "log.csv", "metrics.json"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"dataset", "model", "T", "val_accuracy", "accuracy_per_step"} <= set(metrics)
+    assert metrics["dataset"] == "digits" and len(metrics["accuracy_per_step"]) == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
+    assert cli(["eval", str(run), "--split", "val"]) == 0
+    assert json.loads((run / "eval_val.json").read_text())["split"] == "val"
+    model, cfg, _ = load_run(run)
+    assert cfg.data.T == 3
+    capsys.readouterr()
+    assert cli(["train", str(cfgfile), "--out", str(tmp_path / "x"), "--set", "model.name=alexnet"]) == 2
+    assert "valid names" in capsys.readouterr().err
+    assert cli(["eval", str(tmp_path / "nothing")]) == 2
+
+
+def test_console_script_demo_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "demo", "--out", str(tmp_path / "demo"),
+                        "--set", "train.epochs=2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy of the running-mean prediction" in r.stdout
+    assert (tmp_path / "demo" / "accuracy_per_step.png").stat().st_size > 1000
