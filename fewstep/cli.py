@@ -84,6 +84,56 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_cutoff(args) -> int:
+    from .reports import cutoff_report
+
+    if args.max_drop is not None and args.epsilon is not None:
+        raise ValueError("give either --epsilon or --max-drop (with --confidence), not both")
+    r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
+                      args.batch_size, args.calibration, mc_dropout=args.mc_dropout)
+    print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])} "
+          f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
+    print(f"  accuracy      {100 * r['accuracy']:.2f}% (full T: {100 * r['full_accuracy']:.2f}%, "
+          f"drop {100 * r['accuracy_drop']:+.2f} pt)")
+    print(f"  mean exit     {r['mean_exit_step']:.2f} of {r['T']} -> timestep speed-up {r['timestep_speedup']:.2f}x "
+          f"(OCT oracle: {r['oct_mean_exit_step']:.2f})")
+    print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s = {r['wallclock_speedup']:.2f}x")
+    print(f"  SOPs/sample   {r['sops_per_sample']:.3g} (full T {r['sops_per_sample_full']:.3g}); "
+          f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
+    if "target" in r:
+        t = r["target"]
+        print(f"  target        drop <= {100 * t['max_drop']:.2f} pt at {100 * t['confidence']:.0f}% confidence: "
+              f"upper bound {100 * t['bound']:.2f} pt on {t['n_test']} validation samples")
+    print(f"wrote {Path(args.run) / ('cutoff_' + args.policy + '.json')} and the exit histogram PNG")
+    return 0
+
+
+def cmd_tradeoff(args) -> int:
+    from .reports import tradeoff_report
+
+    r = tradeoff_report(args.run, args.split)
+    print(_tradeoff_table(r))
+    print(f"wrote {Path(args.run) / 'tradeoff.json'} and tradeoff.png")
+    return 0
+
+
+def _tradeoff_table(r: dict, max_drop: float = 0.01) -> str:
+    """For each policy: the fastest point whose accuracy is within ``max_drop`` of full T."""
+    lines = [f"{'policy':10s} {'setting':>14s} {'accuracy':>9s} {'mean exit':>9s} {'speed-up':>8s}",
+             f"{'full T':10s} {'t=' + str(r['T']):>14s} {100 * r['full_accuracy']:8.2f}% {r['T']:9.2f} {1:7.2f}x",
+             f"{'OCT':10s} {'(oracle)':>14s} {100 * r['oct']['accuracy']:8.2f}% {r['oct']['mean_exit_step']:9.2f} "
+             f"{r['T'] / r['oct']['mean_exit_step']:7.2f}x"]
+    for name, pts in r["policies"].items():
+        ok = [p for p in pts if p["accuracy"] >= r["full_accuracy"] - max_drop - 1e-9]
+        if not ok:
+            continue
+        p = min(ok, key=lambda p: p["mean_exit_step"])
+        setting = f"t={p['t']}" if "t" in p else f"eps={p['epsilon']:g}"
+        lines.append(f"{name:10s} {setting:>14s} {100 * p['accuracy']:8.2f}% {p['mean_exit_step']:9.2f} "
+                     f"{r['T'] / p['mean_exit_step']:7.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fewstep", description="Spiking networks that answer in few timesteps.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -108,6 +158,27 @@ def main(argv=None) -> int:
     e.add_argument("--weights", default="best", choices=["best", "last"])
     e.add_argument("--device", default="cpu")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("cutoff", help="calibrate a cutoff policy on validation data and run real early exit")
+    c.add_argument("run", help="run folder written by 'fewstep train'")
+    c.add_argument("--policy", required=True, choices=["topk", "softmax", "spikecp", "timestep"])
+    c.add_argument("--epsilon", type=float, help="softmax/topk/spikecp: tolerated error (default 0.01)")
+    c.add_argument("--step", type=int, help="timestep policy: the fixed exit step (default T/2)")
+    c.add_argument("--max-drop", type=float, help="calibrate to a target: largest accuracy drop accepted, "
+                   "as a fraction (0.005 = 0.5 pt)")
+    c.add_argument("--confidence", type=float, default=0.95, help="confidence of the --max-drop bound (default 0.95)")
+    c.add_argument("--split", default="test", choices=["test", "val"], help="split to report on (calibration "
+                   "always uses val)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--calibration", help="reuse a saved calibration JSON instead of calibrating")
+    c.add_argument("--mc-dropout", type=float, default=0.0, help="calibrate under dropout of this rate on every "
+                   "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")
+    c.set_defaults(fn=cmd_cutoff)
+
+    tr = sub.add_parser("tradeoff", help="accuracy vs latency of every policy over its thresholds (plot + JSON)")
+    tr.add_argument("run", help="run folder written by 'fewstep train'")
+    tr.add_argument("--split", default="test", choices=["test", "val"])
+    tr.set_defaults(fn=cmd_tradeoff)
 
     args = p.parse_args(argv)
     try:

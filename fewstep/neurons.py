@@ -126,6 +126,18 @@ class StatefulModule(nn.Module):
             if value is not None:
                 setattr(self, name, value[index])
 
+    def fresh(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Fresh state ``name`` shaped like ``like`` (override when it is not zero)."""
+        return torch.zeros_like(like)
+
+    def grow(self, n: int) -> None:
+        """Append ``n`` rows of fresh state (new samples joining a running batch)."""
+        for name in self._state_names:
+            value = getattr(self, name)
+            if value is not None and n > 0:
+                new = self.fresh(name, value.new_empty((n, *value.shape[1:])))
+                setattr(self, name, torch.cat([value, new]))
+
     def extra_repr(self) -> str:
         return f"step_mode={self.step_mode!r}"
 
@@ -168,6 +180,9 @@ class LIF(StatefulModule):
         self.reset_mode = reset
         self.detach_reset = bool(detach_reset)
         self.surrogate = _surrogate.get(surrogate)
+
+    def fresh(self, name, like):
+        return torch.full_like(like, self.v0)
 
     @property
     def params(self) -> LIFParameters:
@@ -252,8 +267,12 @@ def set_step_mode(net: nn.Module, mode: str) -> nn.Module:
     return reset(net)
 
 
-def compact(net: nn.Module, index: torch.Tensor) -> nn.Module:
-    """Keep only batch rows ``index`` of every carried state (streaming early exit)."""
+def compact(net: nn.Module, index: torch.Tensor, grow: int = 0) -> nn.Module:
+    """Keep only batch rows ``index`` of every carried state, then append ``grow`` fresh rows.
+
+    Streaming early exit uses it to drop finished samples and admit new ones into the batch.
+    """
     for m in stateful_modules(net):
         m.compact(index)
+        m.grow(grow)
     return net

@@ -54,6 +54,10 @@ class DataBundle:
     T: int | None = None
     classes: list = field(default_factory=list)
 
+    def __post_init__(self):
+        for name in ("train", "val", "test"):  # datasets know their split: calibration refuses "test"
+            getattr(self, name).split = name
+
     def split(self, name: str) -> Dataset:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; valid: train, val, test")
@@ -63,8 +67,9 @@ class DataBundle:
 class ArrayDataset(Dataset):
     """Rows ``index`` of tensors ``x``, ``y``, with an optional per-sample ``transform``."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, index=None, transform=None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, index=None, transform=None, split: str | None = None):
         self.x, self.y = x, y
+        self.split = split
         self.index = torch.arange(len(y)) if index is None else torch.as_tensor(index)
         self.transform = transform
 

@@ -1,0 +1,280 @@
+"""Real early exit: run a network one step at a time and drop finished samples from the batch.
+
+After each step the policy (:mod:`fewstep.cutoff`) looks at the running logits of the samples still
+running; those that fire leave the batch, and every carried neuron state is compacted with
+:func:`fewstep.compact`, so later steps compute only for the rest. Exit steps and predictions equal
+:func:`fewstep.cutoff.simulate` on the same inputs (tested for every registered model).
+
+Operation counts (METHODS §8), per sample and only up to its exit: spikes emitted by all spiking
+layers; MACs of the first synaptic layer (it sees the analog/event input); SOPs of every later
+synaptic layer = (share of non-zero inputs) × (its dense MACs). Energy = 4.6 pJ·MAC + 0.9 pJ·SOP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import cutoff as _cutoff
+from .metrics import time_first
+from .neurons import StatefulModule, compact, reset, set_step_mode
+
+E_MAC_PJ, E_SOP_PJ = 4.6, 0.9
+
+
+def _mode(model: nn.Module) -> str:
+    return next((m.step_mode for m in model.modules() if hasattr(m, "step_mode")), "m")
+
+
+class OpCounter:
+    """Forward hooks counting, per sample of the current step, MACs, SOPs and spikes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.handles = []
+        self.first = None
+
+    def __enter__(self):
+        for m in self.model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+                self.handles.append(m.register_forward_hook(self._synapse))
+            elif isinstance(m, StatefulModule):
+                self.handles.append(m.register_forward_hook(self._neuron))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def start_step(self, n: int, device):
+        self.macs = torch.zeros(n, device=device, dtype=torch.float64)
+        self.sops = torch.zeros(n, device=device, dtype=torch.float64)
+        self.spikes = torch.zeros(n, device=device, dtype=torch.float64)
+        self._seen_first = False
+
+    def _synapse(self, mod, inputs, out):
+        x = inputs[0]
+        if isinstance(mod, nn.Linear):
+            fan_in = mod.in_features
+        else:
+            fan_in = (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
+        dense = out[0].numel() * fan_in
+        if not self._seen_first:
+            self._seen_first = True
+            self.macs += dense
+        else:
+            self.sops += (x != 0).flatten(1).double().mean(1) * dense
+
+    def _neuron(self, mod, inputs, out):
+        self.spikes += out.flatten(1).double().sum(1)
+
+
+@dataclass
+class ExitResult:
+    exit_step: torch.Tensor
+    prediction: torch.Tensor
+    spikes: torch.Tensor | None = None
+    macs: torch.Tensor | None = None
+    sops: torch.Tensor | None = None
+
+    @property
+    def decision(self) -> _cutoff.Decision:
+        return _cutoff.Decision(self.exit_step, self.prediction)
+
+    @property
+    def energy_pj(self) -> torch.Tensor | None:
+        if self.macs is None:
+            return None
+        return E_MAC_PJ * self.macs + E_SOP_PJ * self.sops
+
+
+@torch.no_grad()
+def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_batch: int | None = None,
+               count_ops: bool = False) -> ExitResult:
+    """Run ``model`` on ``x[T, N, ...]`` step by step, stopping each sample when ``policy`` fires.
+
+    With ``max_batch=None`` all N samples start together and the batch shrinks as they exit. With
+    ``max_batch=B`` at most B samples run at once and every freed slot is refilled at once with the
+    next waiting sample (continuous batching), so the batch stays full and compute follows the
+    average latency; samples at different steps then share a batch, each with its own state.
+    Decisions are the same either way. The model runs in evaluation mode; its step mode is restored.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"early_exit expects input [T, N, ...], got {list(x.shape)}")
+    T, N = x.shape[:2]
+    if policy.T is not None and policy.T != T:
+        raise ValueError(f"T mismatch: the policy was calibrated for T = {policy.T} but the input has T = {T}")
+    cap = N if max_batch is None else int(max_batch)
+    if cap < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    dev = x.device
+    prev = _mode(model)
+    was_training = model.training
+    model.eval()
+    set_step_mode(model, "s")
+    exit_step = torch.full((N,), T, dtype=torch.long, device=dev)
+    pred = torch.zeros(N, dtype=torch.long, device=dev)
+    totals = {k: torch.zeros(N, dtype=torch.float64, device=dev) for k in ("spikes", "macs", "sops")} if count_ops else None
+    counter = OpCounter(model) if count_ops else None
+    active = torch.arange(min(cap, N), device=dev)  # sample ids in the batch
+    steps = torch.zeros(len(active), dtype=torch.long, device=dev)  # steps done per slot
+    waiting = len(active)  # next sample id to admit
+    Y = None
+    try:
+        if counter:
+            counter.__enter__()
+        while active.numel():
+            if counter:
+                counter.start_step(active.numel(), dev)
+            if waiting == len(active) and cap >= N:  # the plain case: one batch, all at the same step
+                xt = x[int(steps[0])] if active.numel() == N else x[int(steps[0])].index_select(0, active)
+            else:
+                xt = x[steps, active]
+            out = model(xt).float()
+            Y = out if Y is None else Y + out
+            steps += 1
+            if counter:
+                for k in totals:
+                    totals[k].index_add_(0, active, getattr(counter, k))
+            fire = (steps >= T) | policy.fire(Y, steps).to(dev)
+            if not bool(fire.any()):
+                continue
+            done = active[fire]
+            exit_step[done] = steps[fire]
+            pred[done] = Y[fire].argmax(-1)
+            keep = (~fire).nonzero().squeeze(1)
+            n_new = min(int(fire.sum()), N - waiting)
+            new = torch.arange(waiting, waiting + n_new, device=dev)
+            waiting += n_new
+            active = torch.cat([active[keep], new])
+            steps = torch.cat([steps[keep], steps.new_zeros(n_new)])
+            Y = torch.cat([Y[keep], Y.new_zeros(n_new, Y.shape[1])])
+            if active.numel():
+                compact(model, keep, grow=n_new)
+    finally:
+        if counter:
+            counter.__exit__()
+        set_step_mode(model, prev)
+        model.train(was_training)
+    res = ExitResult(exit_step.cpu(), pred.cpu())
+    if count_ops:
+        res.spikes, res.macs, res.sops = (totals[k].cpu() for k in ("spikes", "macs", "sops"))
+    return res
+
+
+def check_not_test(dataset: Dataset, purpose: str = "calibration") -> None:
+    """Refuse the test split (datasets from :func:`fewstep.data.load` know their split)."""
+    if getattr(dataset, "split", None) == "test":
+        raise ValueError(f"{purpose} on the test split would leak test data into the thresholds; use the "
+                         "validation split (carved from the training data)")
+
+
+@torch.no_grad()
+def calibration_outputs(model, dataset: Dataset, T: int, kind: str, encoding: str = "direct",
+                        batch_size: int = 256, device="cpu", mc_dropout: float = 0.0, mc_samples: int = 1):
+    """Running logits ``Y[T, N', C]`` and labels on a held-out (never the test) split.
+
+    ``mc_dropout > 0`` perturbs the network as the seed code did: dropout with that rate on the input of
+    every synaptic layer (conv/linear), ``mc_samples`` passes stacked as extra samples, so the fitted
+    thresholds are more conservative.
+    """
+    from .metrics import predict
+
+    check_not_test(dataset)
+    if not 0.0 <= mc_dropout < 1.0:
+        raise ValueError(f"mc_dropout must be in [0, 1), got {mc_dropout}")
+    hooks = []
+    if mc_dropout > 0:
+        drop = lambda mod, inp: (torch.nn.functional.dropout(inp[0], mc_dropout, training=True),)  # noqa: E731
+        hooks = [m.register_forward_pre_hook(drop) for m in model.modules()
+                 if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))]
+    try:
+        runs = [predict(model, dataset, T, kind, encoding, batch_size, device)[:2]
+                for _ in range(mc_samples if mc_dropout > 0 else 1)]
+    finally:
+        for h in hooks:
+            h.remove()
+    O = torch.cat([r[0] for r in runs], 1)
+    return _cutoff.running(O), torch.cat([r[1] for r in runs])
+
+
+@dataclass
+class RunStats:
+    decision: _cutoff.Decision
+    labels: torch.Tensor
+    seconds: float
+    spikes: torch.Tensor | None = None
+    macs: torch.Tensor | None = None
+    sops: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_dataset(model, dataset: Dataset, policy: _cutoff.Policy, T: int, kind: str, encoding: str = "direct",
+                batch_size: int = 64, device="cpu", count_ops: bool = False, continuous: bool = True) -> RunStats:
+    """Real early exit over a whole split, timed (loading and encoding are done first, untimed).
+
+    ``continuous=True`` keeps ``batch_size`` samples in flight and refills freed slots (see
+    :func:`early_exit`); ``False`` runs the loader's batches one after another.
+    """
+    gen = torch.Generator().manual_seed(0)
+    chunks, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        chunks.append(time_first(x, kind, T, encoding, gen).to(device))
+        ys.append(y)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    if continuous:
+        parts = [early_exit(model, torch.cat(chunks, 1), policy, batch_size, count_ops)]
+    else:
+        parts = [early_exit(model, xs, policy, None, count_ops) for xs in chunks]
+    sync()
+    secs = time.perf_counter() - t0
+    cat = lambda k: torch.cat([getattr(p, k) for p in parts]) if count_ops else None  # noqa: E731
+    d = _cutoff.Decision(torch.cat([p.exit_step for p in parts]), torch.cat([p.prediction for p in parts]))
+    return RunStats(d, torch.cat(ys), secs, cat("spikes"), cat("macs"), cat("sops"))
+
+
+class AnytimeStream:
+    """Feed the frames of one stream as they arrive; get a prediction as soon as the policy fires.
+
+        stream = AnytimeStream(model, policy, T=10)
+        for frame in frames:                # frame [C, H, W] (or [1, C, H, W])
+            answer = stream.push(frame)
+            if answer is not None:
+                label, step = answer
+                break
+        stream.reset()                      # before the next stream
+    """
+
+    def __init__(self, model: nn.Module, policy: _cutoff.Policy, T: int):
+        self.model, self.policy, self.T = model, policy, int(T)
+        if policy.T is not None and policy.T != self.T:
+            raise ValueError(f"T mismatch: the policy was calibrated for T = {policy.T}, the stream has T = {T}")
+        self.model.eval()
+        self.reset()
+
+    def reset(self):
+        set_step_mode(self.model, "s")
+        reset(self.model)
+        self.t, self.Y, self.answer = 0, None, None
+
+    @torch.no_grad()
+    def push(self, frame: torch.Tensor):
+        """Returns ``(prediction, step)`` once the policy fires (or at step T), else ``None``."""
+        if self.answer is not None:
+            return self.answer
+        if self.t >= self.T:
+            raise RuntimeError(f"the stream already ran its T = {self.T} steps; call reset()")
+        x = frame.unsqueeze(0) if frame.dim() == len(self.model.input_shape) else frame
+        out = self.model(x).float()
+        self.t += 1
+        self.Y = out if self.Y is None else self.Y + out
+        if self.t == self.T or bool(self.policy.fire(self.Y, self.t)[0]):
+            self.answer = (int(self.Y[0].argmax()), self.t)
+        return self.answer

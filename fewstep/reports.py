@@ -1,0 +1,145 @@
+"""Anytime-inference reports for a run folder: ``cutoff_<policy>.json`` and ``tradeoff.json`` + PNGs.
+
+Thresholds are always fitted on the validation split; the report split (``test`` by default) is
+only evaluated. Wall-clock figures time the same streaming runner with and without early exit, on
+the same split and batch size (median of ``repeats`` interleaved runs).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from . import anytime as _any
+from . import cutoff as _cf
+from . import plots
+from .metrics import predict
+from .train import load_checkpoint, load_run
+
+
+def _outputs(model, bundle, cfg, split):
+    O, y, _ = predict(model, bundle.split(split), cfg.data.T, bundle.kind, cfg.data.encoding,
+                      cfg.train.eval_batch_size)
+    return _cf.running(O), y
+
+
+def _meta(run_dir: Path, cfg) -> dict:
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    return {"model": cfg.model.name, "dataset": cfg.data.name, "T": cfg.data.T,
+            "best_epoch": ckpt["best_epoch"], "calibration_split": "val"}
+
+
+def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | None = None,
+              max_drop: float | None = None, confidence: float = 0.95, mc_dropout: float = 0.0, mc_samples: int = 4,
+              model=None, cfg=None, bundle=None):
+    """Fit ``policy`` on the validation split of a run; returns ``(policy, target_info_or_None)``."""
+    run_dir = Path(run_dir)
+    if model is None:
+        model, cfg, bundle = load_run(run_dir)
+    T = cfg.data.T
+    Yv, yv = _any.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding,
+                                      cfg.train.eval_batch_size, mc_dropout=mc_dropout, mc_samples=mc_samples)
+    target = None
+    if policy == "oct":
+        raise ValueError("'oct' is the oracle (it needs the labels); it appears in 'fewstep tradeoff', "
+                         "not as a deployable policy")
+    if max_drop is not None:
+        res = _cf.calibrate_to_target(policy, Yv, yv, max_drop, confidence)
+        pol = res.policy
+        target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested}
+    elif policy == "timestep":
+        pol = _cf.Timestep(step if step is not None else max(1, T // 2), T=T)
+    else:
+        pol = _cf.make(policy, epsilon=0.01 if epsilon is None else epsilon)
+        if pol.needs_calibration:
+            pol.calibrate(Yv, yv)
+    pol.T = T
+    _cf.save(pol, run_dir / f"calibration_{policy}.json", {**_meta(run_dir, cfg), "n_val": int(len(yv)),
+                                                          "mc_dropout": mc_dropout,
+                                                          "target": target and {k: v for k, v in target.items()
+                                                                                if k != "tested"}})
+    return pol, target
+
+
+def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
+                  batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0) -> dict:
+    run_dir = Path(run_dir)
+    model, cfg, bundle = load_run(run_dir)
+    T = cfg.data.T
+    if policy not in _cf.POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; valid names: {', '.join(sorted(_cf.POLICIES))}")
+    if calibration is not None:
+        pol = _cf.load(calibration, expect={"model": cfg.model.name, "T": T, "dataset": cfg.data.name})
+        target = None
+    else:
+        pol, target = calibrate(run_dir, policy, epsilon, step, max_drop, confidence, mc_dropout,
+                                model=model, cfg=cfg, bundle=bundle)
+    ds = bundle.split(split)
+    full_pol = _cf.Timestep(T, T=T)
+    times_full, times_exit = [], []
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        times_full.append(_any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size).seconds)
+        ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size)
+        times_exit.append(ee.seconds)
+    ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, count_ops=True)
+    ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, count_ops=True)
+    Y, y = _outputs(model, bundle, cfg, split)
+    sim = _cf.simulate(pol, Y)
+    d = ee.decision
+    full_acc = (Y[-1].argmax(-1) == y).float().mean().item()
+    acc = d.accuracy(ee.labels)
+    t_full, t_exit = statistics.median(times_full), statistics.median(times_exit)
+    hist = torch.bincount(d.exit_step - 1, minlength=T)[:T].tolist()
+    oct_d = _cf.oracle(Y, y)
+    per = lambda v: float(v.mean())  # noqa: E731
+    out = {
+        "policy": pol.name, "params": pol.params(), "epsilon": getattr(pol, "epsilon", None), "split": split,
+        "n": int(len(y)), "T": T, "batch_size": batch_size,
+        "full_accuracy": full_acc, "accuracy": acc, "accuracy_drop": full_acc - acc,
+        "mean_exit_step": d.mean_exit_step(), "timestep_speedup": T / d.mean_exit_step(),
+        "wallclock_speedup": t_full / t_exit, "seconds_full": t_full, "seconds_early_exit": t_exit,
+        "exit_histogram": hist, "matches_simulation": bool(torch.equal(sim.exit_step, d.exit_step)
+                                                           and torch.equal(sim.prediction, d.prediction)),
+        "oct_mean_exit_step": oct_d.mean_exit_step(),
+        "spikes_per_sample": per(ops.spikes), "spikes_per_sample_full": per(ops_full.spikes),
+        "sops_per_sample": per(ops.sops), "sops_per_sample_full": per(ops_full.sops),
+        "macs_per_sample": per(ops.macs), "macs_per_sample_full": per(ops_full.macs),
+        "energy_uj_per_sample": per(_any.E_MAC_PJ * ops.macs + _any.E_SOP_PJ * ops.sops) * 1e-6,
+        "energy_uj_per_sample_full": per(_any.E_MAC_PJ * ops_full.macs + _any.E_SOP_PJ * ops_full.sops) * 1e-6,
+        "calibration_file": str(calibration or run_dir / f"calibration_{policy}.json"),
+    }
+    if target is not None:
+        out["target"] = target
+    (run_dir / f"cutoff_{policy}.json").write_text(json.dumps(out, indent=2))
+    plots.exit_histogram(d.exit_step.numpy(), T, run_dir / f"cutoff_{policy}_exits.png",
+                         f"{pol.name}: exit steps on {split} (mean {d.mean_exit_step():.2f} of {T})")
+    return out
+
+
+def tradeoff_report(run_dir, split: str = "test", policies=("timestep", "softmax", "topk", "spikecp"),
+                    model=None, cfg=None, bundle=None) -> dict:
+    """Sweep every policy's threshold (fitted on val), evaluate on ``split``; JSON + PNG.
+
+    The curves come from :func:`fewstep.cutoff.simulate` on full-length outputs, which gives the
+    same exits and predictions as the real early-exit runner (``tests/test_anytime.py``).
+    """
+    run_dir = Path(run_dir)
+    if model is None:
+        model, cfg, bundle = load_run(run_dir)
+    T = cfg.data.T
+    Yv, yv = _outputs(model, bundle, cfg, "val")
+    Y, y = _outputs(model, bundle, cfg, split)
+    curves = {name: _cf.sweep(name, Yv, yv, Y, y) for name in policies}
+    oct_d = _cf.oracle(Y, y)
+    out = {"split": split, "T": T, "n": int(len(y)),
+           "full_accuracy": (Y[-1].argmax(-1) == y).float().mean().item(),
+           "accuracy_per_step": (Y.argmax(-1) == y).float().mean(1).tolist(),
+           "oct": {"accuracy": oct_d.accuracy(y), "mean_exit_step": oct_d.mean_exit_step()},
+           "policies": curves}
+    (run_dir / "tradeoff.json").write_text(json.dumps(out, indent=2))
+    plots.tradeoff(curves, out["oct"], out["full_accuracy"], T, run_dir / "tradeoff.png",
+                   f"{cfg.model.name} on {cfg.data.name} ({split}): accuracy vs latency")
+    return out
