@@ -152,6 +152,12 @@ def test_encodings_and_time_first():
     p = encoding.poisson(torch.full((2000,), 0.3), 50, g)
     assert set(p.unique().tolist()) <= {0.0, 1.0}
     assert abs(p.mean().item() - 0.3) < 0.01
+    # the same sample gets the same spike train whatever the batching
+    imgs = torch.rand(6, 1, 4, 4)
+    whole = encoding.poisson(imgs, 5, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    parts = torch.cat([encoding.poisson(imgs[:2], 5, g), encoding.poisson(imgs[2:], 5, g)], 1)
+    assert torch.equal(whole, parts)
     frames = torch.zeros(3, 6, 2, 4, 4)
     assert time_first(frames, "frames", 6).shape == (6, 3, 2, 4, 4)
     with pytest.raises(ValueError, match="T mismatch: the data has 6 frames .* but T = 10"):

@@ -87,7 +87,7 @@ def test_digits_learns_to_90_percent(tmp_path):
     m = Trainer(cfg, tmp_path / "d", log=print).fit()
     print("digits test accuracy per step:", m["accuracy_per_step"])
     assert m["accuracy_per_step"][-1] >= 0.90, m
-    assert len(m["accuracy_per_step"]) == 6 and m["val_accuracy"] >= 0.90
+    assert len(m["accuracy_per_step"]) == 8 and m["val_accuracy"] >= 0.90
 
 
 @pytest.mark.slow
@@ -125,3 +125,9 @@ def test_console_script_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "accuracy of the running-mean prediction" in r.stdout
     assert (tmp_path / "demo" / "accuracy_per_step.png").stat().st_size > 1000
+
+
+def test_demo_config_is_the_shipped_digits_config():
+    from fewstep.cli import demo_config
+
+    assert demo_config().to_dict() == C.load("configs/digits.yaml").to_dict()

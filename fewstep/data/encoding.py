@@ -14,8 +14,11 @@ def direct(x: torch.Tensor, T: int, generator: "torch.Generator | None" = None) 
 
 
 def poisson(x: torch.Tensor, T: int, generator: "torch.Generator | None" = None) -> torch.Tensor:
-    prob = x.clamp(0, 1).unsqueeze(0).expand(T, *x.shape)
-    return (torch.rand(prob.shape, generator=generator, device=x.device) < prob).to(x.dtype)
+    """Draws are sample-major, so with a seeded generator each sample gets the same spike train however
+    the data is split into batches (evaluation and early-exit runs see identical inputs)."""
+    prob = x.clamp(0, 1).unsqueeze(1)  # [N, 1, ...]
+    u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=generator, device=x.device)
+    return (u < prob).to(x.dtype).transpose(0, 1)
 
 
 ENCODINGS = {"direct": direct, "poisson": poisson}

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+
+import fewstep
+from fewstep import anytime as at
+from fewstep import cutoff as cf
+from fewstep import models
+from fewstep.cli import main as cli
+
+from .test_models import SMALL
+
+
+def spread_policy(Y):
+    """Top-K thresholds halfway between neighbouring sorted gaps near each step's median: about
+    half the samples fire at every step, and no gap sits on a threshold."""
+    betas = []
+    for t in range(Y.shape[0]):
+        g = cf.top2_gap(Y[t]).sort().values
+        k = len(g) // 2
+        betas.append(float((g[k - 1] + g[k]) / 2))
+    return cf.TopK(betas=betas, T=Y.shape[0])
+
+
+def warmed(name, seed=0):
+    torch.manual_seed(seed)
+    net = models.create(name, num_classes=5, theta=0.2, **SMALL[name])
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        for _ in range(3):
+            net(torch.rand(2, 6, *net.input_shape) * 2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_real_early_exit_equals_simulation_for_every_model(name):
+    net = warmed(name)
+    x = torch.rand(4, 9, *net.input_shape) * 2
+    with torch.no_grad():
+        Y = cf.running(net(x))
+    pol = spread_policy(Y)
+    sim = cf.simulate(pol, Y)
+    assert 1 < len(set(sim.exit_step.tolist()))  # the policy really splits the batch
+    real = at.early_exit(net, x, pol)
+    assert real.exit_step.tolist() == sim.exit_step.tolist()
+    assert real.prediction.tolist() == sim.prediction.tolist()
+    # continuous batching: at most 3 in flight, freed slots refilled; same decisions
+    cont = at.early_exit(net, x, pol, max_batch=3)
+    assert cont.exit_step.tolist() == sim.exit_step.tolist()
+    assert cont.prediction.tolist() == sim.prediction.tolist()
+    assert net.current_step_mode() == "m"  # the runner restores the step mode
+
+
+def test_ops_counted_up_to_exit_hand_checked():
+    torch.manual_seed(0)
+    net = models.create("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(16,)).eval()
+    x = torch.rand(3, 5, 1, 8, 8) * 3
+    full = at.early_exit(net, x, cf.Timestep(3, T=3), count_ops=True)
+    with torch.no_grad(), fewstep.record(net) as rec:
+        net(x)
+    s = rec.spikes[rec.layers[0]]  # [T, N, 16] spikes of the only LIF layer
+    assert torch.equal(full.spikes, s.sum((0, 2)).double())
+    assert torch.equal(full.macs, torch.full((5,), 3.0 * 64 * 16, dtype=torch.float64))
+    sops = (s != 0).double().mean(2).sum(0) * 16 * 10  # non-zero share × dense MACs of Linear(16, 10)
+    torch.testing.assert_close(full.sops, sops)
+    early = at.early_exit(net, x, cf.Timestep(1, T=3), count_ops=True)
+    assert torch.equal(early.macs, torch.full((5,), 64.0 * 16, dtype=torch.float64))
+    assert torch.equal(early.spikes, s[0].sum(1).double())
+    assert (early.energy_pj < full.energy_pj).all()
+
+
+def test_anytime_stream_matches_batch_runner():
+    net = warmed("cnn")
+    x = torch.rand(4, 6, *net.input_shape) * 2
+    with torch.no_grad():
+        Y = cf.running(net(x))
+    pol = spread_policy(Y)
+    ref = at.early_exit(net, x, pol)
+    stream = at.AnytimeStream(net, pol, T=4)
+    for i in range(6):
+        stream.reset()
+        answer = None
+        for t in range(4):
+            answer = stream.push(x[t, i])
+            if answer is not None:
+                break
+        assert answer == (int(ref.prediction[i]), int(ref.exit_step[i]))
+    with pytest.raises(ValueError, match="T mismatch"):
+        at.AnytimeStream(net, pol, T=5)
+    with pytest.raises(ValueError, match="T mismatch"):
+        at.early_exit(net, torch.rand(3, 2, *net.input_shape), pol)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from fewstep import config as C
+    from fewstep.train import Trainer
+
+    out = tmp_path_factory.mktemp("run") / "digits"
+    cfg = C.load("configs/digits.yaml", ["train.epochs=3", "train.progress=false", "data.T=4"])
+    Trainer(cfg, out, log=lambda s: None).fit()
+    return out
+
+
+def test_calibration_refuses_the_test_split_and_mc_dropout(digits_run):
+    from fewstep.train import load_run
+
+    model, cfg, bundle = load_run(digits_run)
+    with pytest.raises(ValueError, match="test split would leak"):
+        at.calibration_outputs(model, bundle.test, 4, bundle.kind)
+    Y, y = at.calibration_outputs(model, bundle.val, 4, bundle.kind)
+    Yd, yd = at.calibration_outputs(model, bundle.val, 4, bundle.kind, mc_dropout=0.3, mc_samples=2)
+    assert Yd.shape == (4, 2 * len(bundle.val), 10) and torch.equal(yd, torch.cat([y, y]))
+    assert not torch.allclose(Yd[:, : len(y)], Y)
+    Y2, _ = at.calibration_outputs(model, bundle.val, 4, bundle.kind)
+    assert torch.equal(Y, Y2)  # the dropout hooks are gone afterwards
+
+
+def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05"]) == 0
+    r = json.loads((digits_run / "cutoff_topk.json").read_text())
+    for k in ("full_accuracy", "accuracy", "mean_exit_step", "timestep_speedup", "wallclock_speedup", "epsilon"):
+        assert k in r, k
+    assert r["matches_simulation"] and r["epsilon"] == 0.05 and r["T"] == 4
+    assert r["timestep_speedup"] == pytest.approx(4 / r["mean_exit_step"])
+    assert sum(r["exit_histogram"]) == r["n"]
+    assert r["spikes_per_sample"] <= r["spikes_per_sample_full"] + 1e-9
+    cal = json.loads((digits_run / "calibration_topk.json").read_text())
+    assert cal["meta"]["calibration_split"] == "val" and len(cal["betas"]) == 4
+    # reuse the saved calibration; a calibration for another T is refused
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "calibration_topk.json")]) == 0
+    cal["meta"]["T"] = 8
+    (digits_run / "other.json").write_text(json.dumps(cal))
+    capsys.readouterr()
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "other.json")]) == 2
+    assert "calibrated for T = 8, not 4" in capsys.readouterr().err
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.05", "--confidence", "0.9"]) == 0
+    r = json.loads((digits_run / "cutoff_softmax.json").read_text())
+    assert r["target"]["bound"] <= 0.05 and r["target"]["confidence"] == 0.9
+    assert cli(["cutoff", str(digits_run), "--policy", "timestep", "--step", "2"]) == 0
+    assert json.loads((digits_run / "cutoff_timestep.json").read_text())["mean_exit_step"] == 2
+    assert cli(["tradeoff", str(digits_run)]) == 0
+    t = json.loads((digits_run / "tradeoff.json").read_text())
+    assert set(t["policies"]) == {"timestep", "softmax", "topk", "spikecp"}
+    assert t["oct"]["mean_exit_step"] <= min(p["mean_exit_step"] for p in t["policies"]["timestep"]
+                                             if p["accuracy"] >= t["full_accuracy"])
+    assert (digits_run / "tradeoff.png").stat().st_size > 1000
+    assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000

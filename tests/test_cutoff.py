@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+
+from fewstep import cutoff as cf
+
+
+def Y_from(rows):
+    """rows: per sample, a list over t of [C] running logits → Y[T, N, C]."""
+    return torch.tensor(rows, dtype=torch.float32).transpose(0, 1).contiguous()
+
+
+def test_timestep_and_softmax_hand_built():
+    ln99 = math.log(99)
+    Y = Y_from([
+        [[0, 0], [ln99, 0], [ln99, 0]],      # softmax 0.5 then 0.99
+        [[1, 1], [1, 1], [1, 1]],            # tie throughout: never confident, argmax picks class 0
+        [[0, 5], [0, 6], [0, 7]],            # confident from t = 1
+    ])
+    d = cf.simulate(cf.Timestep(2), Y)
+    assert d.exit_step.tolist() == [2, 2, 2] and d.prediction.tolist() == [0, 0, 1]
+    d = cf.simulate(cf.Softmax(0.02), Y)
+    assert d.exit_step.tolist() == [2, 3, 1]
+    assert d.prediction.tolist() == [0, 0, 1]
+    d = cf.simulate(cf.Softmax(0.0), Y)  # epsilon 0: max softmax > 1 never holds
+    assert d.exit_step.tolist() == [3, 3, 3]
+
+
+def test_topk_fire_strict_and_never_triggered():
+    Y = Y_from([
+        [[1, 0], [1.6, 1.0], [3, 0]],        # gap 1.0 (not > 1.0), then 0.6 > 0.5
+        [[0, 0], [0, 0], [0, 0]],            # gap 0 forever: exits at T
+    ])
+    d = cf.simulate(cf.TopK(betas=[1.0, 0.5, 0.5]), Y)
+    assert d.exit_step.tolist() == [2, 3] and d.prediction.tolist() == [0, 0]
+    # per-sample steps (continuous batching) give the same answers as the scalar step
+    pol = cf.TopK(betas=[1.0, 0.5, 0.5])
+    assert pol.fire(Y[1], torch.tensor([2, 2])).tolist() == pol.fire(Y[1], 2).tolist()
+
+
+def test_topk_calibration_hand_worked():
+    # label 0 for all; gaps at t=1: [2, 1, .5, .2] (correct, wrong, correct, wrong)
+    #                  at t=2: [4, 2, .4, .8] (correct, wrong, wrong, correct)
+    Y = Y_from([
+        [[2, 0], [4, 0]],
+        [[0, 1], [0, 2]],
+        [[0.5, 0], [0.5, 0.9]],
+        [[0, 0.2], [1.0, 0.2]],
+    ])
+    y = torch.zeros(4, dtype=torch.long)
+    # p(1) = [1, 0, 0, 0], p(2) = [1, 0, 0, 1]; grids linspace(0, 2, 5) and linspace(0, 4, 5)
+    strict = cf.TopK(epsilon=0.0, grid=5).calibrate(Y, y)
+    assert strict.betas == pytest.approx([1.0, 2.0])
+    loose = cf.TopK(epsilon=0.5, grid=5).calibrate(Y, y)
+    assert loose.betas == pytest.approx([0.5, 0.0])
+    # nobody is correct from t on → no beta reaches precision 1 → +inf (never exit at that step)
+    allwrong = cf.TopK(epsilon=0.0, grid=5).calibrate(Y[:, [0]], torch.tensor([1]))
+    assert allwrong.betas == [math.inf, math.inf]
+    assert cf.simulate(allwrong, Y).exit_step.tolist() == [2, 2, 2, 2]
+
+
+def test_spikecp_conformal_quantile_and_sets():
+    # 2 classes, T = 1; nonconformity -log softmax(Y)[y]
+    Y = Y_from([[[3, 0]], [[2, 0]], [[1, 0]], [[0, 0]]])
+    y = torch.zeros(4, dtype=torch.long)
+    scores = sorted((-torch.log_softmax(Y[0], -1)[:, 0]).tolist())
+    p = cf.SpikeCP(epsilon=0.5).calibrate(Y, y)  # k = ceil(5 * 0.5) = 3 → third smallest
+    assert p.quantiles[0] == pytest.approx(scores[2])
+    p2 = cf.SpikeCP(epsilon=0.2).calibrate(Y, y)  # k = ceil(5 * 0.8) = 4 → the largest
+    assert p2.quantiles[0] == pytest.approx(scores[3])
+    p3 = cf.SpikeCP(epsilon=0.1).calibrate(Y, y)  # k = ceil(4.5) = 5 > n → +inf → full set, never fires
+    assert math.isinf(p3.quantiles[0]) and not p3.fire(Y[0], 1).any()
+    # q = score of sample [1, 0] (0.313): its own class is in (equal counts), class 1 (1.313) is not;
+    # [0, 0] has both scores at 0.693 > q: an empty set, which does not fire
+    assert p.set_size(Y[0], 1).tolist() == [1, 1, 1, 0]
+    assert p.fire(Y[0], 1).tolist() == [True, True, True, False]
+
+
+def test_oracle():
+    # correctness over t for label 0: [1,0,1,1] → 3; [0,0,0,0] → 4; [1,1,1,1] → 1
+    good, bad = [1, 0], [0, 1]
+    Y = Y_from([[good, bad, good, good], [bad, bad, bad, bad], [good, good, good, good]])
+    d = cf.oracle(Y, torch.zeros(3, dtype=torch.long))
+    assert d.exit_step.tolist() == [3, 4, 1]
+    assert d.prediction.tolist() == [0, 1, 0]
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"rank 3"):
+        cf.simulate(cf.Softmax(0.1), torch.zeros(4, 10))
+    for eps in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\)"):
+            cf.Softmax(eps)
+    with pytest.raises(ValueError, match="valid names: softmax, spikecp, timestep, topk"):
+        cf.make("entropy")
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        cf.TopK(0.1).fire(torch.zeros(2, 3), 1)
+    pol = cf.TopK(betas=[1.0, math.inf], T=2)
+    path = cf.save(pol, tmp_path / "c.json", {"model": "cnn", "T": 2, "dataset": "digits"})
+    assert '"inf"' in path.read_text()
+    back = cf.load(path, expect={"model": "cnn", "T": 2})
+    assert back.betas == [1.0, math.inf]
+    with pytest.raises(ValueError, match="calibrated for T = 2, not 4"):
+        cf.load(path, expect={"model": "cnn", "T": 4})
+    with pytest.raises(ValueError, match="calibrated for model = 'cnn', not 'mlp'"):
+        cf.load(path, expect={"model": "mlp"})
+
+
+def synthetic_geometric(n, T=10, gen=None):
+    """Label 0 always right at T; each sample right from step c on, P(c > t) = 0.5**t (c capped at T)."""
+    u = torch.rand(n, generator=gen)
+    c = torch.clamp(torch.floor(torch.log(u) / math.log(0.5)).long() + 1, 1, T)
+    t = torch.arange(1, T + 1).view(T, 1)
+    right = (t >= c.view(1, n)).float()
+    Y = torch.stack([right, 1 - right], -1)  # [T, N, 2]
+    return Y, torch.zeros(n, dtype=torch.long)
+
+
+def test_calibrate_to_target_bound_holds_where_truth_is_known():
+    """True drop of exiting at t is 0.5**t; with max_drop 0.06 exiting at t <= 4 (0.0625) is a violation."""
+    gen = torch.Generator().manual_seed(0)
+    trials, bounded_bad, naive_bad = 150, 0, 0
+    for _ in range(trials):
+        Y, y = synthetic_geometric(400, gen=gen)
+        r = cf.calibrate_to_target("timestep", Y, y, max_drop=0.06, confidence=0.95)
+        assert r.bound <= 0.06
+        bounded_bad += 0.5 ** r.policy.t > 0.06
+        naive = cf.calibrate_to_target("timestep", Y, y, max_drop=0.06, confidence=None)
+        naive_bad += 0.5 ** naive.policy.t > 0.06
+    assert bounded_bad / trials <= 0.05 + 0.03  # the guarantee: at most 5 % of draws violate
+    assert naive_bad / trials > 0.2  # the point estimate alone fails often: the test has teeth
+
+
+def test_calibrate_to_target_learned_thresholds_and_fallback():
+    gen = torch.Generator().manual_seed(1)
+    Y, y = synthetic_geometric(600, gen=gen)
+    r = cf.calibrate_to_target("topk", Y, y, max_drop=0.05, confidence=0.9)
+    assert r.n_fit == 300 and r.n_test == 300 and r.bound <= 0.05
+    assert r.mean_exit_step < 10
+    # a target no candidate can certify (0 drop, 95 %) falls back to exiting everyone at T, drop 0
+    r0 = cf.calibrate_to_target("softmax", Y, y, max_drop=0.0, confidence=0.95)
+    assert isinstance(r0.policy, cf.Timestep) and r0.policy.t == 10 and r0.bound == 0.0
+    with pytest.raises(ValueError, match="max_drop"):
+        cf.calibrate_to_target("softmax", Y, y, max_drop=1.5)
