@@ -58,6 +58,10 @@ def initial_state(x: torch.Tensor, p: LIFParameters) -> LIFState:
 def lif_update(x: torch.Tensor, v: torch.Tensor, p: LIFParameters):
     """One step; returns ``(spikes, u_pre_reset, v_post_reset)``."""
     u = p.tau * v + x
+    if not torch.is_grad_enabled():  # inference: same numbers, no autograd node, fewer temporaries
+        fired = u >= p.theta  # sign of (u - θ) is exact in IEEE arithmetic, so this equals H(u - θ)
+        s = fired.to(u.dtype)
+        return s, u, (u.masked_fill(fired, 0.0) if p.reset == "hard" else u - p.theta * s)
     s = p.surrogate(u - p.theta)
     sr = s.detach() if p.detach_reset else s
     if p.reset == "hard":

@@ -65,7 +65,8 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
 
 
 def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
-                  batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0) -> dict:
+                  batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
+                  continuous: bool = True) -> dict:
     run_dir = Path(run_dir)
     model, cfg, bundle = load_run(run_dir)
     T = cfg.data.T
@@ -81,8 +82,9 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     full_pol = _cf.Timestep(T, T=T)
     times_full, times_exit = [], []
     for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
-        times_full.append(_any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size).seconds)
-        ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size)
+        times_full.append(_any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size,
+                                           continuous=continuous).seconds)
+        ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, continuous=continuous)
         times_exit.append(ee.seconds)
     ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, count_ops=True)
     ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, count_ops=True)
@@ -97,7 +99,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     per = lambda v: float(v.mean())  # noqa: E731
     out = {
         "policy": pol.name, "params": pol.params(), "epsilon": getattr(pol, "epsilon", None), "split": split,
-        "n": int(len(y)), "T": T, "batch_size": batch_size,
+        "n": int(len(y)), "T": T, "batch_size": batch_size, "continuous_batching": continuous,
         "full_accuracy": full_acc, "accuracy": acc, "accuracy_drop": full_acc - acc,
         "mean_exit_step": d.mean_exit_step(), "timestep_speedup": T / d.mean_exit_step(),
         "wallclock_speedup": t_full / t_exit, "seconds_full": t_full, "seconds_early_exit": t_exit,

@@ -157,3 +157,16 @@ def test_recorder_costs_nothing_when_unused_and_detaches():
         for f in x:
             n(f)
     assert rec.spikes[rec.layers[0]].shape == (3, 2, 4)
+
+
+@pytest.mark.parametrize("reset", ["hard", "soft"])
+def test_inference_fast_path_is_bit_identical(reset):
+    x = torch.randn(12, 64, 33) * 1.5
+    n = LIF(tau=0.6, theta=0.9, reset=reset)
+    with fewstep.record(n) as rec:
+        ref = n(x)  # grad mode: surrogate path
+    with torch.no_grad(), fewstep.record(n) as rec2:
+        fast = n(x)
+    assert torch.equal(ref, fast)
+    for f in ("u", "v"):
+        assert torch.equal(getattr(rec, f)[rec.layers[0]], getattr(rec2, f)[rec2.layers[0]])

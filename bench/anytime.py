@@ -1,0 +1,87 @@
+"""Anytime-inference benchmark on the N-MNIST subset (T = 10, TET-trained `cnn`).
+
+For each cutoff policy, the threshold is chosen on the validation split (the fastest setting whose
+validation accuracy is within --max-drop of full T); the test split is then run for real, step by
+step, at --batch-size, and timed against the same runner without early exit. Prints the accuracy
+drop, timestep speed-up, wall-clock speed-up and their ratio, with continuous batching (freed slots
+refilled) and with plain per-batch early exit.
+
+    python bench/anytime.py                    # trains runs/bench-nmnist first if it is not there (~1.5 min)
+    python bench/anytime.py --run DIR          # any run folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fewstep import anytime as at  # noqa: E402
+from fewstep import config as C  # noqa: E402
+from fewstep import cutoff as cf  # noqa: E402
+from fewstep.reports import cutoff_report  # noqa: E402
+from fewstep.train import Trainer, load_run  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop accepted on validation (0.01 = 1 pt)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+
+    run = Path(args.run)
+    if not (run / "metrics.json").is_file():
+        print(f"training {run} from configs/nmnist_small.yaml ...")
+        cfg = C.load(ROOT / "configs" / "nmnist_small.yaml", [f"data.root={args.data}"])
+        Trainer(cfg, run).fit()
+    model, cfg, bundle = load_run(run)
+    T = cfg.data.T
+    Yv, yv = at.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding)
+    print(f"\n{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {len(bundle.test)}, batch {args.batch_size}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"threshold per policy: fastest setting within {100 * args.max_drop:.1f} pt of full-T accuracy on validation\n")
+    head = (f"{'policy':9s} {'setting':>12s} {'acc':>7s} {'drop':>6s} {'exit':>5s} {'steps x':>7s} "
+            f"{'wall x':>7s} {'ratio':>6s} {'wall x':>7s} {'ratio':>6s}")
+    print(f"{'':52s}{'continuous':>15s} {'per-batch':>15s}")
+    print(head)
+    rows = []
+    for name in ("timestep", "softmax", "topk", "spikecp"):
+        res = cf.calibrate_to_target(name, Yv, yv, args.max_drop, confidence=None)
+        path = cf.save(res.policy, run / f"bench_calibration_{name}.json",
+                       {"model": cfg.model.name, "dataset": cfg.data.name, "T": T, "calibration_split": "val"})
+        r = {}
+        for cont in (True, False):
+            r[cont] = cutoff_report(run, name, calibration=path, batch_size=args.batch_size, repeats=args.repeats,
+                                    continuous=cont)
+        a = r[True]
+        setting = f"t={res.policy.t}" if name == "timestep" else f"eps={res.policy.epsilon:g}"
+        row = {"policy": name, "setting": setting, "accuracy": a["accuracy"], "full_accuracy": a["full_accuracy"],
+               "drop_pt": 100 * a["accuracy_drop"], "mean_exit_step": a["mean_exit_step"],
+               "timestep_speedup": a["timestep_speedup"],
+               "wallclock_speedup_continuous": a["wallclock_speedup"],
+               "ratio_continuous": a["wallclock_speedup"] / a["timestep_speedup"],
+               "wallclock_speedup_per_batch": r[False]["wallclock_speedup"],
+               "ratio_per_batch": r[False]["wallclock_speedup"] / a["timestep_speedup"],
+               "matches_simulation": a["matches_simulation"] and r[False]["matches_simulation"]}
+        rows.append(row)
+        print(f"{name:9s} {setting:>12s} {100 * a['accuracy']:6.1f}% {row['drop_pt']:+5.1f} {a['mean_exit_step']:5.2f} "
+              f"{a['timestep_speedup']:6.2f}x {row['wallclock_speedup_continuous']:6.2f}x {row['ratio_continuous']:6.2f} "
+              f"{row['wallclock_speedup_per_batch']:6.2f}x {row['ratio_per_batch']:6.2f}")
+    out = run / "bench_anytime.json"
+    out.write_text(json.dumps({"T": T, "batch_size": args.batch_size, "rows": rows}, indent=2))
+    print(f"\n(drop in accuracy points on test; 'steps x' = T / mean exit step; 'wall x' = full-T time / early-exit "
+          f"time, same runner, split and batch size, median of {args.repeats}; ratio = wall x / steps x)\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
