@@ -12,6 +12,7 @@ synaptic layer = (share of non-zero inputs) × (its dense MACs). Energy = 4.6 pJ
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -214,6 +215,31 @@ class RunStats:
     extra: dict = field(default_factory=dict)
 
 
+def prepare(dataset: Dataset, T: int, kind: str, encoding: str = "direct", batch_size: int = 64, device="cpu"):
+    """Encode a split once: ``([x[T, n, ...] per loader batch], labels)`` (Poisson draws seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    chunks, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        chunks.append(time_first(x, kind, T, encoding, gen).to(device))
+        ys.append(y)
+    return chunks, torch.cat(ys)
+
+
+def run_chunks(model, chunks, policy, batch_size: int, continuous: bool = True, count_ops: bool = False):
+    """Early exit over prepared chunks; returns ``(ExitResult parts, seconds)``."""
+    queue = [torch.cat(chunks, 1)] if continuous and len(chunks) > 1 else chunks  # copied before the clock
+    sync = torch.cuda.synchronize if queue[0].is_cuda else (lambda: None)
+    early_exit(model, queue[0][:1, :batch_size], _cutoff.Timestep(1, T=1))  # untimed full-batch warm-up step
+    sync()
+    t0 = time.perf_counter()
+    if continuous:
+        parts = [early_exit(model, queue[0], policy, batch_size, count_ops)]
+    else:
+        parts = [early_exit(model, xs, policy, None, count_ops) for xs in queue]
+    sync()
+    return parts, time.perf_counter() - t0
+
+
 def run_dataset(model, dataset: Dataset, policy: _cutoff.Policy, T: int, kind: str, encoding: str = "direct",
                 batch_size: int = 64, device="cpu", count_ops: bool = False, continuous: bool = True) -> RunStats:
     """Real early exit over a whole split, timed (loading and encoding are done first, untimed).
@@ -221,23 +247,28 @@ def run_dataset(model, dataset: Dataset, policy: _cutoff.Policy, T: int, kind: s
     ``continuous=True`` keeps ``batch_size`` samples in flight and refills freed slots (see
     :func:`early_exit`); ``False`` runs the loader's batches one after another.
     """
-    gen = torch.Generator().manual_seed(0)
-    chunks, ys = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        chunks.append(time_first(x, kind, T, encoding, gen).to(device))
-        ys.append(y)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    if continuous:
-        parts = [early_exit(model, torch.cat(chunks, 1), policy, batch_size, count_ops)]
-    else:
-        parts = [early_exit(model, xs, policy, None, count_ops) for xs in chunks]
-    sync()
-    secs = time.perf_counter() - t0
+    chunks, labels = prepare(dataset, T, kind, encoding, batch_size, device)
+    parts, secs = run_chunks(model, chunks, policy, batch_size, continuous, count_ops)
     cat = lambda k: torch.cat([getattr(p, k) for p in parts]) if count_ops else None  # noqa: E731
     d = _cutoff.Decision(torch.cat([p.exit_step for p in parts]), torch.cat([p.prediction for p in parts]))
-    return RunStats(d, torch.cat(ys), secs, cat("spikes"), cat("macs"), cat("sops"))
+    return RunStats(d, labels, secs, cat("spikes"), cat("macs"), cat("sops"))
+
+
+def speedup(model, chunks, policy, T: int, batch_size: int = 64, continuous: bool = True, repeats: int = 5,
+            min_seconds: float = 0.5) -> tuple[float, float]:
+    """Median seconds per pass over ``chunks`` for running to T and for early exit with ``policy``.
+
+    Interleaved rounds; each round repeats the pass until it lasts about ``min_seconds`` (short runs on
+    a shared machine are dominated by noise).
+    """
+    full = _cutoff.Timestep(T, T=T)
+    _, t_once = run_chunks(model, chunks, full, batch_size, continuous)
+    inner = max(1, int(min_seconds / max(t_once, 1e-6) + 0.999))
+    tf, te = [], []
+    for _ in range(repeats):
+        tf.append(sum(run_chunks(model, chunks, full, batch_size, continuous)[1] for _ in range(inner)) / inner)
+        te.append(sum(run_chunks(model, chunks, policy, batch_size, continuous)[1] for _ in range(inner * 2)) / (inner * 2))
+    return statistics.median(tf), statistics.median(te)
 
 
 class AnytimeStream:

@@ -57,7 +57,7 @@ def cmd_demo(args) -> int:
     r = tradeoff_report(out, "test")
     print("fastest setting of each policy within 1 pt of full-T accuracy:")
     print(_tradeoff_table(r))
-    c = cutoff_report(out, "topk", epsilon=0.01)
+    c = cutoff_report(out, "topk", epsilon=0.01, repeats=3)
     print(f"\nreal early exit, top-k gap (epsilon 0.01), batch {c['batch_size']}: accuracy {100 * c['accuracy']:.2f}% "
           f"(full T {100 * c['full_accuracy']:.2f}%), mean exit step {c['mean_exit_step']:.2f} of {c['T']}: "
           f"{c['timestep_speedup']:.2f}x fewer steps, {c['wallclock_speedup']:.2f}x faster in wall-clock time")
@@ -103,7 +103,7 @@ def cmd_cutoff(args) -> int:
     if args.max_drop is not None and args.epsilon is not None:
         raise ValueError("give either --epsilon or --max-drop (with --confidence), not both")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
-                      args.batch_size, args.calibration, mc_dropout=args.mc_dropout)
+                      args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout)
     print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])} "
           f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
     print(f"  accuracy      {100 * r['accuracy']:.2f}% (full T: {100 * r['full_accuracy']:.2f}%, "
@@ -183,6 +183,8 @@ def main(argv=None) -> int:
     c.add_argument("--split", default="test", choices=["test", "val"], help="split to report on (calibration "
                    "always uses val)")
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--repeats", type=int, default=5, help="timing rounds of ~0.5 s each, full T and early exit "
+                   "interleaved; the median is reported (default 5)")
     c.add_argument("--calibration", help="reuse a saved calibration JSON instead of calibrating")
     c.add_argument("--mc-dropout", type=float, default=0.0, help="calibrate under dropout of this rate on every "
                    "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")

@@ -117,7 +117,7 @@ def test_calibration_refuses_the_test_split_and_mc_dropout(digits_run):
 
 
 def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
-    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05"]) == 0
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05", "--repeats", "1"]) == 0
     r = json.loads((digits_run / "cutoff_topk.json").read_text())
     for k in ("full_accuracy", "accuracy", "mean_exit_step", "timestep_speedup", "wallclock_speedup", "epsilon"):
         assert k in r, k
@@ -128,16 +128,16 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     cal = json.loads((digits_run / "calibration_topk.json").read_text())
     assert cal["meta"]["calibration_split"] == "val" and len(cal["betas"]) == 4
     # reuse the saved calibration; a calibration for another T is refused
-    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "calibration_topk.json")]) == 0
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "calibration_topk.json"), "--repeats", "1"]) == 0
     cal["meta"]["T"] = 8
     (digits_run / "other.json").write_text(json.dumps(cal))
     capsys.readouterr()
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "other.json")]) == 2
     assert "calibrated for T = 8, not 4" in capsys.readouterr().err
-    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.05", "--confidence", "0.9"]) == 0
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.05", "--confidence", "0.9", "--repeats", "1"]) == 0
     r = json.loads((digits_run / "cutoff_softmax.json").read_text())
     assert r["target"]["bound"] <= 0.05 and r["target"]["confidence"] == 0.9
-    assert cli(["cutoff", str(digits_run), "--policy", "timestep", "--step", "2"]) == 0
+    assert cli(["cutoff", str(digits_run), "--policy", "timestep", "--step", "2", "--repeats", "1"]) == 0
     assert json.loads((digits_run / "cutoff_timestep.json").read_text())["mean_exit_step"] == 2
     assert cli(["tradeoff", str(digits_run)]) == 0
     t = json.loads((digits_run / "tradeoff.json").read_text())
