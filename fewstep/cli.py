@@ -126,7 +126,7 @@ def cmd_tradeoff(args) -> int:
 
     r = tradeoff_report(args.run, args.split)
     print(_tradeoff_table(r))
-    print(f"wrote {Path(args.run) / 'tradeoff.json'} and tradeoff.png")
+    print(f"wrote {Path(args.run) / 'tradeoff.json'}, tradeoff.png and accuracy_per_step.png")
     return 0
 
 

@@ -136,7 +136,10 @@ def tradeoff_report(run_dir, split: str = "test", policies=("timestep", "softmax
            "accuracy_per_step": (Y.argmax(-1) == y).float().mean(1).tolist(),
            "oct": {"accuracy": oct_d.accuracy(y), "mean_exit_step": oct_d.mean_exit_step()},
            "policies": curves}
+    out["val_accuracy_per_step"] = (Yv.argmax(-1) == yv).float().mean(1).tolist()
     (run_dir / "tradeoff.json").write_text(json.dumps(out, indent=2))
+    plots.accuracy_per_step({"validation": out["val_accuracy_per_step"], split: out["accuracy_per_step"]},
+                            run_dir / "accuracy_per_step.png", f"{cfg.model.name} on {cfg.data.name}")
     plots.tradeoff(curves, out["oct"], out["full_accuracy"], T, run_dir / "tradeoff.png",
                    f"{cfg.model.name} on {cfg.data.name} ({split}): accuracy vs latency")
     return out

@@ -145,4 +145,6 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert t["oct"]["mean_exit_step"] <= min(p["mean_exit_step"] for p in t["policies"]["timestep"]
                                              if p["accuracy"] >= t["full_accuracy"])
     assert (digits_run / "tradeoff.png").stat().st_size > 1000
+    assert (digits_run / "accuracy_per_step.png").stat().st_size > 1000
+    assert len(t["accuracy_per_step"]) == 4 and t["accuracy_per_step"][-1] == t["full_accuracy"]
     assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000

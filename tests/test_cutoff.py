@@ -75,6 +75,7 @@ def test_spikecp_conformal_quantile_and_sets():
     # [0, 0] has both scores at 0.693 > q: an empty set, which does not fire
     assert p.set_size(Y[0], 1).tolist() == [1, 1, 1, 0]
     assert p.fire(Y[0], 1).tolist() == [True, True, True, False]
+    assert p.fire(Y[0], torch.ones(4, dtype=torch.long)).tolist() == [True, True, True, False]
 
 
 def test_oracle():
