@@ -30,21 +30,6 @@ from fewstep.reports import cutoff_report  # noqa: E402
 from fewstep.train import Trainer, load_run  # noqa: E402
 
 
-def choose_on_val(name, Yv, yv, max_drop):
-    """Fastest setting whose validation accuracy is within ``max_drop`` of full T, fitted on all of val."""
-    T = Yv.shape[0]
-    full = (Yv[-1].argmax(-1) == yv).float().mean().item()
-    best = None
-    for pol in cf.candidates(name, T):
-        if pol.needs_calibration:
-            pol.calibrate(Yv, yv)
-        pol.T = T
-        d = cf.simulate(pol, Yv)
-        if d.accuracy(yv) >= full - max_drop - 1e-9 and (best is None or d.mean_exit_step() < best[0]):
-            best = (d.mean_exit_step(), pol)
-    return best[1] if best else cf.Timestep(T, T=T)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
@@ -71,7 +56,7 @@ def main():
     print(head)
     rows = []
     for name in ("timestep", "softmax", "topk", "spikecp"):
-        pol = choose_on_val(name, Yv, yv, args.max_drop)
+        pol, _ = cf.fastest_within(name, Yv, yv, args.max_drop)
         path = cf.save(pol, run / f"bench_calibration_{name}.json",
                        {"model": cfg.model.name, "dataset": cfg.data.name, "T": T, "calibration_split": "val"})
         r = {}

@@ -404,3 +404,21 @@ def sweep(name: str, Y_cal: torch.Tensor, y_cal: torch.Tensor, Y: torch.Tensor, 
         points.append({**{k: v for k, v in pol.params().items() if k in ("epsilon", "t")},
                        "accuracy": d.accuracy(y), "mean_exit_step": d.mean_exit_step()})
     return points
+
+
+def fastest_within(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float = 0.01) -> tuple[Policy, dict]:
+    """The setting of policy ``name`` with the lowest mean exit step whose accuracy on (``Y``, ``y``) is within
+    ``max_drop`` of full T, fitted on the same data. A plain validation choice, with no guarantee (see
+    :func:`calibrate_to_target` for one). Returns the policy and its validation ``{accuracy, mean_exit_step}``."""
+    check_Y(Y)
+    T = Y.shape[0]
+    full = (Y[-1].argmax(-1) == y).float().mean().item()
+    best = None
+    for pol in candidates(name, T):
+        if pol.needs_calibration:
+            pol.calibrate(Y, y)
+        pol.T = T
+        d = simulate(pol, Y)
+        if d.accuracy(y) >= full - max_drop - 1e-9 and (best is None or d.mean_exit_step() < best[1]["mean_exit_step"]):
+            best = (pol, {"accuracy": d.accuracy(y), "mean_exit_step": d.mean_exit_step()})
+    return best if best else (Timestep(T, T=T), {"accuracy": full, "mean_exit_step": float(T)})
