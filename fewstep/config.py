@@ -24,6 +24,13 @@ class DataConfig:
     augment: bool = True            # dataset-specific training augmentation (CIFAR: crop + flip)
     cutout: int = 0                 # CIFAR cutout size in pixels (0 = off)
     binarize: bool = False          # event frames: 1 where any event, instead of counts
+    by: str = "time"                # event framing: equal-time bins (time) or equal event counts (count)
+    size: Any = None                # event frames: [H, W] to rescale to (e.g. [48, 48]); null = dataset default
+    polarities: int = 2             # event frames: 2 (ON/OFF channels) or 1 (merged)
+    window_us: Any = None           # event frames: keep only the first window_us microseconds
+    max_shift: int = 0              # event augmentation: random translation shared by all frames (pixels)
+    flip: bool = True               # event augmentation: horizontal flip where label-preserving
+    event_drop: float = 0.0         # event augmentation: drop each event with this probability
 
 
 @dataclass

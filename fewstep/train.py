@@ -58,8 +58,11 @@ def seed_everything(seed: int) -> None:
 
 def load_data(cfg: _config.Config) -> _datasets.DataBundle:
     d = cfg.data
+    extra = {k: getattr(d, k) for k in ("by", "polarities", "window_us", "max_shift", "flip", "event_drop")}
+    if d.size is not None:
+        extra["size"] = d.size
     return _datasets.load(d.name, root=d.root, T=d.T, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                          augment=d.augment, cutout=d.cutout, binarize=d.binarize)
+                          augment=d.augment, cutout=d.cutout, binarize=d.binarize, **extra)
 
 
 def build_model(cfg: _config.Config, bundle: _datasets.DataBundle) -> torch.nn.Module:

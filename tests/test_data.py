@@ -90,7 +90,7 @@ def test_nmnist_original_layout(tmp_path):
     b = load("nmnist", root=str(tmp_path), T=4, val_fraction=0.34)
     assert len(b.train) + len(b.val) == 6 and len(b.test) == 4
     assert sorted(b.test.y.tolist()) == [0, 0, 7, 7]
-    assert float(b.test.x.sum()) == 4 * 50
+    assert sum(float(b.test[i][0].sum()) for i in range(4)) == 4 * 50  # framing kept every event
 
 
 def test_missing_folder_says_where_and_what(tmp_path):
@@ -98,7 +98,7 @@ def test_missing_folder_says_where_and_what(tmp_path):
         load("nmnist", root=str(tmp_path / "nowhere"), T=10)
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load("cifar10", root=str(tmp_path))
-    with pytest.raises(ValueError, match="valid names: cifar10, digits, nmnist"):
+    with pytest.raises(ValueError, match="valid names: cifar10, cifar10_dvs, digits, dvs_gesture, ncaltech101, nmnist"):
         load("mnist")
 
 
