@@ -8,9 +8,11 @@ from fewstep.data.aedat import PACKET_HEADER
 def write_aedat31(path, ev, packet_size=1000, invalid_every=0, extra_packet=True):
     out = [b"#!AER-DAT3.1\r\n", b"#Format: RAW\r\n", b"#Source 1: DVS128\r\n", b"#!END-HEADER\r\n"]
     t = ev["t"].astype(np.int64)
-    for start in range(0, len(ev), packet_size):
-        sl = slice(start, start + packet_size)
-        overflow = int(t[sl][0] >> 31) if len(t[sl]) else 0
+    # packets hold at most packet_size events and never straddle a timestamp overflow (as libcaer writes them)
+    cuts = sorted(set(range(0, len(ev), packet_size)) | set(np.flatnonzero(np.diff(t >> 31)) + 1) | {len(ev)})
+    for start, stop in zip(cuts[:-1], cuts[1:]):
+        sl = slice(start, stop)
+        overflow = int(t[sl][0] >> 31)
         data = ((ev["x"][sl].astype(np.uint32) << 17) | (ev["y"][sl].astype(np.uint32) << 2)
                 | (ev["p"][sl].astype(np.uint32) << 1) | 1)
         body = np.empty(len(data), np.dtype([("data", "<u4"), ("ts", "<i4")]))

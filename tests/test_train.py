@@ -35,7 +35,8 @@ def test_config_validation_and_overrides(tmp_path):
         C.load(None, ["train.lr=fast"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         C.load(tmp_path / "nope.yaml")
-    for f in ["digits.yaml", "nmnist_small.yaml", "cifar10_resnet19.yaml"]:
+    for f in ["digits.yaml", "nmnist_small.yaml", "cifar10_resnet19.yaml", "cifar10dvs_vggsnn.yaml",
+              "dvsgesture_vggsnn.yaml", "ncaltech101_vggsnn.yaml"]:
         C.load(f"configs/{f}")  # shipped configs are valid
 
 

@@ -118,8 +118,10 @@ class FileSource:
 
     def events(self, i) -> np.ndarray:
         it = self.items[i]
-        if self._last[0] != it.path:  # gestures of one recording are read once in a row
-            self._last = (it.path, READERS[self.reader](it.path, self.sensor_size))
+        st = os.stat(it.path)
+        stamp = (it.path, st.st_size, st.st_mtime_ns)  # a rewritten file is read again
+        if self._last[0] != stamp:  # gestures of one recording are read once in a row
+            self._last = (stamp, READERS[self.reader](it.path, self.sensor_size))
         ev = self._last[1]
         if it.start_us is not None:
             t0, t1 = (int(ev["t"].min()), int(ev["t"].max())) if len(ev) else (0, -1)
