@@ -177,6 +177,9 @@ def _framing(T, by="time", size=None, polarities=2, binarize=False, window_us=No
     return Framing(int(T), by, tuple(size) if size else None, int(polarities), bool(binarize), window_us)
 
 
+MEMORY_SAMPLES = 5000  # event datasets up to this size also keep their frames in memory; larger ones read the disk cache
+
+
 def _event_bundle(name, train_items, test_items, reader, sensor_size, framing, val_fraction, seed, classes,
                   augment, build=True, memory=False) -> DataBundle:
     from .event_datasets import EventFrames, FileSource
@@ -214,7 +217,7 @@ def nmnist(root: str = "../shared/data", T: int = 10, val_fraction: float = 0.1,
     items = lambda files: [Item(str(p), c) for p, c in files]  # noqa: E731
     return _event_bundle("nmnist", items(train_files), items(test_files), "nmnist", (34, 34), framing, val_fraction,
                          seed, [str(i) for i in range(10)], _augment(augment, max_shift, False, event_drop, False),
-                         memory=True)
+                         memory=len(train_files) + len(test_files) <= MEMORY_SAMPLES)
 
 
 # --------------------------------------------------------------------------------------- DVS128 Gesture
