@@ -25,5 +25,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
 
+# SpikingJelly 2.0 declares torchvision/torchaudio, which would replace the CPU torch: install it alone.
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0"
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/anytime.py
+	$(BIN)/python bench/events.py
+
 clean:
 	rm -rf $(VENV) fewstep-demo .pytest_cache

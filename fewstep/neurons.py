@@ -157,6 +157,8 @@ class LIF(StatefulModule):
         detach_reset: stop gradients through the reset path.
         surrogate: a name from :mod:`fewstep.surrogate` or a surrogate module.
         step_mode: ``"m"`` (``[T, N, ...]``) or ``"s"`` (``[N, ...]``, streaming).
+        backend: multi-step training path: ``"auto"`` (the fused node of :mod:`fewstep.fused` unless
+            membranes are being recorded), ``"fused"`` or ``"reference"`` (autograd over the step loop).
     """
 
     _state_names = ("v",)
@@ -172,8 +174,12 @@ class LIF(StatefulModule):
         learn_theta: bool = False,
         learn_tau: bool = False,
         step_mode: str = "m",
+        backend: str = "auto",
     ):
         super().__init__(step_mode)
+        if backend not in ("auto", "fused", "reference"):
+            raise ValueError(f"backend must be 'auto', 'fused' or 'reference', got {backend!r}")
+        self.backend = backend
         if reset not in RESETS:
             raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
         if not 0.0 < float(tau) <= 1.0:
@@ -210,6 +216,16 @@ class LIF(StatefulModule):
             return s
         if x.dim() < 2:
             raise ValueError(f"multi-step input must be [T, N, ...], got shape {tuple(x.shape)}")
+        if self.backend != "reference" and torch.is_grad_enabled():
+            if rec is None:
+                from .fused import lif_multi_step_fused
+
+                self.v = None
+                return lif_multi_step_fused(x, self.theta, self.tau, self.v0, self.reset_mode, self.detach_reset,
+                                            self.surrogate)
+            from .fused import fallback
+
+            fallback("per-step membranes are being recorded")
         v = torch.full_like(x[0], self.v0)
         spikes, us, vs = [], [], []
         for xt in x:

@@ -26,3 +26,7 @@ def shared_archive(name: str) -> Path:
 def nmnist_root():
     shared_archive("nmnist-small.tar.gz")
     return SHARED
+
+
+# torch.compile costs seconds per kernel: tests run the eager fused path unless a test asks for it.
+os.environ.setdefault("FEWSTEP_COMPILE", "0")

@@ -12,7 +12,8 @@ from ..neurons import make_neuron
 
 MODELS: dict[str, Callable[..., "SNN"]] = {}
 
-NEURON_KEYS = ("neuron", "tau", "theta", "v0", "reset", "detach_reset", "surrogate", "learn_theta", "learn_tau")
+NEURON_KEYS = ("neuron", "tau", "theta", "v0", "reset", "detach_reset", "surrogate", "learn_theta", "learn_tau",
+               "backend")
 
 
 def register(name: str):
