@@ -39,6 +39,18 @@ T, N = 4, 32
 CFG = (64, 128, "A", 256, "A", 256, "A")
 
 
+def vgg(L, act) -> nn.Sequential:
+    """The benchmark CNN from a layer namespace ``L`` (torch.nn or SpikingJelly's layer) and an activation."""
+    mods, c = [], 3
+    for item in CFG:
+        if item == "A":
+            mods.append(L.AvgPool2d(2))
+        else:
+            mods += [L.Conv2d(c, item, 3, padding=1, bias=False), L.BatchNorm2d(item), act()]
+            c = item
+    return nn.Sequential(*mods, L.Flatten(), L.Linear(256 * 4 * 4, 10))
+
+
 def build(kind: str):
     if kind in ("fewstep", "fewstep-reference"):
         from fewstep import models
@@ -48,17 +60,8 @@ def build(kind: str):
     if kind == "spikingjelly":
         from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
-        mods, c = [], 3
-        for item in CFG:
-            if item == "A":
-                mods.append(layer.AvgPool2d(2))
-            else:
-                mods += [layer.Conv2d(c, item, 3, padding=1, bias=False), layer.BatchNorm2d(item),
-                         neuron.LIFNode(tau=2.0, decay_input=False, v_reset=0.0, v_threshold=1.0,
-                                        surrogate_function=surrogate.Sigmoid(), detach_reset=False)]
-                c = item
-        mods += [layer.Flatten(), layer.Linear(256 * 4 * 4, 10)]
-        net = nn.Sequential(*mods)
+        net = vgg(layer, lambda: neuron.LIFNode(tau=2.0, decay_input=False, v_reset=0.0, v_threshold=1.0,
+                                                surrogate_function=surrogate.Sigmoid(), detach_reset=False))
         functional.set_step_mode(net, "m")
 
         class SJ(nn.Module):
@@ -72,15 +75,7 @@ def build(kind: str):
 
         return SJ()
     if kind == "ann":
-        mods, c = [], 3
-        for item in CFG:
-            if item == "A":
-                mods.append(nn.AvgPool2d(2))
-            else:
-                mods += [nn.Conv2d(c, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
-                c = item
-        mods += [nn.Flatten(), nn.Linear(256 * 4 * 4, 10)]
-        ann = nn.Sequential(*mods)
+        ann = vgg(nn, nn.ReLU)
 
         class Floor(nn.Module):
             def __init__(self):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -212,7 +212,6 @@ class RunStats:
     spikes: torch.Tensor | None = None
     macs: torch.Tensor | None = None
     sops: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def prepare(dataset: Dataset, T: int, kind: str, encoding: str = "direct", batch_size: int = 64, device="cpu"):

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.data import EventFileError, datasets, decode_nmnist, load, make_events, read_nmnist, to_frames, write_nmnist
+from fewstep.data import EventFileError, datasets, load, make_events, read_nmnist, to_frames, write_nmnist
 from fewstep.data import encoding
 from fewstep.metrics import time_first
 
-from .conftest import SHARED, shared_archive
 
 
 def events(n=500, w=34, h=34, seed=0, t_max=300_000):
