@@ -1,20 +1,31 @@
 """Training-step speed and memory: fewstep vs SpikingJelly vs the ANN floor, on a 2-core CPU.
 
 The network of issue 4: conv3x3 3->64, 64->128, pool, 128->256, pool, 256->256, pool, FC 10; each
-conv followed by BatchNorm and LIF (tau 0.5 leak, threshold 1, hard reset, triangle/ATan-free
-surrogates as available); T = 4, batch 32, 3x32x32 input, SGD.
+conv followed by BatchNorm and LIF (tau 0.5 leak, threshold 1, hard reset; fewstep's default
+triangle surrogate, SpikingJelly's default sigmoid); T = 4, batch 32, 3x32x32 input, SGD.
 
-- fewstep (fused LIF, the default) and fewstep with the reference step loop;
+- fewstep as a user gets it (fused LIF, convolutions over T·N on channels-last activations) and
+  fewstep with the reference step loop; on CUDA also without the Triton kernels (``torchops``) and
+  with NCHW convolutions (``nchw``);
 - SpikingJelly (if installed: `pip install --no-deps spikingjelly==2.0.0 loguru`), multi-step mode,
   LIFNode(tau=2, decay_input=False, v_reset=0) which is u = 0.5 v + x;
-- the ANN floor: the same CNN with ReLU, stepping over T.
+- the ANN floor: the same CNN with ReLU, stepping over T (as the issue defines it, NCHW), and the
+  same ANN with channels-last weights, to show what that layout gives an ANN.
+
+On CPU every variant runs with ``fewstep.runtime.tune_cpu_allocator()`` in force, as fewstep's
+Trainer sets it (glibc recycles buffers up to 64 MiB instead of mapping fresh pages each step);
+``--no-tune-malloc`` runs the whole bench with glibc's defaults instead.
 
 Time: interleaved, `--steps` timed steps each after warm-up, median. Memory: each variant in its own
 process, peak RSS growth over two training steps from a baseline taken after the model, the data and
 one no-grad forward exist (so it counts activations kept for backward, gradients and optimiser state).
 Inference (multi-step, no grad) and streaming single-step inference are timed too.
 
-    .venv/bin/python bench/train_step.py [--steps 10]
+On a GPU (``--device cuda``): the Triton LIF kernels for fewstep, SpikingJelly's own CUDA/Triton
+kernels, CUDA-synchronised timings and peak allocated GPU memory (``torch.cuda.max_memory_allocated``
+growth over two steps) measured in the same process, one variant at a time.
+
+    .venv/bin/python bench/train_step.py [--steps 10] [--device cuda --batch 128]
 """
 
 from __future__ import annotations
@@ -29,13 +40,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fewstep.runtime import allocator_status, tune_cpu_allocator  # noqa: E402
+
 T, N = 4, 32
+DEVICE = torch.device("cpu")
+AMP = False
 CFG = (64, 128, "A", 256, "A", 256, "A")
 
 
@@ -74,8 +89,10 @@ def build(kind: str):
                 return self.net(x)
 
         return SJ()
-    if kind == "ann":
+    if kind in ("ann", "ann-channels-last"):
         ann = vgg(nn, nn.ReLU)
+        if kind == "ann-channels-last":
+            ann = ann.to(memory_format=torch.channels_last)
 
         class Floor(nn.Module):
             def __init__(self):
@@ -89,14 +106,20 @@ def build(kind: str):
     raise ValueError(kind)
 
 
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def step_fn(net):
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(T, N, 3, 32, 32) * 2
-    y = torch.randint(0, 10, (N,))
+    x = torch.rand(T, N, 3, 32, 32, device=DEVICE) * 2
+    y = torch.randint(0, 10, (N,), device=DEVICE)
 
     def step():
-        out = net(x)
-        loss = nn.functional.cross_entropy(out.mean(0), y)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AMP):
+            out = net(x)
+            loss = nn.functional.cross_entropy(out.float().mean(0), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -129,9 +152,11 @@ def stream_fn(net, kind, x):
     return None
 
 
-def memory_child(kind: str, steps: int) -> None:
+def memory_child(kind: str, steps: int, tune: bool) -> None:
+    if tune:
+        tune_cpu_allocator()
     torch.manual_seed(0)
-    net = build(kind)
+    net = build(kind).to(DEVICE)
     step, x = step_fn(net)
     with torch.no_grad():  # import-time and first-call allocations (kernels, caches) before the baseline
         net(x[:, :1])
@@ -142,42 +167,121 @@ def memory_child(kind: str, steps: int) -> None:
     print(json.dumps({"kind": kind, "base_mb": base / 1024, "peak_mb": peak / 1024}))
 
 
+def gpu_memory(kind: str, net, step) -> float:
+    """Peak allocated GPU memory growth (MB) over two training steps, after one warm-up step."""
+    step()
+    sync()
+    net.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def with_env(fn, **env):
+    """Run ``fn`` with environment variables set (for the fewstep variants that differ by a switch)."""
+    import os
+
+    def run(*a, **k):
+        old = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return fn(*a, **k)
+        finally:
+            for key, val in old.items():
+                if val is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = val
+    return run
+
+
+def with_nchw(fn, device_type: str):
+    """Run ``fn`` with fewstep's convolutions on NCHW activations on ``device_type``."""
+    from fewstep import layers
+
+    def run(*a, **k):
+        had = device_type in layers.CHANNELS_LAST_DEVICES
+        layers.CHANNELS_LAST_DEVICES.discard(device_type)
+        try:
+            return fn(*a, **k)
+        finally:
+            if had:
+                layers.CHANNELS_LAST_DEVICES.add(device_type)
+    return run
+
+
+def timed(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
 def main():
+    global N, DEVICE, AMP
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch", type=int, default=N)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for every variant (CUDA)")
+    p.add_argument("--no-tune-malloc", action="store_true", help="glibc malloc defaults for every variant")
     p.add_argument("--memory-child")
     args = p.parse_args()
+    N, DEVICE, AMP = args.batch, torch.device(args.device), args.amp
+    cuda = DEVICE.type == "cuda"
     if args.memory_child:
-        return memory_child(args.memory_child, 2)
-    kinds = ["fewstep", "fewstep-reference", "ann"]
+        return memory_child(args.memory_child, 2, not args.no_tune_malloc)
+    if not cuda and not args.no_tune_malloc:
+        tune_cpu_allocator()
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    kinds = ["fewstep", "fewstep-reference", "ann", "ann-channels-last"]
+    if cuda:
+        kinds[1:1] = ["fewstep-torchops",  # the fused node without the Triton kernels (FEWSTEP_TRITON=0)
+                      "fewstep-nchw"]  # NCHW convolutions
     try:
         import spikingjelly.activation_based  # noqa: F401
 
-        kinds.insert(2, "spikingjelly")
+        kinds.insert(kinds.index("ann"), "spikingjelly")
     except Exception as exc:  # optional extra
         print(f"SpikingJelly not available ({exc}); install the 'bench' extra to compare")
-    # Memory first, each variant in a fresh process: Linux carries ru_maxrss across fork/exec, so the
-    # children must start before this process grows.
     mem = {}
-    for k in kinds:
-        r = subprocess.run([sys.executable, __file__, "--memory-child", k], capture_output=True, text=True)
-        if r.returncode == 0:
-            d = json.loads(r.stdout.strip().splitlines()[-1])
-            mem[k] = d["peak_mb"] - d["base_mb"]
-        else:
-            mem[k] = float("nan")
+    if not cuda:
+        # Memory first, each variant in a fresh process: Linux carries ru_maxrss across fork/exec, so
+        # the children must start before this process grows.
+        for k in kinds:
+            r = subprocess.run([sys.executable, __file__, "--memory-child", k, "--batch", str(N)]
+                               + (["--no-tune-malloc"] if args.no_tune_malloc else []),
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                d = json.loads(r.stdout.strip().splitlines()[-1])
+                mem[k] = d["peak_mb"] - d["base_mb"]
+            else:
+                mem[k] = float("nan")
     torch.manual_seed(0)
-    nets = {k: build(k) for k in kinds}
+    nets = {k: build("fewstep" if k in ("fewstep-torchops", "fewstep-nchw") else k).to(DEVICE) for k in kinds}
     fns = {k: step_fn(nets[k]) for k in kinds}
+    if "fewstep-torchops" in fns:
+        step, x = fns["fewstep-torchops"]
+        fns["fewstep-torchops"] = (with_env(step, FEWSTEP_TRITON="0"), x)
+    if "fewstep-nchw" in fns:
+        step, x = fns["fewstep-nchw"]
+        fns["fewstep-nchw"] = (with_nchw(step, DEVICE.type), x)
     for k in kinds:
         for _ in range(2):
             fns[k][0]()
+        if cuda:  # allocated GPU memory is per tensor, so one process serves every variant
+            mem[k] = gpu_memory(k, nets[k], fns[k][0])
     times = {k: [] for k in kinds}
     for _ in range(args.steps):
         for k in kinds:
-            t0 = time.perf_counter()
-            fns[k][0]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed(fns[k][0]))
     infer, stream = {k: [] for k in kinds}, {k: [] for k in kinds}
     for k in kinds:
         nets[k].eval()
@@ -185,22 +289,25 @@ def main():
         for k in kinds:
             x = fns[k][1]
             with torch.no_grad():
-                t0 = time.perf_counter()
-                nets[k](x)
-                infer[k].append(time.perf_counter() - t0)
+                infer[k].append(timed(lambda: nets[k](x)))
             run = stream_fn(nets[k], k, x)
             if run is not None:
-                t0 = time.perf_counter()
-                run()
-                stream[k].append(time.perf_counter() - t0)
+                stream[k].append(timed(run))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nT={T}, batch {N}, 3x32x32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}; median of {args.steps} interleaved training steps")
-    print(f"{'':20s} {'train s/step':>12s} {'peak MB':>8s} {'infer s':>8s} {'stream s':>9s} {'stream/infer':>12s}")
+    where = (torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads, {platform.machine()}, "
+             f"{allocator_status()}")
+    print(f"\nT={T}, batch {N}, 3x32x32, {'bf16 autocast' if AMP else 'float32'}, torch {torch.__version__}, "
+          f"{where}; median of {args.steps} interleaved training steps")
+    unit, scale = ("ms", 1e3) if cuda else ("s", 1.0)
+    mem_name = "GPU MB" if cuda else "peak MB"
+    print(f"{'':20s} {'train ' + unit + '/step':>12s} {mem_name:>8s} {'infer ' + unit:>9s} {'stream ' + unit:>10s} "
+          f"{'stream/infer':>12s}")
+    rows = {}
     for k in kinds:
         st = statistics.median(stream[k]) if stream[k] else float("nan")
         inf = statistics.median(infer[k])
-        print(f"{k:20s} {med[k]:12.3f} {mem[k]:8.0f} {inf:8.3f} {st:9.3f} {st / inf:12.2f}")
+        rows[k] = {"train_s": med[k], "peak_mb": mem[k], "infer_s": inf, "stream_s": st}
+        print(f"{k:20s} {med[k] * scale:12.3f} {mem[k]:8.0f} {inf * scale:9.3f} {st * scale:10.3f} {st / inf:12.2f}")
     print()
     if "spikingjelly" in kinds:
         print(f"fewstep / SpikingJelly: time {med['fewstep'] / med['spikingjelly']:.2f}, "
@@ -208,6 +315,10 @@ def main():
     print(f"fewstep / ANN floor: time {med['fewstep'] / med['ann']:.2f}")
     print(f"fewstep fused / reference loop: time {med['fewstep'] / med['fewstep-reference']:.2f}, "
           f"peak memory {mem['fewstep'] / mem['fewstep-reference']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "T": T, "batch": N, "amp": AMP,
+                                               "torch": torch.__version__,
+                                               "variants": rows}, indent=2))
 
 
 if __name__ == "__main__":

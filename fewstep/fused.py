@@ -12,7 +12,10 @@ pre-reset membrane ``u[T, ...]`` and recomputes the rest in backward:
     ∂L/∂θ  += Σ −∂L/∂s_t · g_t + ∂L/∂v_t · ∂v_t/∂θ,  ∂v_t/∂θ = u_t·g_t (hard), −s_t + θ·g_t (soft),
               0 / −s_t with a detached reset.
 
-Per step, the forward and backward bodies run as one ``torch.compile``-generated loop when the
+On CUDA, with Triton importable and a built-in surrogate, forward and backward are one Triton
+launch each for all T steps (:mod:`fewstep.triton_lif`; ``FEWSTEP_TRITON=0`` turns it off); the
+no-grad multi-step forward uses the same kernel without saving ``u``. Otherwise, per step, the
+forward and backward bodies run as one ``torch.compile``-generated loop when the
 activation is large (``COMPILE_MIN_NUMEL`` elements; ``FEWSTEP_COMPILE=0|1`` forces it off or on),
 else as eager ops. Compiled kernels are cached per surrogate and reset rule and take any size
 (dynamic shapes on flat tensors); a compiler failure falls back to eager, logged once.
@@ -32,11 +35,14 @@ log = logging.getLogger("fewstep")
 _reported: set[str] = set()
 
 
-def fallback(reason: str) -> None:
-    """Log once per reason why the reference path is used instead of the fused one."""
+def fallback(reason: str, what: str = "fused") -> None:
+    """Log once per reason why a faster path is not taken (``what``: "fused" or "triton")."""
     if reason not in _reported:
         _reported.add(reason)
-        log.warning("fewstep: fused LIF not used (%s); running the reference step loop", reason)
+        if what == "triton":
+            log.warning("fewstep: %s", reason)
+        else:
+            log.warning("fewstep: fused LIF not used (%s); running the reference step loop", reason)
 
 
 COMPILE_MIN_NUMEL = 1 << 18  # per-step elements from which torch.compile pays off (measured on a 2-core CPU)
@@ -111,44 +117,136 @@ def _run(kind: str, args: tuple, cfg: tuple, compiled: bool):
         return kernels(*cfg, False)[kind](*args)
 
 
+_TRITON = None  # the fewstep.triton_lif module once imported, False if Triton cannot be imported
+
+
+def _triton_module():
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton_lif
+
+            _TRITON = triton_lif
+        except Exception as exc:  # no Triton in this install (CPU wheels) or a broken toolchain
+            _TRITON = False
+            _TRITON_ERROR[0] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return _TRITON
+
+
+_TRITON_ERROR = [""]
+
+
+def use_triton(x: torch.Tensor, surrogate, theta, tau, inference: bool = False) -> bool:
+    """True when this call can run on the Triton kernels (CUDA, Triton importable, built-in surrogate).
+
+    ``FEWSTEP_TRITON=0`` turns them off. On CPU tensors this is False unless ``TRITON_INTERPRET=1``.
+    A CUDA call that cannot use them logs the reason once and takes the compiled/eager path.
+    """
+    if os.environ.get("FEWSTEP_TRITON", "auto").lower() in ("0", "false", "off", "no"):
+        return False
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    mod = _triton_module()
+    if not mod:
+        fallback(f"Triton kernels unavailable ({_TRITON_ERROR[0]}); using torch ops per step", "triton")
+        return False
+    why = mod.unsupported(x, None if inference else surrogate, theta, tau)
+    if why is not None:
+        fallback(f"Triton kernels not used: {why}; using torch ops per step", "triton")
+        return False
+    return True
+
+
+def flat_time(x: torch.Tensor):
+    """``(x2d [T, M] contiguous, unflatten)``: no copy when ``x`` is dense in any dimension order with
+    time outermost (e.g. a stack of channels-last frames); ``unflatten(y2d)`` gives a tensor shaped
+    and strided like ``x``."""
+    perm = [0] + sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+    xp = x.permute(perm)
+    if not xp.is_contiguous():
+        perm = list(range(x.dim()))
+        xp = x.contiguous()
+    inv = [perm.index(d) for d in range(x.dim())]
+    shape = xp.shape
+
+    def unflatten(y):
+        return y.view(shape).permute(inv)
+
+    return xp.reshape(x.shape[0], -1), perm, unflatten
+
+
+def _forward_loop(x_at, T: int, like, th, ta, v0: float, cfg, compiled, u_out, s_out):
+    """Run the LIF over ``T`` steps; ``x_at(t)`` gives step t's flat input. Writes ``s_out[t]`` and
+    ``u_out[t]``."""
+    v = torch.full_like(like, v0)
+    for t in range(T):
+        v = _run(0, (x_at(t), v, th, ta, u_out[t], s_out[t]), cfg, compiled)
+
+
+def _backward_loop(u_all, gs_all, th, ta, v0: float, cfg, compiled):
+    """``(∂L/∂x [T, M], ∂L/∂θ, ∂L/∂τ)`` from the membranes and ``∂L/∂s``, stepping back in time."""
+    need_th, need_ta = cfg[3], cfg[4]
+    grad_x = torch.empty_like(u_all)
+    grad_v = torch.zeros_like(u_all[0])
+    d_th = torch.zeros((), dtype=torch.float32, device=u_all.device)
+    d_ta = torch.zeros((), dtype=torch.float32, device=u_all.device)
+    for t in range(u_all.shape[0] - 1, -1, -1):
+        u_prev = u_all[t - 1] if t > 0 else None
+        grad_v, dth, dta = _run(1, (u_all[t], u_prev, gs_all[t], grad_v, th, ta, v0, grad_x[t]), cfg, compiled)
+        if need_th:
+            d_th = d_th + dth
+        if need_ta:
+            d_ta = d_ta + dta
+    return grad_x, d_th, d_ta
+
+
+def _param_grads(theta, tau, cfg, d_th, d_ta):
+    return (d_th.to(theta.dtype) if cfg[3] else None), (d_ta.to(tau.dtype) if cfg[4] else None)
+
+
 class FusedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, theta, tau, v0: float, hard: bool, detach: bool, surrogate):
-        th, ta = _value(theta), _value(tau)
         need_th = isinstance(theta, torch.Tensor) and theta.requires_grad
         need_ta = isinstance(tau, torch.Tensor) and tau.requires_grad
-        compiled = _use_compile(x[0].numel())
+        params = tuple(p for p in (theta, tau) if isinstance(p, torch.Tensor))
         cfg = (surrogate, hard, detach, need_th, need_ta)
-        xf = x.reshape(x.shape[0], -1)
+        xf, perm, unflatten = flat_time(x)
+        ctx.layout = (perm, unflatten)
+        if use_triton(x, surrogate, theta, tau):
+            s_all, u_all = _TRITON.forward(xf, theta, tau, v0, hard, save_u=True)
+            ctx.save_for_backward(u_all, *params)
+            ctx.cfg = (theta, tau, v0, cfg, "triton")
+            return unflatten(s_all)
+        compiled = _use_compile(xf[0].numel())
         u_all = torch.empty_like(xf)
         s_all = torch.empty_like(xf)
-        v = torch.full_like(xf[0], v0)
-        for t in range(xf.shape[0]):
-            v = _run(0, (xf[t], v, th, ta, u_all[t], s_all[t]), cfg, compiled)
-        ctx.save_for_backward(u_all, *(p for p in (theta, tau) if isinstance(p, torch.Tensor)))
-        ctx.cfg = (theta, tau, v0, cfg, compiled, x.shape)
-        return s_all.view(x.shape)
+        _forward_loop(xf.__getitem__, xf.shape[0], xf[0], _value(theta), _value(tau), v0, cfg, compiled, u_all, s_all)
+        ctx.save_for_backward(u_all, *params)
+        ctx.cfg = (theta, tau, v0, cfg, compiled)
+        return unflatten(s_all)
 
     @staticmethod
     def backward(ctx, grad_s):
         u_all = ctx.saved_tensors[0]
-        theta, tau, v0, cfg, compiled, shape = ctx.cfg
-        th, ta = _value(theta), _value(tau)
-        need_th, need_ta = cfg[3], cfg[4]
-        gs_all = grad_s.reshape(u_all.shape)
-        grad_x = torch.empty_like(u_all)
-        grad_v = torch.zeros_like(u_all[0])
-        d_th = torch.zeros((), dtype=torch.float32, device=u_all.device)
-        d_ta = torch.zeros((), dtype=torch.float32, device=u_all.device)
-        for t in range(u_all.shape[0] - 1, -1, -1):
-            u_prev = u_all[t - 1] if t > 0 else None
-            grad_v, dth, dta = _run(1, (u_all[t], u_prev, gs_all[t], grad_v, th, ta, v0, grad_x[t]), cfg, compiled)
-            if need_th:
-                d_th = d_th + dth
-            if need_ta:
-                d_ta = d_ta + dta
-        return (grad_x.view(shape), d_th.to(theta.dtype) if need_th else None,
-                d_ta.to(tau.dtype) if need_ta else None, None, None, None, None)
+        theta, tau, v0, cfg, compiled = ctx.cfg
+        perm, unflatten = ctx.layout
+        gs_all = grad_s.permute(perm).reshape(u_all.shape)  # a copy only if its layout differs from x's
+        if compiled == "triton":
+            gx, d_th, d_ta = _TRITON.backward(u_all, gs_all, theta, tau, v0, cfg[1], cfg[2], cfg[0], cfg[3], cfg[4])
+        else:
+            gx, d_th, d_ta = _backward_loop(u_all, gs_all, _value(theta), _value(tau), v0, cfg, compiled)
+        return (unflatten(gx), *_param_grads(theta, tau, cfg, d_th, d_ta), None, None, None, None)
+
+
+def lif_inference_triton(x, theta, tau, v0: float, reset: str):
+    """No-grad multi-step spikes through the Triton forward kernel (no membrane saved), or None."""
+    if not use_triton(x, None, theta, tau, inference=True):
+        return None
+    xf, _, unflatten = flat_time(x)
+    return unflatten(_TRITON.forward(xf, theta, tau, v0, reset == "hard", save_u=False)[0])
+
+
 def lif_multi_step_fused(x, theta, tau, v0: float, reset: str, detach_reset: bool, surrogate):
     """Spikes ``[T, ...]`` of a LIF run from a fresh state (fused forward and backward)."""
     return FusedLIF.apply(x, theta, tau, float(v0), reset == "hard", bool(detach_reset), surrogate)

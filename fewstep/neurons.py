@@ -226,6 +226,13 @@ class LIF(StatefulModule):
             from .fused import fallback
 
             fallback("per-step membranes are being recorded")
+        elif self.backend != "reference" and rec is None:
+            from .fused import lif_inference_triton
+
+            out = lif_inference_triton(x, self.theta, self.tau, self.v0, self.reset_mode)
+            if out is not None:  # CUDA: one Triton launch for all T steps
+                self.v = None
+                return out
         v = torch.full_like(x[0], self.v0)
         spikes, us, vs = [], [], []
         for xt in x:
