@@ -92,7 +92,7 @@ def kernels(surrogate, hard: bool, detach: bool, need_th: bool, need_ta: bool, c
             d_th = (gv * dv_dth - gs * g).sum(dtype=torch.float32)
         if need_ta:
             if u_prev is None:
-                v_prev = torch.full_like(u, v0)
+                v_prev = v0
             else:
                 sp = ((u_prev - th) >= 0).to(u.dtype)
                 v_prev = u_prev * (1.0 - sp) if hard else u_prev - th * sp
@@ -178,7 +178,7 @@ def flat_time(x: torch.Tensor):
 def _forward_loop(x_at, T: int, like, th, ta, v0: float, cfg, compiled, u_out, s_out):
     """Run the LIF over ``T`` steps; ``x_at(t)`` gives step t's flat input. Writes ``s_out[t]`` and
     ``u_out[t]``."""
-    v = torch.full_like(like, v0)
+    v = v0 if v0 == 0.0 else torch.full_like(like, v0)  # a scalar start spares a full-size fill
     for t in range(T):
         v = _run(0, (x_at(t), v, th, ta, u_out[t], s_out[t]), cfg, compiled)
 
@@ -187,7 +187,7 @@ def _backward_loop(u_all, gs_all, th, ta, v0: float, cfg, compiled):
     """``(∂L/∂x [T, M], ∂L/∂θ, ∂L/∂τ)`` from the membranes and ``∂L/∂s``, stepping back in time."""
     need_th, need_ta = cfg[3], cfg[4]
     grad_x = torch.empty_like(u_all)
-    grad_v = torch.zeros_like(u_all[0])
+    grad_v = 0.0  # ∂L/∂v after the last step; a scalar spares a full-size fill
     d_th = torch.zeros((), dtype=torch.float32, device=u_all.device)
     d_ta = torch.zeros((), dtype=torch.float32, device=u_all.device)
     for t in range(u_all.shape[0] - 1, -1, -1):

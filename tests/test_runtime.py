@@ -1,0 +1,94 @@
+"""Channels-last layouts through the multi-step layers and the fused LIF, and the CPU allocator setting."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep import layers, models, runtime
+from fewstep.fused import flat_time
+from fewstep.neurons import LIF
+
+
+def channels_last_steps(T=3, N=2, C=5, H=4, W=6):
+    """[T, N, C, H, W] whose frames are NHWC in memory (what the conv layers produce)."""
+    return torch.stack([torch.randn(N, C, H, W).contiguous(memory_format=torch.channels_last) for _ in range(T)])
+
+
+def test_flat_time_keeps_channels_last_without_a_copy():
+    x = torch.randn(3, 2, 6, 4, 5).permute(0, 1, 4, 2, 3)  # dense, channels innermost
+    assert not x.is_contiguous()
+    xf, perm, unflatten = flat_time(x)
+    assert xf.shape == (3, 2 * 5 * 6 * 4) and xf.data_ptr() == x.data_ptr()  # a view, not a copy
+    back = unflatten(xf.clone())
+    assert back.shape == x.shape and back.stride() == x.stride() and torch.equal(back, x)
+    y = torch.randn(4, 3, 2)[:, :, :1]  # not dense: falls back to a contiguous copy
+    yf, _, unflat = flat_time(y)
+    assert torch.equal(unflat(yf), y)
+
+
+@pytest.mark.parametrize("reset", ["hard", "soft"])
+def test_fused_lif_on_channels_last_input_matches_contiguous(reset):
+    torch.manual_seed(0)
+    x = channels_last_steps() + 0.5
+    outs = []
+    for xi in (x, x.contiguous()):
+        xi = xi.detach().requires_grad_(True)
+        n = LIF(theta=0.7, reset=reset, learn_theta=True, learn_tau=True)
+        s = n(xi)
+        w = torch.linspace(-1, 1, s.numel()).view(s.shape)
+        (s * w).sum().backward()
+        outs.append((s, xi.grad, n.theta.grad, n.tau.grad, s.stride()))
+    (s1, g1, th1, ta1, st1), (s2, g2, th2, ta2, _) = outs
+    assert st1 == x.stride()  # spikes come back in the input's layout
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(th1, th2)
+    torch.testing.assert_close(ta1, ta2)
+
+
+def test_channels_last_model_matches_nchw(monkeypatch):
+    torch.manual_seed(0)
+    a = models.create("vggsnn", input_shape=(2, 16, 16), num_classes=4, cfg=(8, "A", 16, "A"), theta=0.5)
+    b = models.create("vggsnn", input_shape=(2, 16, 16), num_classes=4, cfg=(8, "A", 16, "A"), theta=0.5)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(3, 5, 2, 16, 16) * 2
+    monkeypatch.setattr(layers, "CHANNELS_LAST_DEVICES", set())
+    out_a = a(x)
+    out_a.square().mean().backward()
+    monkeypatch.setattr(layers, "CHANNELS_LAST_DEVICES", {"cpu"})
+    out_b = b(x)
+    out_b.square().mean().backward()
+    torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-4)
+    for (k, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5, msg=k)
+    conv = next(m for m in b.modules() if isinstance(m, layers.Conv2d))
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o))
+    b(x)
+    assert seen[0].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
+def _heap_range():
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith("[heap]"):
+            lo, hi = line.split()[0].split("-")
+            return int(lo, 16), int(hi, 16)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_tune_cpu_allocator_puts_large_buffers_on_the_recycled_heap(monkeypatch):
+    monkeypatch.setenv("FEWSTEP_TUNE_MALLOC", "0")
+    assert runtime.tune_cpu_allocator() is False  # the opt-out wins
+    monkeypatch.delenv("FEWSTEP_TUNE_MALLOC")
+    if not runtime.tune_cpu_allocator():
+        pytest.skip("not glibc: nothing to tune")
+    assert runtime.tune_cpu_allocator() is True  # idempotent
+    assert "64 MiB" in runtime.allocator_status()
+    t = torch.empty(40 << 18)  # 40 MiB: above glibc's 32 MiB ceiling, so mmap-ed by default
+    heap = _heap_range()
+    if heap is None:
+        pytest.skip("no [heap] mapping visible in /proc/self/maps")
+    assert heap[0] <= t.data_ptr() < heap[1], "a 40 MiB tensor should now live on malloc's heap"
