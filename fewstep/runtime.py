@@ -22,7 +22,7 @@ process. The ANN floor, whose per-step tensors are small enough for malloc to re
 unchanged.
 
 The :class:`fewstep.train.Trainer` calls it when it trains on a CPU; ``FEWSTEP_TUNE_MALLOC=0`` turns
-it off and ``FEWSTEP_TUNE_MALLOC=<MiB>`` sets the threshold. It does nothing where the C library
+it off and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` sets the threshold. It does nothing where the C library
 is not glibc. (Transparent huge pages via PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` were also tried:
 as fast in a lone process, but 40-70 % slower when several models shared one, from the kernel's
 compaction stalls, so fewstep does not set them.)
@@ -45,12 +45,15 @@ _applied: dict = {}
 
 def tune_cpu_allocator(mmap_threshold_mb: "int | None" = None) -> bool:
     """Let glibc recycle CPU buffers up to ``mmap_threshold_mb`` MiB (default 64, or
-    ``$FEWSTEP_TUNE_MALLOC``); True if the setting is in force. Process-wide; idempotent."""
-    env = os.environ.get("FEWSTEP_TUNE_MALLOC", "").strip().lower()
-    if env in ("0", "false", "off", "no"):
+    ``$FEWSTEP_MALLOC_MMAP_MB``); True if the setting is in force. Process-wide; idempotent.
+    ``FEWSTEP_TUNE_MALLOC=0`` makes it a no-op."""
+    if os.environ.get("FEWSTEP_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
     if mmap_threshold_mb is None:
-        mmap_threshold_mb = int(env) if env.isdigit() else DEFAULT_MMAP_THRESHOLD_MB
+        env = os.environ.get("FEWSTEP_MALLOC_MMAP_MB", "")
+        if env and not env.isdigit():
+            raise ValueError(f"FEWSTEP_MALLOC_MMAP_MB must be a whole number of MiB, got {env!r}")
+        mmap_threshold_mb = int(env) if env else DEFAULT_MMAP_THRESHOLD_MB
     if mmap_threshold_mb in _applied:
         return _applied[mmap_threshold_mb]
     ok = False
