@@ -33,6 +33,7 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/lif_kernel.py
 	$(BIN)/python bench/anytime.py
 	$(BIN)/python bench/events.py
 

@@ -12,9 +12,8 @@ triangle surrogate, SpikingJelly's default sigmoid); T = 4, batch 32, 3x32x32 in
 - the ANN floor: the same CNN with ReLU, stepping over T (as the issue defines it, NCHW), and the
   same ANN with channels-last weights, to show what that layout gives an ANN.
 
-On CPU every variant runs with ``fewstep.runtime.tune_cpu_allocator()`` in force, as fewstep's
-Trainer sets it (glibc recycles buffers up to 64 MiB instead of mapping fresh pages each step);
-``--no-tune-malloc`` runs the whole bench with glibc's defaults instead.
+``--tune-malloc`` runs every variant with ``fewstep.runtime.tune_cpu_allocator()`` in force (glibc
+recycles buffers up to 64 MiB instead of mapping fresh pages on every allocation).
 
 Time: interleaved, `--steps` timed steps each after warm-up, median. Memory: each variant in its own
 process, peak RSS growth over two training steps from a baseline taken after the model, the data and
@@ -230,14 +229,15 @@ def main():
     p.add_argument("--batch", type=int, default=N)
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for every variant (CUDA)")
-    p.add_argument("--no-tune-malloc", action="store_true", help="glibc malloc defaults for every variant")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="fewstep.runtime.tune_cpu_allocator() for every variant (CPU)")
     p.add_argument("--memory-child")
     args = p.parse_args()
     N, DEVICE, AMP = args.batch, torch.device(args.device), args.amp
     cuda = DEVICE.type == "cuda"
     if args.memory_child:
-        return memory_child(args.memory_child, 2, not args.no_tune_malloc)
-    if not cuda and not args.no_tune_malloc:
+        return memory_child(args.memory_child, 2, args.tune_malloc)
+    if not cuda and args.tune_malloc:
         tune_cpu_allocator()
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -257,7 +257,7 @@ def main():
         # the children must start before this process grows.
         for k in kinds:
             r = subprocess.run([sys.executable, __file__, "--memory-child", k, "--batch", str(N)]
-                               + (["--no-tune-malloc"] if args.no_tune_malloc else []),
+                               + (["--tune-malloc"] if args.tune_malloc else []),
                                capture_output=True, text=True)
             if r.returncode == 0:
                 d = json.loads(r.stdout.strip().splitlines()[-1])

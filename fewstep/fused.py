@@ -2,7 +2,8 @@
 
 The reference path (:func:`fewstep.neurons.lif_update` per step under autograd) keeps several
 tensors per step for backward (``u − θ``, ``u``, ``1 − s``, ...). The fused path keeps only the
-pre-reset membrane ``u[T, ...]`` and recomputes the rest in backward:
+pre-reset membrane ``u_t`` of each step (one-step buffers, which the CPU allocator recycles, where
+a ``[T, ...]`` buffer would be fresh pages on every call) and recomputes the rest in backward:
 
     s_t = H(u_t − θ),  g_t = surrogate'(u_t − θ),  v_{t−1} from u_{t−1} (reset rule), v_{−1} = v0
     ∂v_t/∂u_t = (1 − s_t) − u_t·g_t  (hard)      or  1 − θ·g_t      (soft)
@@ -67,12 +68,11 @@ def kernels(surrogate, hard: bool, detach: bool, need_th: bool, need_ta: bool, c
         return _KERNELS[key]
     sur = copy.deepcopy(surrogate)
 
-    def fwd(x, v, th, ta, u_out, s_out):  # writes u and s into the stacked buffers (fused when compiled)
+    def fwd(x, v, th, ta, s_out):  # writes s into the stacked output; returns (u, v_next)
         u = ta * v + x
         s = ((u - th) >= 0).to(x.dtype)
-        u_out.copy_(u)
         s_out.copy_(s)
-        return u * (1.0 - s) if hard else u - th * s
+        return u, (u * (1.0 - s) if hard else u - th * s)
 
     def bwd(u, u_prev, gs, gv, th, ta, v0: float, gx_out):
         s = ((u - th) >= 0).to(u.dtype)
@@ -175,22 +175,26 @@ def flat_time(x: torch.Tensor):
     return xp.reshape(x.shape[0], -1), perm, unflatten
 
 
-def _forward_loop(x_at, T: int, like, th, ta, v0: float, cfg, compiled, u_out, s_out):
+def _forward_loop(x_at, T: int, like, th, ta, v0: float, cfg, compiled, s_out) -> list:
     """Run the LIF over ``T`` steps; ``x_at(t)`` gives step t's flat input. Writes ``s_out[t]`` and
-    ``u_out[t]``."""
+    returns the per-step membranes ``u_t`` as separate tensors: one-step buffers are small enough
+    for the CPU allocator to recycle, where a ``[T, M]`` buffer would be fresh pages every call."""
     v = v0 if v0 == 0.0 else torch.full_like(like, v0)  # a scalar start spares a full-size fill
+    us = []
     for t in range(T):
-        v = _run(0, (x_at(t), v, th, ta, u_out[t], s_out[t]), cfg, compiled)
+        u, v = _run(0, (x_at(t), v, th, ta, s_out[t]), cfg, compiled)
+        us.append(u)
+    return us
 
 
 def _backward_loop(u_all, gs_all, th, ta, v0: float, cfg, compiled):
-    """``(∂L/∂x [T, M], ∂L/∂θ, ∂L/∂τ)`` from the membranes and ``∂L/∂s``, stepping back in time."""
+    """``(∂L/∂x [T, M], ∂L/∂θ, ∂L/∂τ)`` from the per-step membranes and ``∂L/∂s``, back in time."""
     need_th, need_ta = cfg[3], cfg[4]
-    grad_x = torch.empty_like(u_all)
+    grad_x = gs_all.new_empty(gs_all.shape)
     grad_v = 0.0  # ∂L/∂v after the last step; a scalar spares a full-size fill
-    d_th = torch.zeros((), dtype=torch.float32, device=u_all.device)
-    d_ta = torch.zeros((), dtype=torch.float32, device=u_all.device)
-    for t in range(u_all.shape[0] - 1, -1, -1):
+    d_th = torch.zeros((), dtype=torch.float32, device=gs_all.device)
+    d_ta = torch.zeros((), dtype=torch.float32, device=gs_all.device)
+    for t in range(len(u_all) - 1, -1, -1):
         u_prev = u_all[t - 1] if t > 0 else None
         grad_v, dth, dta = _run(1, (u_all[t], u_prev, gs_all[t], grad_v, th, ta, v0, grad_x[t]), cfg, compiled)
         if need_th:
@@ -210,6 +214,7 @@ class FusedLIF(torch.autograd.Function):
         need_th = isinstance(theta, torch.Tensor) and theta.requires_grad
         need_ta = isinstance(tau, torch.Tensor) and tau.requires_grad
         params = tuple(p for p in (theta, tau) if isinstance(p, torch.Tensor))
+        ctx.n_params = len(params)
         cfg = (surrogate, hard, detach, need_th, need_ta)
         xf, perm, unflatten = flat_time(x)
         ctx.layout = (perm, unflatten)
@@ -219,19 +224,19 @@ class FusedLIF(torch.autograd.Function):
             ctx.cfg = (theta, tau, v0, cfg, "triton")
             return unflatten(s_all)
         compiled = _use_compile(xf[0].numel())
-        u_all = torch.empty_like(xf)
         s_all = torch.empty_like(xf)
-        _forward_loop(xf.__getitem__, xf.shape[0], xf[0], _value(theta), _value(tau), v0, cfg, compiled, u_all, s_all)
-        ctx.save_for_backward(u_all, *params)
+        us = _forward_loop(xf.__getitem__, xf.shape[0], xf[0], _value(theta), _value(tau), v0, cfg, compiled, s_all)
+        ctx.save_for_backward(*us, *params)
         ctx.cfg = (theta, tau, v0, cfg, compiled)
         return unflatten(s_all)
 
     @staticmethod
     def backward(ctx, grad_s):
-        u_all = ctx.saved_tensors[0]
         theta, tau, v0, cfg, compiled = ctx.cfg
         perm, unflatten = ctx.layout
-        gs_all = grad_s.permute(perm).reshape(u_all.shape)  # a copy only if its layout differs from x's
+        saved = ctx.saved_tensors
+        u_all = saved[0] if compiled == "triton" else saved[:len(saved) - ctx.n_params]
+        gs_all = grad_s.permute(perm).reshape(grad_s.shape[0], -1)  # a copy only if its layout differs from x's
         if compiled == "triton":
             gx, d_th, d_ta = _TRITON.backward(u_all, gs_all, theta, tau, v0, cfg[1], cfg[2], cfg[0], cfg[3], cfg[4])
         else:

@@ -1,31 +1,25 @@
-"""Process-level settings that make CPU training faster.
+"""Process-level settings for CPU training (opt-in).
 
 :func:`tune_cpu_allocator`. A multi-step SNN folds time into the batch, so its activations are
 ``T·N·C·H·W`` floats: 32 and 64 MiB for the widest layers of the issue-4 CNN (T = 4, batch 32),
 several per layer and training step. glibc's ``malloc`` hands every request above its mmap
 threshold (it adapts, but never beyond 32 MiB) fresh ``mmap`` pages and unmaps them on ``free``,
-so each step pays a page fault and a kernel page-zeroing per 4 KiB, again and again. Raising the
-threshold (and the trim threshold, so the freed top of the heap is kept) lets those buffers be
-recycled. Measured on a 2-core CPU, one training step of that CNN:
+so each such buffer costs page faults and kernel page-zeroing on every step. Raising the threshold
+(and the trim threshold, so the freed top of the heap is kept) lets those buffers be recycled.
+fewstep's own kernels already avoid most of this (the fused LIF keeps one-step buffers), so the
+gain is modest. Measured with ``bench/train_step.py`` on a 2-core CPU (fewstep, one training step):
 
-============================  =========  ============
-mmap threshold                 s / step   peak RSS MB
-============================  =========  ============
-glibc default (≤ 32 MiB)        0.80        696
-64 MiB (the default here)       0.65        909
-1 GiB                           0.63       1029
-============================  =========  ============
+=================================  =========  ============
+malloc                              s / step   peak RSS MB
+=================================  =========  ============
+glibc defaults (fewstep's default)    0.68         689
+this function (64 MiB threshold)      0.64         894
+=================================  =========  ============
 
-(SpikingJelly's step on the same machine: 1.20 s / 1431 MB by default, about 1.0 s / 1490 MB tuned.)
 It trades memory for time: a heap fragments, and memory freed after the peak stays with the
-process. The ANN floor, whose per-step tensors are small enough for malloc to recycle anyway, is
-unchanged.
-
-The :class:`fewstep.train.Trainer` calls it when it trains on a CPU; ``FEWSTEP_TUNE_MALLOC=0`` turns
-it off and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` sets the threshold. It does nothing where the C library
-is not glibc. (Transparent huge pages via PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` were also tried:
-as fast in a lone process, but 40-70 % slower when several models shared one, from the kernel's
-compaction stalls, so fewstep does not set them.)
+process. fewstep never calls it itself; call it at the start of a CPU training script.
+``FEWSTEP_TUNE_MALLOC=0`` makes it a no-op and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` sets the threshold.
+It does nothing where the C library is not glibc.
 """
 
 from __future__ import annotations

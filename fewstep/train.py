@@ -137,10 +137,6 @@ class Trainer:
         self.regularizers = list(regularizers or [])
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
-        if self.device.type == "cpu":
-            from .runtime import tune_cpu_allocator
-
-            tune_cpu_allocator()  # recycle large activation buffers (fewstep.runtime; FEWSTEP_TUNE_MALLOC=0: off)
         self.bundle = bundle if bundle is not None else load_data(cfg)
         if self.bundle.kind == "frames" and self.bundle.T != cfg.data.T:
             raise ValueError(f"T mismatch: dataset frames have T = {self.bundle.T} but data.T = {cfg.data.T}")
