@@ -151,7 +151,12 @@ def test_custom_surrogate_falls_back_with_reason_logged(device, triton_calls, ca
 
 
 def test_triton_can_be_turned_off(device, triton_calls, monkeypatch):
+    """FEWSTEP_TRITON=0: the torch-ops fused node on the same device, still equal to the reference."""
     monkeypatch.setenv("FEWSTEP_TRITON", "0")
     x = torch.randn(3, 2, 40) + 0.5
-    run("fused", x, "hard", False, "zif", False, torch.float32, device)
+    s_ref, g_ref = run("reference", x, "soft", False, "sigmoid", True, torch.float32, device)
+    s_fus, g_fus = run("fused", x, "soft", False, "sigmoid", True, torch.float32, device)
     assert triton_calls == {"forward": 0, "backward": 0}
+    assert torch.equal(s_ref, s_fus)
+    for a, b in zip(g_ref, g_fus):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
