@@ -118,6 +118,7 @@ def _run(kind: str, args: tuple, cfg: tuple, compiled: bool):
 
 
 _TRITON = None  # the fewstep.triton_lif module once imported, False if Triton cannot be imported
+_TRITON_ERROR = [""]
 
 
 def _triton_module():
@@ -131,9 +132,6 @@ def _triton_module():
             _TRITON = False
             _TRITON_ERROR[0] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     return _TRITON
-
-
-_TRITON_ERROR = [""]
 
 
 def use_triton(x: torch.Tensor, surrogate, theta, tau, inference: bool = False) -> bool:
@@ -158,9 +156,9 @@ def use_triton(x: torch.Tensor, surrogate, theta, tau, inference: bool = False) 
 
 
 def flat_time(x: torch.Tensor):
-    """``(x2d [T, M] contiguous, unflatten)``: no copy when ``x`` is dense in any dimension order with
-    time outermost (e.g. a stack of channels-last frames); ``unflatten(y2d)`` gives a tensor shaped
-    and strided like ``x``."""
+    """``(x2d, perm, unflatten)``: ``x2d [T, M]`` is ``x`` permuted by ``perm`` into memory order and
+    flattened, without a copy when ``x`` is dense with time outermost (e.g. a stack of channels-last
+    frames); ``unflatten(y2d)`` gives a tensor shaped and strided like ``x``."""
     perm = [0] + sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
     xp = x.permute(perm)
     if not xp.is_contiguous():
