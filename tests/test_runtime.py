@@ -1,7 +1,6 @@
 """Channels-last layouts through the multi-step layers and the fused LIF, and the CPU allocator setting."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
