@@ -217,7 +217,7 @@ class FusedLIF(torch.autograd.Function):
         xf, perm, unflatten = flat_time(x)
         ctx.layout = (perm, unflatten)
         if use_triton(x, surrogate, theta, tau):
-            s_all, u_all, _ = _TRITON.forward(xf, theta, tau, v0, hard, save_u=True)
+            s_all, u_all = _TRITON.forward(xf, theta, tau, v0, hard, save_u=True)
             ctx.save_for_backward(u_all, *params)
             ctx.cfg = (theta, tau, v0, cfg, "triton")
             return unflatten(s_all)
@@ -248,18 +248,6 @@ def lif_inference_triton(x, theta, tau, v0: float, reset: str):
         return None
     xf, _, unflatten = flat_time(x)
     return unflatten(_TRITON.forward(xf, theta, tau, v0, reset == "hard", save_u=False)[0])
-
-
-def lif_step_triton(x, v, theta, tau, reset: str):
-    """No-grad streaming step ``(spikes, v_next)`` as one Triton launch, or None where it cannot run.
-
-    ``v`` is the carried membrane, shaped like the frame ``x``; the outputs take ``x``'s layout."""
-    if not use_triton(x, None, theta, tau, inference=True):
-        return None
-    xf, perm, unflatten = flat_time(x.unsqueeze(0))
-    vf = v.unsqueeze(0).permute(perm).reshape(1, -1)  # same element order as xf (a copy only if laid out otherwise)
-    s, _, v_next = _TRITON.forward(xf, theta, tau, 0.0, reset == "hard", save_u=False, v_in=vf[0], want_v=True)
-    return unflatten(s)[0], unflatten(v_next.unsqueeze(0))[0]
 
 
 def lif_multi_step_fused(x, theta, tau, v0: float, reset: str, detach_reset: bool, surrogate):

@@ -16,7 +16,6 @@ or ``"s"`` (streaming: one ``[N, ...]`` frame per call, state kept until :func:`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -211,14 +210,6 @@ class LIF(StatefulModule):
                     f"{tuple(self.v.shape)} but the input frame has shape {tuple(x.shape)}; "
                     "call fewstep.reset(net) before feeding a new batch"
                 )
-            if (rec is None and self.backend != "reference" and not torch.is_grad_enabled()
-                    and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
-                from .fused import lif_step_triton
-
-                out = lif_step_triton(x, self.v, self.theta, self.tau, self.reset_mode)
-                if out is not None:  # one Triton launch instead of several element-wise kernels
-                    s, self.v = out
-                    return s
             s, u, self.v = lif_update(x, self.v, p)
             if rec is not None:
                 rec.add(self, s.unsqueeze(0), u.unsqueeze(0), self.v.unsqueeze(0))

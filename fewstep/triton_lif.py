@@ -83,18 +83,15 @@ def _param(ptr, val, FROM_PTR: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "T"])
-def _lif_fwd(x_ptr, s_ptr, u_ptr, vin_ptr, vout_ptr, th_ptr, ta_ptr, th_val, ta_val, v0, M, T,
+def _lif_fwd(x_ptr, s_ptr, u_ptr, th_ptr, ta_ptr, th_val, ta_val, v0, M, T,
              TH_PTR: tl.constexpr, TA_PTR: tl.constexpr, HARD: tl.constexpr, SAVE_U: tl.constexpr,
-             V_IN: tl.constexpr, V_OUT: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
+             DT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     th = _param(th_ptr, th_val, TH_PTR)
     ta = _param(ta_ptr, ta_val, TA_PTR)
-    if V_IN:  # streaming: the membrane carried over from the previous call
-        v = tl.load(vin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        v = tl.zeros([BLOCK], dtype=tl.float32) + v0
+    v = tl.zeros([BLOCK], dtype=tl.float32) + v0
     px, ps, pu = x_ptr + offs, s_ptr + offs, u_ptr + offs  # 64-bit pointers, advanced by M per step
     for _ in range(T):
         x = tl.load(px, mask=mask, other=0.0).to(tl.float32)
@@ -111,8 +108,6 @@ def _lif_fwd(x_ptr, s_ptr, u_ptr, vin_ptr, vout_ptr, th_ptr, ta_ptr, th_val, ta_
         px += M
         ps += M
         pu += M
-    if V_OUT:
-        tl.store(vout_ptr + offs, v.to(vout_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "T", "last"])
@@ -190,22 +185,19 @@ def _scalar(p, x):
     return x, float(p), False
 
 
-def forward(xf: torch.Tensor, theta, tau, v0: float, hard: bool, save_u: bool, v_in=None, want_v: bool = False):
-    """``(s, u, v)`` for a contiguous ``[T, M]`` input: spikes ``[T, M]``, the pre-reset membrane if
-    ``save_u`` (else None) and the final membrane ``[M]`` if ``want_v`` (else None). The run starts
-    from ``v_in`` (contiguous ``[M]``) when given, else from ``v0``."""
+def forward(xf: torch.Tensor, theta, tau, v0: float, hard: bool, save_u: bool):
+    """Spikes ``[T, M]`` (and the pre-reset membrane if ``save_u``) from a fresh state; ``xf`` is a
+    contiguous ``[T, M]`` input."""
     T, M = xf.shape[0], xf[0].numel()
     s = torch.empty_like(xf)
     u = torch.empty_like(xf) if save_u else s
-    v_out = torch.empty_like(xf[0]) if want_v else s
     th_p, th_v, th_f = _scalar(theta, xf)
     ta_p, ta_v, ta_f = _scalar(tau, xf)
     grid = (triton.cdiv(M, BLOCK),)
     if M > 0 and T > 0:
-        _lif_fwd[grid](xf, s, u, s if v_in is None else v_in, v_out, th_p, ta_p, th_v, ta_v, float(v0), M, T,
-                       TH_PTR=th_f, TA_PTR=ta_f, HARD=hard, SAVE_U=save_u, V_IN=v_in is not None, V_OUT=want_v,
-                       DT=_TL[xf.dtype], BLOCK=BLOCK, num_warps=4)
-    return s, (u if save_u else None), (v_out if want_v else None)
+        _lif_fwd[grid](xf, s, u, th_p, ta_p, th_v, ta_v, float(v0), M, T, TH_PTR=th_f, TA_PTR=ta_f, HARD=hard,
+                       SAVE_U=save_u, DT=_TL[xf.dtype], BLOCK=BLOCK, num_warps=4)
+    return s, (u if save_u else None)
 
 
 def backward(u: torch.Tensor, grad_s: torch.Tensor, theta, tau, v0: float, hard: bool, detach: bool, surrogate,

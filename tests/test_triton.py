@@ -117,26 +117,6 @@ def test_triton_inference_and_single_step(device, triton_calls):
     assert torch.equal(b1, a[:1])
 
 
-@pytest.mark.parametrize("reset", ["hard", "soft"])
-def test_triton_streaming_steps_equal_multi_step(reset, device, triton_calls):
-    """Single-step (streaming) inference: one launch per step, carrying v, equal to the reference."""
-    import fewstep
-
-    torch.manual_seed(0)
-    a = models.create("cnn", input_shape=(2, 16, 16), num_classes=5, theta=0.5, reset=reset, backend="reference")
-    b = models.create("cnn", input_shape=(2, 16, 16), num_classes=5, theta=0.5, reset=reset)
-    b.load_state_dict(a.state_dict())
-    a, b = a.to(device).eval(), b.to(device).eval()
-    x = torch.rand(5, 3, 2, 16, 16, device=device) * 2
-    with torch.no_grad():
-        ref = a(x)
-        fewstep.set_step_mode(b, "s")
-        out = torch.stack([b(xt) for xt in x])
-    n_lif = sum(isinstance(m, LIF) for m in b.modules())
-    assert triton_calls["forward"] == 5 * n_lif  # every neuron step went through the kernel
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
 def test_triton_model_gradients_match_reference(device, triton_calls):
     torch.manual_seed(1)
     a = models.create("cnn", input_shape=(2, 16, 16), num_classes=5, backend="reference", theta=0.5).to(device)
