@@ -118,11 +118,11 @@ def _run(kind: str, args: tuple, cfg: tuple, compiled: bool):
 
 
 _TRITON = None  # the fewstep.triton_lif module once imported, False if Triton cannot be imported
-_TRITON_ERROR = [""]
+_TRITON_ERROR = ""
 
 
 def _triton_module():
-    global _TRITON
+    global _TRITON, _TRITON_ERROR
     if _TRITON is None:
         try:
             from . import triton_lif
@@ -130,7 +130,7 @@ def _triton_module():
             _TRITON = triton_lif
         except Exception as exc:  # no Triton in this install (CPU wheels) or a broken toolchain
             _TRITON = False
-            _TRITON_ERROR[0] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            _TRITON_ERROR = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
     return _TRITON
 
 
@@ -140,13 +140,13 @@ def use_triton(x: torch.Tensor, surrogate, theta, tau, inference: bool = False) 
     ``FEWSTEP_TRITON=0`` turns them off. On CPU tensors this is False unless ``TRITON_INTERPRET=1``.
     A CUDA call that cannot use them logs the reason once and takes the compiled/eager path.
     """
-    if os.environ.get("FEWSTEP_TRITON", "auto").lower() in ("0", "false", "off", "no"):
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # the common CPU case, first and cheap
         return False
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if os.environ.get("FEWSTEP_TRITON", "auto").lower() in ("0", "false", "off", "no"):
         return False
     mod = _triton_module()
     if not mod:
-        fallback(f"Triton kernels unavailable ({_TRITON_ERROR[0]}); using torch ops per step", "triton")
+        fallback(f"Triton kernels unavailable ({_TRITON_ERROR}); using torch ops per step", "triton")
         return False
     why = mod.unsupported(x, None if inference else surrogate, theta, tau)
     if why is not None:

@@ -22,8 +22,8 @@ from .neurons import STEP_MODES
 # on a 2-core CPU oneDNN's NHWC convolutions made the training step ~15 % faster than NCHW, and
 # on an H100 cuDNN's made it 13-14 % (float32) and 16-18 % (bfloat16) faster. Element-wise layers,
 # pooling, BatchNorm and the fused LIF keep whatever layout they are given, so only the first
-# convolution converts (a 3-channel input). Results are the same up to float summation order. With NHWC,
-# folding T into the batch also beat looping over T on the CPU.
+# convolution converts (a 3-channel input). Results are the same up to float summation order.
+# With NHWC, folding T into the batch also beat looping over T on the CPU.
 CHANNELS_LAST_DEVICES = {"cpu", "cuda"}
 
 
