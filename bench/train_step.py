@@ -10,7 +10,14 @@ triangle surrogate, SpikingJelly's default sigmoid); T = 4, batch 32, 3x32x32 in
 - SpikingJelly (if installed: `pip install --no-deps spikingjelly==2.0.0 loguru`), multi-step mode,
   LIFNode(tau=2, decay_input=False, v_reset=0) which is u = 0.5 v + x;
 - the ANN floor: the same CNN with ReLU, stepping over T (as the issue defines it, NCHW), and the
-  same ANN with channels-last weights, to show what that layout gives an ANN.
+  same ANN with channels-last weights, to show what that layout gives an ANN;
+- regularised training (issue 9): fewstep with the TET loss alone (``fewstep-tet``), and TET plus the
+  RCS or the STR regulariser (``fewstep-tet+rcs``, ``fewstep-tet+str``) recording spikes and membranes
+  as the Trainer does. A Trainer trains one model per process, and several models interleaved in one
+  process disturb each other through the allocator, so these run in isolation: each round starts one
+  fresh process per variant (warm-up, then the median of ``--steps`` steps); the cost is the median
+  over ``--reg-rounds`` rounds of (regularised step / TET step of the same round). ``--no-regularizers``
+  skips them.
 
 ``--tune-malloc`` runs every variant with ``fewstep.runtime.tune_cpu_allocator()`` in force (glibc
 recycles buffers up to 64 MiB instead of mapping fresh pages on every allocation).
@@ -65,7 +72,12 @@ def vgg(L, act) -> nn.Sequential:
     return nn.Sequential(*mods, L.Flatten(), L.Linear(256 * 4 * 4, 10))
 
 
+REGULARISED = ("fewstep-tet", "fewstep-tet+rcs", "fewstep-tet+str")
+
+
 def build(kind: str):
+    if kind in REGULARISED:
+        kind = "fewstep"
     if kind in ("fewstep", "fewstep-reference"):
         from fewstep import models
 
@@ -110,15 +122,28 @@ def sync():
         torch.cuda.synchronize()
 
 
-def step_fn(net):
+def step_fn(net, kind: str = ""):
+    import fewstep
+    from fewstep import losses, regularizers
+
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(T, N, 3, 32, 32, device=DEVICE) * 2
     y = torch.randint(0, 10, (N,), device=DEVICE)
+    from fewstep.config import RegularizerConfig
+
+    reg = {"fewstep-tet+rcs": "rcs", "fewstep-tet+str": "str"}.get(kind, "none")
+    # every sample regularised (random labels are rarely right, and RCS skips wrong samples): the worst case
+    regs = regularizers.from_config(RegularizerConfig(name=reg, rcs_correct_only=False))
 
     def step():
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AMP):
-            out = net(x)
-            loss = nn.functional.cross_entropy(out.float().mean(0), y)
+            if regs:  # as the Trainer does it: record what the regulariser reads, gradients through the sink
+                with fewstep.record(net, fields=regularizers.fields_needed(regs), grad_sink=True) as rec:
+                    out = net(x)
+                loss = losses.tet(out, y) + regs[0](out, y, rec)
+            else:
+                out = net(x)
+                loss = losses.tet(out, y) if kind in REGULARISED else nn.functional.cross_entropy(out.float().mean(0), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -156,7 +181,7 @@ def memory_child(kind: str, steps: int, tune: bool) -> None:
         tune_cpu_allocator()
     torch.manual_seed(0)
     net = build(kind).to(DEVICE)
-    step, x = step_fn(net)
+    step, x = step_fn(net, kind)
     with torch.no_grad():  # import-time and first-call allocations (kernels, caches) before the baseline
         net(x[:, :1])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -164,6 +189,42 @@ def memory_child(kind: str, steps: int, tune: bool) -> None:
         step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"kind": kind, "base_mb": base / 1024, "peak_mb": peak / 1024}))
+
+
+def time_child(kind: str, steps: int, tune: bool) -> None:
+    """One variant alone in this process: median seconds per training step after warm-up, as JSON."""
+    if tune:
+        tune_cpu_allocator()
+    torch.manual_seed(0)
+    net = build(kind).to(DEVICE)
+    step, _ = step_fn(net, kind)
+    for _ in range(3):
+        step()
+    times = [timed(step) for _ in range(steps)]
+    print(json.dumps({"kind": kind, "median_s": statistics.median(times)}))
+
+
+def regularised_rounds(args) -> dict:
+    """TET, TET+RCS and TET+STR steps, each in a fresh process per round (see the module doc)."""
+    per_round = []
+    for r in range(args.reg_rounds):
+        got = {}
+        for k in REGULARISED:
+            out = subprocess.run([sys.executable, __file__, "--time-child", k, "--steps", str(args.steps),
+                                  "--batch", str(N)] + (["--tune-malloc"] if args.tune_malloc else []),
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{k} failed: {out.stderr[-2000:]}")
+            got[k] = json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+        per_round.append(got)
+        print(f"regularised round {r + 1}/{args.reg_rounds}: " + ", ".join(f"{k} {v:.3f}s" for k, v in got.items()),
+              flush=True)
+    rows = {k: {"train_s": statistics.median(g[k] for g in per_round)} for k in REGULARISED}
+    for k in REGULARISED[1:]:
+        ratios = [g[k] / g["fewstep-tet"] for g in per_round]
+        rows[k]["over_tet"] = statistics.median(ratios)
+        rows[k]["over_tet_range"] = [min(ratios), max(ratios)]
+    return rows
 
 
 def gpu_memory(kind: str, net, step) -> float:
@@ -231,17 +292,24 @@ def main():
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for every variant (CUDA)")
     p.add_argument("--tune-malloc", action="store_true",
                    help="fewstep.runtime.tune_cpu_allocator() for every variant (CPU)")
+    p.add_argument("--no-regularizers", action="store_true", help="skip the TET / TET+RCS / TET+STR rows")
+    p.add_argument("--reg-rounds", type=int, default=4, help="rounds of isolated processes for the regularised "
+                   "rows (default 4)")
     p.add_argument("--memory-child")
+    p.add_argument("--time-child")
     args = p.parse_args()
     N, DEVICE, AMP = args.batch, torch.device(args.device), args.amp
     cuda = DEVICE.type == "cuda"
     if args.memory_child:
         return memory_child(args.memory_child, 2, args.tune_malloc)
+    if args.time_child:
+        return time_child(args.time_child, args.steps, args.tune_malloc)
     if not cuda and args.tune_malloc:
         tune_cpu_allocator()
     if cuda:
         torch.backends.cudnn.benchmark = True
     kinds = ["fewstep", "fewstep-reference", "ann", "ann-channels-last"]
+    reg_rows = {} if args.no_regularizers or cuda else regularised_rounds(args)
     if cuda:
         kinds[1:1] = ["fewstep-torchops",  # the fused node without the Triton kernels (FEWSTEP_TRITON=0)
                       "fewstep-nchw"]  # NCHW convolutions
@@ -255,7 +323,7 @@ def main():
     if not cuda:
         # Memory first, each variant in a fresh process: Linux carries ru_maxrss across fork/exec, so
         # the children must start before this process grows.
-        for k in kinds:
+        for k in kinds + ([] if args.no_regularizers else list(REGULARISED)):
             r = subprocess.run([sys.executable, __file__, "--memory-child", k, "--batch", str(N)]
                                + (["--tune-malloc"] if args.tune_malloc else []),
                                capture_output=True, text=True)
@@ -266,7 +334,7 @@ def main():
                 mem[k] = float("nan")
     torch.manual_seed(0)
     nets = {k: build("fewstep" if k in ("fewstep-torchops", "fewstep-nchw") else k).to(DEVICE) for k in kinds}
-    fns = {k: step_fn(nets[k]) for k in kinds}
+    fns = {k: step_fn(nets[k], k) for k in kinds}
     if "fewstep-torchops" in fns:
         step, x = fns["fewstep-torchops"]
         fns["fewstep-torchops"] = (with_env(step, FEWSTEP_TRITON="0"), x)
@@ -287,6 +355,8 @@ def main():
         nets[k].eval()
     for _ in range(max(3, args.steps // 2)):
         for k in kinds:
+            if k in REGULARISED:  # the same network as fewstep at inference
+                continue
             x = fns[k][1]
             with torch.no_grad():
                 infer[k].append(timed(lambda: nets[k](x)))
@@ -305,7 +375,7 @@ def main():
     rows = {}
     for k in kinds:
         st = statistics.median(stream[k]) if stream[k] else float("nan")
-        inf = statistics.median(infer[k])
+        inf = statistics.median(infer[k]) if infer[k] else float("nan")
         rows[k] = {"train_s": med[k], "peak_mb": mem[k], "infer_s": inf, "stream_s": st}
         print(f"{k:20s} {med[k] * scale:12.3f} {mem[k]:8.0f} {inf * scale:9.3f} {st * scale:10.3f} {st / inf:12.2f}")
     print()
@@ -315,10 +385,24 @@ def main():
     print(f"fewstep / ANN floor: time {med['fewstep'] / med['ann']:.2f}")
     print(f"fewstep fused / reference loop: time {med['fewstep'] / med['fewstep-reference']:.2f}, "
           f"peak memory {mem['fewstep'] / mem['fewstep-reference']:.2f}")
+    reg_ratios = {}
+    if reg_rows:
+        print(f"\nregularised training, each variant in its own process, median of {args.reg_rounds} rounds "
+              f"of {args.steps} steps:")
+        for k, row in reg_rows.items():
+            row["peak_mb"] = mem.get(k, float("nan"))
+            extra = ""
+            if "over_tet" in row:
+                reg_ratios[k] = row["over_tet"]
+                lo, hi = row["over_tet_range"]
+                extra = (f"  / fewstep-tet: time {row['over_tet']:.3f} (rounds {lo:.2f}-{hi:.2f}), peak memory "
+                         f"{row['peak_mb'] / mem['fewstep-tet']:.2f}")
+            print(f"{k:20s} {row['train_s'] * scale:12.3f} {row['peak_mb']:8.0f}{extra}")
+            rows[k] = row
     if args.json:
         Path(args.json).write_text(json.dumps({"device": where, "T": T, "batch": N, "amp": AMP,
                                                "torch": torch.__version__,
-                                               "variants": rows}, indent=2))
+                                               "variants": rows, "regularized_over_tet": reg_ratios}, indent=2))
 
 
 if __name__ == "__main__":

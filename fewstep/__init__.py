@@ -3,7 +3,7 @@
 Time-first tensors ``[T, N, ...]``; every model returns per-step logits ``[T, N, classes]``.
 """
 
-from . import layers, neurons, runtime, surrogate  # noqa: F401
+from . import layers, losses, neurons, runtime, surrogate  # noqa: F401
 from .neurons import IF, LIF, LIFParameters, LIFState, compact, if_step, lif_multi_step, lif_step, reset, set_step_mode  # noqa: F401
 from .record import Recorder, record  # noqa: F401
 from . import models  # noqa: F401

@@ -43,7 +43,7 @@ class OpCounter:
         for m in self.model.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
                 self.handles.append(m.register_forward_hook(self._synapse))
-            elif isinstance(m, StatefulModule):
+            elif isinstance(m, StatefulModule) and m.is_neuron:
                 self.handles.append(m.register_forward_hook(self._neuron))
         return self
 
@@ -166,6 +166,43 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     if count_ops:
         res.spikes, res.macs, res.sops = (totals[k].cpu() for k in ("spikes", "macs", "sops"))
     return res
+
+
+@torch.no_grad()
+def ops_per_step(model: nn.Module, chunks) -> dict[str, torch.Tensor]:
+    """Per-sample operation counts of every step: ``{"macs", "sops", "spikes", "energy_pj"}`` each ``[T, N]``.
+
+    Runs ``model`` step by step over the prepared ``chunks`` (``[T, n, ...]`` each, from :func:`prepare`)
+    with the same counting as :func:`early_exit`. The counts up to any exit step are a prefix sum
+    (:func:`ops_at_exit`), so one pass prices every cutoff policy.
+    """
+    prev, was_training = _mode(model), model.training
+    model.eval()
+    parts = {k: [] for k in ("macs", "sops", "spikes")}
+    try:
+        with OpCounter(model) as counter:
+            for xs in chunks:
+                set_step_mode(model, "s")
+                steps = {k: [] for k in parts}
+                for xt in xs:
+                    counter.start_step(xt.shape[0], xt.device)
+                    model(xt)
+                    for k in parts:
+                        steps[k].append(getattr(counter, k).cpu())
+                for k in parts:
+                    parts[k].append(torch.stack(steps[k]))
+    finally:
+        set_step_mode(model, prev)
+        model.train(was_training)
+    out = {k: torch.cat(v, 1) for k, v in parts.items()}
+    out["energy_pj"] = E_MAC_PJ * out["macs"] + E_SOP_PJ * out["sops"]
+    return out
+
+
+def ops_at_exit(per_step: torch.Tensor, exit_step: torch.Tensor) -> torch.Tensor:
+    """Per-sample totals up to and including each sample's exit step (1-based), from ``[T, N]`` counts."""
+    cum = per_step.cumsum(0)
+    return cum.gather(0, (exit_step.long() - 1).view(1, -1))[0]
 
 
 def check_not_test(dataset: Dataset, purpose: str = "calibration") -> None:

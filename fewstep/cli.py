@@ -1,4 +1,4 @@
-"""The ``fewstep`` command line: ``demo``, ``train``, ``eval``."""
+"""The ``fewstep`` command line: ``demo``, ``train``, ``eval``, ``cutoff``, ``tradeoff``, ``ablate``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,33 @@ import time
 from pathlib import Path
 
 from . import config as _config
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _fraction(lo_open: bool, hi_open: bool):
+    """A float in [0, 1] with the chosen ends open, e.g. (0, 1) or [0, 1)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, "
+                                             f"got {v}")
+        return v
+    return parse
 
 
 def _table(rows: dict[str, list[float]]) -> str:
@@ -36,10 +63,10 @@ def cmd_demo(args) -> int:
 
     cfg = _config.from_dict(_config.apply_overrides(demo_config().to_dict(), args.set))
     out = Path(args.out)
-    if (out / "checkpoint.pt").exists() and not args.resume:
-        import shutil
+    if not args.resume:
+        from .train import clear_run_folder
 
-        shutil.rmtree(out)
+        clear_run_folder(out)  # an earlier demo's files only; a folder of other files is refused
     print(f"fewstep demo: training a spiking CNN ({cfg.model.name}) on the 8x8 digits, {cfg.data.encoding} coding, "
           f"T = {cfg.data.T}, {cfg.train.epochs} epochs ...")
     t0 = time.perf_counter()
@@ -115,6 +142,15 @@ def cmd_cutoff(args) -> int:
 
     if args.max_drop is not None and args.epsilon is not None:
         raise ValueError("give either --epsilon or --max-drop (with --confidence), not both")
+    if args.step is not None and args.policy != "timestep":
+        raise ValueError(f"--step sets the timestep policy's exit step; policy {args.policy!r} takes --epsilon or "
+                         "--max-drop")
+    if args.epsilon is not None and args.policy == "timestep":
+        raise ValueError("--epsilon does not apply to the timestep policy; give --step (or --max-drop)")
+    if args.calibration is not None and (args.epsilon is not None or args.max_drop is not None or args.step is not None
+                                         or args.mc_dropout):
+        raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step and --mc-dropout "
+                         "would be ignored; give one or the other")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
                       args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout)
     print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])} "
@@ -140,6 +176,20 @@ def cmd_tradeoff(args) -> int:
     r = tradeoff_report(args.run, args.split)
     print(_tradeoff_table(r))
     print(f"wrote {Path(args.run) / 'tradeoff.json'}, tradeoff.png and accuracy_per_step.png")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .ablation import Ablation
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    abl = Ablation(args.config, variants, args.seeds, args.out, args.set, args.variant_set)
+    summary = abl.run(analyse_only=args.analyse_only)
+    print()
+    print((Path(args.out) / "results.md").read_text())
+    missing = [v for v in variants if v not in summary["variants"]]
+    if missing:
+        print(f"not finished yet: {', '.join(missing)}; run the same command again to continue")
     return 0
 
 
@@ -188,18 +238,20 @@ def main(argv=None) -> int:
     c = sub.add_parser("cutoff", help="calibrate a cutoff policy on validation data and run real early exit")
     c.add_argument("run", help="run folder written by 'fewstep train'")
     c.add_argument("--policy", required=True, choices=["topk", "softmax", "spikecp", "timestep"])
-    c.add_argument("--epsilon", type=float, help="softmax/topk/spikecp: tolerated error (default 0.01)")
-    c.add_argument("--step", type=int, help="timestep policy: the fixed exit step (default T/2)")
-    c.add_argument("--max-drop", type=float, help="calibrate to a target: largest accuracy drop accepted, "
-                   "as a fraction (0.005 = 0.5 pt)")
-    c.add_argument("--confidence", type=float, default=0.95, help="confidence of the --max-drop bound (default 0.95)")
+    c.add_argument("--epsilon", type=_fraction(False, True), help="softmax/topk/spikecp: tolerated error in [0, 1) "
+                   "(default 0.01)")
+    c.add_argument("--step", type=_int_at_least(1), help="timestep policy: the fixed exit step, 1..T (default T/2)")
+    c.add_argument("--max-drop", type=_fraction(False, True), help="calibrate to a target: largest accuracy drop "
+                   "accepted, as a fraction in [0, 1) (0.005 = 0.5 pt)")
+    c.add_argument("--confidence", type=_fraction(True, True), default=0.95, help="confidence of the --max-drop bound, "
+                   "in (0, 1) (default 0.95)")
     c.add_argument("--split", default="test", choices=["test", "val"], help="split to report on (calibration "
                    "always uses val)")
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--repeats", type=int, default=5, help="timing rounds of ~0.5 s each, full T and early exit "
+    c.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    c.add_argument("--repeats", type=_int_at_least(1), default=5, help="timing rounds of ~0.5 s each, full T and early exit "
                    "interleaved; the median is reported (default 5)")
     c.add_argument("--calibration", help="reuse a saved calibration JSON instead of calibrating")
-    c.add_argument("--mc-dropout", type=float, default=0.0, help="calibrate under dropout of this rate on every "
+    c.add_argument("--mc-dropout", type=_fraction(False, True), default=0.0, help="calibrate under dropout of this rate on every "
                    "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")
     c.set_defaults(fn=cmd_cutoff)
 
@@ -207,6 +259,21 @@ def main(argv=None) -> int:
     tr.add_argument("run", help="run folder written by 'fewstep train'")
     tr.add_argument("--split", default="test", choices=["test", "val"])
     tr.set_defaults(fn=cmd_tradeoff)
+
+    a = sub.add_parser("ablate", help="train variants side by side (same data, model, budget, seeds) and compare "
+                       "their accuracy per step, cutoff speed-ups and energy")
+    a.add_argument("config", help="YAML config of the base run (see configs/)")
+    a.add_argument("--variants", required=True, help="comma-separated variants, each tokens joined by '+', e.g. "
+                   "tet,tet+rcs,tet+str (tokens: ce, tet, rcs, str, tebn); LABEL=TOKENS names a variant, to run "
+                   "the same tokens under several --variant-set settings")
+    a.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,7); default 3")
+    a.add_argument("--out", required=True, help="ablation folder; run the same command again to resume")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key for every variant (repeatable)")
+    a.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                   help="override a key for one variant, e.g. 'tet+rcs:regularizer.rcs_weight=0.005' (repeatable)")
+    a.add_argument("--analyse-only", action="store_true", help="report the finished runs without training")
+    a.set_defaults(fn=cmd_ablate)
 
     args = p.parse_args(argv)
     try:

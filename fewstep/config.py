@@ -1,4 +1,4 @@
-"""Run configuration: three sections (``data``, ``model``, ``train``) as dataclasses.
+"""Run configuration: four sections (``data``, ``model``, ``train``, ``regularizer``) as dataclasses.
 
 YAML files and ``--set section.key=value`` overrides are checked against these fields; an unknown
 key is an error that lists the valid ones. ``docs/config.md`` documents every field.
@@ -7,6 +7,7 @@ key is an error that lists the valid ones. ``docs/config.md`` documents every fi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class ModelConfig:
     detach_reset: bool = False
     surrogate: Any = "zif"          # name, or {name: zif, gamma: 1.0}
     learn_theta: bool = False
+    norm: str = "bn"                # bn | tebn (BatchNorm over T·N with a learnable per-step scale, METHODS §7)
     options: dict = field(default_factory=dict)  # model-specific (channels, hidden, widths, ...)
 
 
@@ -69,16 +71,46 @@ class TrainConfig:
 
 
 @dataclass
+class RegularizerConfig:
+    name: str = "none"              # none | rcs | str | rcs+str
+    rcs_weight: float = 0.003       # α (seed scripts: 0.001–0.005)
+    rcs_beta: float = 0.3           # tail fraction of T for the target and the correct mask
+    rcs_reduction: str = "max"      # max (paper) | mean, over the batch
+    rcs_correct_only: bool = True   # regularise only samples right at every tail step
+    str_weight: float = 0.1         # λ_STR (paper: 0.05–0.1 frame data, 0.5 event data)
+    str_form: str = "share"         # share (METHODS §3) | tail | log
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def dump(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _number(v, key: str, integer: bool):
+    """A config number from YAML: also the strings PyYAML leaves unparsed (``1e-3``, ``1E5``, ``+1e3``)."""
+    if isinstance(v, str):
+        try:
+            v = float(v.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(f"config key '{key}' must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"config key '{key}' must be a number, got {v!r}")
+    if math.isnan(v):
+        raise ValueError(f"config key '{key}' must be a number, got NaN")
+    if integer:
+        if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+            raise ValueError(f"config key '{key}' must be a whole number, got {v!r}")
+        return int(v)
+    return float(v)
 
 
 def _section(cls, values: dict, where: str):
@@ -93,24 +125,194 @@ def _section(cls, values: dict, where: str):
     obj = cls(**values)
     for f in dataclasses.fields(cls):
         v = getattr(obj, f.name)
+        key = f"{where}.{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise ValueError(f"config key '{where}.{f.name}' must be true/false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"config key '{where}.{f.name}' must be a number, got {v!r}")
-            if isinstance(default, float):
-                setattr(obj, f.name, float(v))
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"config key '{key}' must be true/false, got {v!r}")
+        elif isinstance(default, (int, float)):
+            setattr(obj, f.name, _number(v, key, isinstance(default, int)))
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ValueError(f"config key '{key}' must be a string, got {v!r}")
     return obj
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "regularizer": RegularizerConfig}
+CHOICES = {  # keys with a fixed set of values, checked before anything is loaded
+    ("data", "encoding"): ("direct", "poisson"),
+    ("data", "by"): ("time", "count"),
+    ("model", "neuron"): ("lif", "if"),
+    ("model", "reset"): ("hard", "soft"),
+    ("model", "norm"): ("bn", "tebn"),
+    ("train", "optimizer"): ("sgd", "adamw"),
+    ("train", "schedule"): ("cosine", "constant"),
+    ("train", "loss"): ("ce", "tet"),
+    ("regularizer", "rcs_reduction"): ("max", "mean"),
+    ("regularizer", "str_form"): ("share", "tail", "log"),
+}
+INF = math.inf
+# (low, high, low inclusive, high inclusive) for every numeric key, checked before anything is loaded
+RANGES = {
+    ("data", "T"): (1, INF, True, True),
+    ("data", "val_fraction"): (0.0, 1.0, False, False),
+    ("data", "cutout"): (0, 32, True, True),
+    ("data", "polarities"): (1, 2, True, True),
+    ("data", "max_shift"): (0, INF, True, True),
+    ("data", "event_drop"): (0.0, 1.0, True, False),
+    ("model", "tau"): (0.0, 1.0, False, True),
+    ("model", "theta"): (0.0, INF, False, False),
+    ("model", "v0"): (-INF, INF, False, False),
+    ("train", "epochs"): (1, INF, True, True),
+    ("train", "batch_size"): (1, INF, True, True),
+    ("train", "lr"): (0.0, INF, False, False),
+    ("train", "momentum"): (0.0, 1.0, True, False),
+    ("train", "weight_decay"): (0.0, INF, True, False),
+    ("train", "tet_lambda"): (0.0, 1.0, True, True),
+    ("train", "tet_phi"): (-INF, INF, False, False),
+    ("train", "grad_clip"): (0.0, INF, True, False),
+    ("train", "seed"): (0, 2**63 - 1, True, True),
+    ("train", "num_workers"): (0, 256, True, True),
+    ("train", "eval_batch_size"): (1, INF, True, True),
+    ("regularizer", "rcs_weight"): (0.0, INF, True, False),
+    ("regularizer", "rcs_beta"): (0.0, 1.0, False, True),
+    ("regularizer", "str_weight"): (0.0, INF, True, False),
+}
+
+
+def describe_range(lo, hi, lo_in, hi_in) -> str:
+    if lo == -INF and hi == INF:
+        return "a finite number"
+    if hi == INF:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _in_range(v, lo, hi, lo_in, hi_in) -> bool:
+    if not math.isfinite(v) and (lo, hi) == (-INF, INF):
+        return False
+    return (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+
+
+def _check(cfg: Config) -> Config:
+    from . import regularizers
+
+    for (sec, key), valid in CHOICES.items():
+        v = getattr(getattr(cfg, sec), key)
+        if v not in valid:
+            raise ValueError(f"config key '{sec}.{key}' must be one of {list(valid)}, got {v!r}")
+    for (sec, key), rng in RANGES.items():
+        v = getattr(getattr(cfg, sec), key)
+        if not _in_range(v, *rng):
+            raise ValueError(f"config key '{sec}.{key}' = {v!r} is out of range: it must be {describe_range(*rng)}")
+    d = cfg.data
+    if d.size is not None and not (isinstance(d.size, (list, tuple)) and len(d.size) == 2
+                                   and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d.size)):
+        raise ValueError(f"config key 'data.size' must be null or [H, W] with two whole numbers >= 1, got {d.size!r}")
+    if d.window_us is not None:
+        w = _number(d.window_us, "data.window_us", False)
+        if not w > 0:
+            raise ValueError(f"config key 'data.window_us' = {d.window_us!r} is out of range: it must be null or > 0")
+        d.window_us = w
+    _check_data_family(cfg.data)
+    if not isinstance(cfg.model.options, dict):
+        raise ValueError(f"config key 'model.options' must be a mapping, got {cfg.model.options!r}")
+    if cfg.model.norm == "tebn" and cfg.model.name == "mlp":
+        raise ValueError("model.norm: tebn needs BatchNorm layers, which model 'mlp' has none of; use model.norm: bn")
+    _check_names(cfg)
+    regularizers.parse(cfg.regularizer.name)
+    return cfg
+
+
+EVENT_KEYS = ("binarize", "by", "size", "polarities", "window_us", "max_shift", "flip", "event_drop")
+STATIC_KEYS = ("encoding", "cutout")
+
+
+def _check_data_family(d: DataConfig) -> None:
+    """Keys that only mean something for event data (or only for images) must not be set for the other:
+    they would be silently ignored."""
+    from .data import datasets
+
+    if d.name not in datasets.DATASETS:
+        return  # reported by _check_names
+    event = d.name in datasets.EVENT_DATASETS
+    defaults = DataConfig()
+    for key in (STATIC_KEYS if event else EVENT_KEYS):
+        if getattr(d, key) != getattr(defaults, key):
+            what = "image" if event else "event"
+            raise ValueError(f"config key 'data.{key}' = {getattr(d, key)!r} applies to {what} datasets only; "
+                             f"{d.name!r} is {'an event' if event else 'an image'} dataset")
+    if d.cutout and d.name != "cifar10":
+        raise ValueError(f"config key 'data.cutout' applies to cifar10 only, not {d.name!r}")
+
+
+def _positive_ints(v) -> bool:
+    items = v if isinstance(v, (list, tuple)) else [v]
+    return len(items) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in items)
+
+
+OPTION_CHECKS = {  # model options shared by several models: (test, what is valid)
+    "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+    "channels": (_positive_ints, "a list of whole numbers >= 1"),
+    "hidden": (_positive_ints, "a whole number >= 1 (mlp: a list of them)"),
+    "widths": (_positive_ints, "a list of whole numbers >= 1"),
+    "blocks": (_positive_ints, "a list of whole numbers >= 1"),
+    "cfg": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(x == "A" or _positive_ints(x) for x in v),
+            "a list of channel counts >= 1 and 'A' (2x2 average pooling)"),
+}
+
+
+def _check_model_options(m: ModelConfig) -> None:
+    """``model.options`` against the chosen model's builder: names, and the values of the common options."""
+    import inspect
+
+    from .models import registry
+
+    params = inspect.signature(registry.MODELS[m.name]).parameters
+    valid = [k for k, p in params.items() if p.kind != p.VAR_KEYWORD and k not in ("input_shape", "num_classes")]
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        valid += ["learn_tau", "backend"]  # neuron options that are not keys of the model section
+    bad = sorted(set(m.options) - set(valid))
+    if bad:
+        raise ValueError(f"config key(s) {[f'model.options.{b}' for b in bad]} unknown for model {m.name!r}; valid "
+                         f"options: {valid} (neuron options such as tau are keys of the model section)")
+    for k, v in m.options.items():
+        if k in OPTION_CHECKS and not OPTION_CHECKS[k][0](v):
+            raise ValueError(f"config key 'model.options.{k}' = {v!r} is out of range: it must be {OPTION_CHECKS[k][1]}")
+
+
+def _check_names(cfg: Config) -> None:
+    """Names that live in registries: dataset, model, surrogate and device, before any data is loaded."""
+    from . import surrogate
+    from .data import datasets
+    from .models import registry
+
+    if cfg.data.name not in datasets.DATASETS:
+        raise ValueError(f"config key 'data.name': unknown dataset {cfg.data.name!r}; valid names: "
+                         f"{', '.join(datasets.available())}")
+    if cfg.model.name not in registry.MODELS:
+        raise ValueError(f"config key 'model.name': unknown model {cfg.model.name!r}; valid names: "
+                         f"{', '.join(registry.available())}")
+    try:
+        surrogate.get(cfg.model.surrogate)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"config key 'model.surrogate': {exc}") from None
+    _check_model_options(cfg.model)
+    dev = cfg.train.device
+    if dev != "auto":
+        import torch
+
+        try:
+            torch.device(dev)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"config key 'train.device' = {dev!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def from_dict(d: dict | None) -> Config:
     d = dict(d or {})
-    bad = sorted(set(d) - {"data", "model", "train"})
+    bad = sorted(set(d) - set(SECTIONS))
     if bad:
-        raise ValueError(f"unknown config section(s) {bad}; valid sections: data, model, train")
-    return Config(_section(DataConfig, d.get("data"), "data"), _section(ModelConfig, d.get("model"), "model"),
-                  _section(TrainConfig, d.get("train"), "train"))
+        raise ValueError(f"unknown config section(s) {bad}; valid sections: {', '.join(SECTIONS)}")
+    return _check(Config(**{name: _section(cls, d.get(name), name) for name, cls in SECTIONS.items()}))
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
@@ -140,5 +342,5 @@ def load(path=None, overrides: list[str] | None = None) -> Config:
             raise FileNotFoundError(f"config file not found: {p}")
         d = yaml.safe_load(p.read_text()) or {}
         if not isinstance(d, dict):
-            raise ValueError(f"{p}: a config must be a mapping with sections data, model, train")
+            raise ValueError(f"{p}: a config must be a mapping with sections {', '.join(SECTIONS)}")
     return from_dict(apply_overrides(d, overrides or []))

@@ -7,7 +7,8 @@ In single-step mode (``"s"``) the layer sees one frame ``[N, ...]`` and runs as 
 
 ``Conv2d``, ``Linear``, ``BatchNorm1d/2d``, ``AvgPool2d``, ``MaxPool2d``, ``AdaptiveAvgPool2d``,
 ``Flatten`` and ``Dropout`` are the torch layers with this behaviour (their ``state_dict`` keys
-are unchanged); :class:`TimeDistributed` wraps any other stateless module.
+are unchanged); :class:`TimeDistributed` wraps any other stateless module. :class:`TEBN` adds
+TEBN's per-step scale to the joint BatchNorm.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .neurons import STEP_MODES
+from .neurons import STEP_MODES, StatefulModule
 
 
 # Devices on which convolutions run on channels-last (NHWC) activations, from bench/train_step.py:
@@ -97,3 +98,65 @@ class TimeDistributed(nn.Module):
         if self.step_mode == "s":
             return self.module(x)
         return self.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+class TEBN(StatefulModule):
+    """Temporal effective batch norm (Duan et al., NeurIPS 2022; METHODS §7, used by the seed code).
+
+    BatchNorm statistics over (T, N, H, W) jointly, then a learnable scale per timestep::
+
+        y(t) = p[t] · BN(x)(t),        p initialised to 1 (then TEBN equals BatchNorm)
+
+    Multi-step input ``[T', N, C, ...]`` with ``T' ≤ T`` uses ``p[:T']``. In streaming mode each
+    sample counts its own steps (state ``step``, out of ``state_dict`` like a membrane), so early exit
+    and continuous batching, where samples at different steps share a batch, stay exact. A sample
+    past step T is an error: the network was built for T steps.
+    """
+
+    _state_names = ("step",)
+    is_neuron = False
+
+    def __init__(self, num_features: int, T: int, dims: int = 2, step_mode: str = "m", **bn_options):
+        if T is None or int(T) < 1:
+            raise ValueError(f"TEBN needs the number of timesteps T >= 1 (its per-step scales), got {T}")
+        super().__init__(step_mode)  # reset() sets _bound: an upper bound on any sample's steps (spares a sync)
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}.get(dims)
+        if bn is None:
+            raise ValueError(f"TEBN dims must be 1 or 2, got {dims}")
+        self.bn = bn(num_features, **bn_options)
+        self.p = nn.Parameter(torch.ones(int(T)))
+
+    @property
+    def T(self) -> int:
+        return self.p.numel()
+
+    def reset(self) -> None:
+        super().reset()
+        self._bound = 0
+
+    def _scale(self, p, lead: int, x):
+        return p.view(*p.shape, *([1] * (x.dim() - lead)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "s":
+            n = x.shape[0]
+            if self.step is None:
+                self.step = torch.zeros(n, dtype=torch.long, device=x.device)
+            elif self.step.shape[0] != n:
+                raise ValueError(f"TEBN: streaming state holds {self.step.shape[0]} samples but the frame has {n}; "
+                                 "call fewstep.reset(net) before feeding a new batch")
+            self._bound += 1
+            if self._bound > self.T and int(self.step.max()) >= self.T:
+                raise ValueError(f"TEBN was built for T = {self.T} steps; a sample is at step {int(self.step.max()) + 1}")
+            y = self.bn(x) * self._scale(self.p[self.step], 1, x)
+            self.step = self.step + 1
+            return y
+        if x.dim() < 3:
+            raise ValueError(f"TEBN: multi-step input must be [T, N, C, ...], got {tuple(x.shape)}")
+        if x.shape[0] > self.T:
+            raise ValueError(f"TEBN was built for T = {self.T} steps but the input has T = {x.shape[0]}")
+        y = self.bn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return y * self._scale(self.p[: x.shape[0]], 1, x)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, step_mode={self.step_mode!r}"

@@ -101,6 +101,9 @@ class StatefulModule(nn.Module):
     """
 
     _state_names: tuple[str, ...] = ()
+    # A spiking layer: fewstep.record attaches to it (so a regulariser notices one that records nothing)
+    # and the op counter counts its outputs as spikes. Stateful modules that are not neurons set False.
+    is_neuron = True
 
     def __init__(self, step_mode: str = "m"):
         super().__init__()
@@ -157,8 +160,9 @@ class LIF(StatefulModule):
         detach_reset: stop gradients through the reset path.
         surrogate: a name from :mod:`fewstep.surrogate` or a surrogate module.
         step_mode: ``"m"`` (``[T, N, ...]``) or ``"s"`` (``[N, ...]``, streaming).
-        backend: multi-step training path: ``"auto"`` (the fused node of :mod:`fewstep.fused` unless
-            membranes are being recorded), ``"fused"`` or ``"reference"`` (autograd over the step loop).
+        backend: multi-step training path: ``"auto"`` or ``"fused"`` (the fused node of
+            :mod:`fewstep.fused`, which also serves :func:`fewstep.record`) or ``"reference"``
+            (autograd over the step loop).
     """
 
     _state_names = ("v",)
@@ -216,36 +220,42 @@ class LIF(StatefulModule):
             return s
         if x.dim() < 2:
             raise ValueError(f"multi-step input must be [T, N, ...], got shape {tuple(x.shape)}")
-        if self.backend != "reference" and torch.is_grad_enabled():
-            if rec is None:
+        need_u = rec is not None and rec.wants_membrane
+        if self.backend != "reference":
+            out = None
+            if torch.is_grad_enabled():
                 from .fused import lif_multi_step_fused
 
-                self.v = None
-                return lif_multi_step_fused(x, self.theta, self.tau, self.v0, self.reset_mode, self.detach_reset,
-                                            self.surrogate)
-            from .fused import fallback
+                out = lif_multi_step_fused(x, self.theta, self.tau, self.v0, self.reset_mode, self.detach_reset,
+                                           self.surrogate, return_u=need_u)
+            else:
+                from .fused import lif_inference_triton
 
-            fallback("per-step membranes are being recorded")
-        elif self.backend != "reference" and rec is None:
-            from .fused import lif_inference_triton
-
-            out = lif_inference_triton(x, self.theta, self.tau, self.v0, self.reset_mode)
-            if out is not None:  # CUDA: one Triton launch for all T steps
+                out = lif_inference_triton(x, self.theta, self.tau, self.v0, self.reset_mode, return_u=need_u)
+            if out is not None:  # fused node (training) or one Triton launch for all T steps (CUDA inference)
                 self.v = None
-                return out
+                s, u = out if need_u else (out, None)
+                if rec is not None:
+                    rec.add(self, s, u)
+                return s
         v = torch.full_like(x[0], self.v0)
         spikes, us, vs = [], [], []
         for xt in x:
             s, u, v = lif_update(xt, v, p)
             spikes.append(s)
-            if rec is not None:
+            if need_u:
                 us.append(u)
                 vs.append(v)
         self.v = None  # multi-step calls never leak state into the next call
         out = torch.stack(spikes)
         if rec is not None:
-            rec.add(self, out, torch.stack(us), torch.stack(vs))
+            rec.add(self, out, torch.stack(us) if need_u else None, torch.stack(vs) if need_u else None)
         return out
+
+    def post_reset(self, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``v(t)`` from ``u(t)`` and ``s(t)`` by this neuron's reset rule (differentiable like the step)."""
+        sr = s.detach() if self.detach_reset else s
+        return u * (1.0 - sr) if self.reset_mode == "hard" else u - self.theta * sr
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,21 @@ def _plt():
     return plt
 
 
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return Path(path)
+
+
+def _style(ax, xlabel: str, ylabel: str, title: str, legend_loc: str = "best", title_size=None) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_loc)
+
+
 def accuracy_per_step(curves: dict[str, list[float]], path, title: str = "Accuracy per timestep") -> Path:
     """One line per curve (e.g. ``{"test": [...], "val": [...]}``), t = 1..T on the x axis."""
     plt = _plt()
@@ -28,10 +43,7 @@ def accuracy_per_step(curves: dict[str, list[float]], path, title: str = "Accura
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def tradeoff(policies: dict[str, list[dict]], oct_point: dict, full_accuracy: float, T: int, path,
@@ -47,18 +59,11 @@ def tradeoff(policies: dict[str, list[dict]], oct_point: dict, full_accuracy: fl
     ax.axhline(100 * full_accuracy, color="black", lw=0.8, ls=":", label=f"full T = {T}")
     ax.plot([oct_point["mean_exit_step"]], [100 * oct_point["accuracy"]], marker="*", ms=14, color="crimson",
             ls="none", label="OCT oracle")
-    ax.set_xlabel("average latency (mean exit step)")
-    ax.set_ylabel("accuracy (%)")
     lo = min(100 * p["accuracy"] for pts in policies.values() for p in pts)
     ax.set_ylim(max(0.0, lo - 2), 100.5)
     ax.set_xlim(0.8, T + 0.2)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    _style(ax, "average latency (mean exit step)", "accuracy (%)", title, "lower right")
+    return _save(fig, path)
 
 
 def exit_histogram(exit_steps, T: int, path, title: str = "Exit steps") -> Path:
@@ -73,7 +78,69 @@ def exit_histogram(exit_steps, T: int, path, title: str = "Exit steps") -> Path:
     ax.set_xticks(range(1, T + 1))
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def _colors(n: int):
+    plt = _plt()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return [cycle[i % len(cycle)] for i in range(n)]
+
+
+def ablation_accuracy(curves: dict[str, list[dict]], path, title: str) -> Path:
+    """Mean accuracy per timestep with a ±std band, one line per variant (``{"mean", "std"}`` per step)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
+    lo = 100.0
+    for (name, pts), color in zip(curves.items(), _colors(len(curves))):
+        t = list(range(1, len(pts) + 1))
+        m = [100 * p["mean"] for p in pts]
+        s = [100 * (p["std"] or 0.0) for p in pts]
+        ax.plot(t, m, marker="o", color=color, label=name)
+        ax.fill_between(t, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.18)
+        lo = min(lo, min(a - b for a, b in zip(m, s)))
+    ax.set_ylim(max(0.0, lo - 2.0), min(100.5, max(ax.get_ylim()[1], lo + 5)))
+    ax.set_xticks(range(1, len(next(iter(curves.values()))) + 1))
+    _style(ax, "timestep t (prediction = argmax of running mean)", "test accuracy (%)", title, title_size=10)
+    return _save(fig, path)
+
+
+def ablation_tradeoff(curves: dict[str, dict[str, list[dict]]], oct_points: dict[str, dict], path) -> Path:
+    """Accuracy vs mean exit step for each variant (mean over seeds), one panel per policy, OCT as stars."""
+    plt = _plt()
+    policies = list(next(iter(curves.values())))
+    fig, axes = plt.subplots(1, len(policies), figsize=(5.2 * len(policies), 3.9), dpi=120, squeeze=False)
+    colors = dict(zip(curves, _colors(len(curves))))
+    for ax, pol in zip(axes[0], policies):
+        lo = 100.0
+        for v, c in curves.items():
+            pts = sorted(c[pol], key=lambda p: p["mean_exit_step"])
+            ax.plot([p["mean_exit_step"] for p in pts], [100 * p["accuracy"] for p in pts], marker="o", ms=3,
+                    color=colors[v], label=v)
+            o = oct_points[v]
+            ax.plot([o["mean_exit_step"]], [100 * o["accuracy"]], marker="*", ms=12, color=colors[v], ls="none")
+            lo = min(lo, min(100 * p["accuracy"] for p in pts))
+        ax.set_ylim(max(0.0, lo - 1.0), None)
+        _style(ax, "average latency (mean exit step)", "test accuracy (%)", f"{pol} cutoff (stars: OCT oracle)",
+               "lower right", 10)
+    return _save(fig, path)
+
+
+def ablation_speedup(stats: dict[str, dict], policies, drops, path) -> Path:
+    """Calibrated timestep speed-up per variant, policy and tolerated drop (bars: mean, whiskers: std)."""
+    plt = _plt()
+    groups = [(p, d) for d in drops for p in policies]
+    variants = list(stats)
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
+        means = [stats[v][f"{p}@{d}:speedup"]["mean"] or 0.0 for p, d in groups]
+        stds = [stats[v][f"{p}@{d}:speedup"]["std"] or 0.0 for p, d in groups]
+        xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, color=color, label=v)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{p}\n≤{100 * d:g} pt" for p, d in groups])
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    _style(ax, "", "timestep speed-up (T / mean exit)", "Calibrated early exit (thresholds from validation; test)",
+           title_size=10)
+    return _save(fig, path)

@@ -50,6 +50,8 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
         pol = res.policy
         target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested}
     elif policy == "timestep":
+        if step is not None and not 1 <= step <= T:
+            raise ValueError(f"--step {step} is outside 1..T = 1..{T} for this run")
         pol = _cf.Timestep(step if step is not None else max(1, T // 2), T=T)
     else:
         pol = _cf.make(policy, epsilon=0.01 if epsilon is None else epsilon)

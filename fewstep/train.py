@@ -24,11 +24,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from . import config as _config
 from . import losses as _losses
 from . import models as _models
+from . import regularizers as _regs
 from .data import datasets as _datasets
 from .metrics import evaluate, time_first
 from .record import record
@@ -66,9 +68,10 @@ def load_data(cfg: _config.Config) -> _datasets.DataBundle:
 
 def build_model(cfg: _config.Config, bundle: _datasets.DataBundle) -> torch.nn.Module:
     m = cfg.model
+    norm = {} if m.norm == "bn" else {"norm": m.norm, "T": cfg.data.T}
     return _models.create(m.name, input_shape=bundle.input_shape, num_classes=bundle.num_classes, neuron=m.neuron,
                           tau=m.tau, theta=m.theta, v0=m.v0, reset=m.reset, detach_reset=m.detach_reset,
-                          surrogate=m.surrogate, learn_theta=m.learn_theta, **(m.options or {}))
+                          surrogate=m.surrogate, learn_theta=m.learn_theta, **norm, **(m.options or {}))
 
 
 def make_optimizer(cfg: _config.TrainConfig, params):
@@ -111,6 +114,52 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# What fewstep writes in a run folder (train, eval, cutoff, tradeoff, ablate's analysis).
+RUN_FILES = ("config.yaml", "checkpoint.pt", "checkpoint.pt.tmp", "log.csv", "metrics.json", "analysis.json",
+             "tradeoff.json", "tradeoff.png", "accuracy_per_step.png", "tb")
+RUN_PATTERNS = ("eval_*.json", "calibration_*.json", "cutoff_*.json", "cutoff_*_exits.png")
+
+
+def is_run_file(name: str) -> bool:
+    import fnmatch
+
+    return name in RUN_FILES or any(fnmatch.fnmatch(name, p) for p in RUN_PATTERNS)
+
+
+def check_run_folder(out) -> None:
+    """Refuse an ``--out`` that holds files fewstep did not write: never overwrite a user's file."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if (out / "checkpoint.pt").is_file():
+        return  # a run folder: training resumes
+    # Without a checkpoint, only what a run interrupted before its first epoch leaves may be there.
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("config.yaml", "tb", "checkpoint.pt.tmp"))
+    if not foreign and (out / "config.yaml").is_file():
+        try:
+            _config.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+        except Exception:
+            foreign = ["config.yaml (not a fewstep config)"]
+    if foreign:
+        more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+        raise ValueError(f"{out} is not empty and is not a fewstep run folder (no checkpoint.pt); it holds "
+                         f"{', '.join(foreign[:8])}{more}. Choose a new or empty --out folder")
+
+
+def clear_run_folder(out) -> None:
+    """Delete what fewstep wrote in a run folder (and nothing else)."""
+    import shutil
+
+    out = Path(out)
+    check_run_folder(out)
+    if out.is_dir():
+        for p in out.iterdir():
+            if is_run_file(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -124,17 +173,21 @@ def load_checkpoint(path) -> dict:
 class Trainer:
     """Train ``cfg`` into ``out_dir``; resumes automatically from ``out_dir/checkpoint.pt``.
 
-    ``regularizers`` are callables ``(logits, y, rec) -> loss`` added to the base loss; when any is
-    given, the forward pass runs under :func:`fewstep.record` and ``rec`` holds per-layer spikes
-    and membranes (RCS, STR and TRT plug in here).
+    ``regularizers`` are callables ``(logits, y, rec) -> loss`` added to the base loss, after those
+    the config's ``regularizer`` section asks for (:mod:`fewstep.regularizers`: RCS, STR). When any
+    is present, the forward pass runs under :func:`fewstep.record` (recording only the fields they
+    read) and each term is logged in ``log.csv`` as ``train_<name>`` beside ``train_task_loss``.
     """
 
     def __init__(self, cfg: _config.Config, out_dir, bundle: _datasets.DataBundle | None = None,
                  regularizers: list[Callable] | None = None, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.out = Path(out_dir)
+        check_run_folder(self.out)  # before any data is loaded
         self.log = log
-        self.regularizers = list(regularizers or [])
+        self.regularizers = _regs.from_config(cfg.regularizer) + list(regularizers or [])
+        self.reg_names = _regs.term_names(self.regularizers)
+        self.record_fields = _regs.fields_needed(self.regularizers)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.bundle = bundle if bundle is not None else load_data(cfg)
@@ -203,6 +256,7 @@ class Trainer:
         self.model.train()
         amp = cfg.amp and self.device.type == "cuda"
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        tot_terms = {name: 0.0 for name in ["task_loss", *self.reg_names]} if self.regularizers else {}
         bar = tqdm(self._batches(epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None if cfg.progress else True)
         for step, (x, y) in enumerate(bar):
@@ -210,16 +264,22 @@ class Trainer:
             y = y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 if self.regularizers:
-                    with record(self.model) as rec:
+                    with record(self.model, fields=self.record_fields, grad_sink=True) as rec:
                         out = self.model(x)
-                    loss = self.loss_fn(out, y) + sum(r(out, y, rec) for r in self.regularizers)
+                    terms = {"task_loss": self.loss_fn(out, y)}
+                    terms.update((n, r(out, y, rec)) for n, r in zip(self.reg_names, self.regularizers))
+                    loss = sum(terms.values())
                 else:
                     out = self.model(x)
                     loss = self.loss_fn(out, y)
+                    terms = {}
             if not torch.isfinite(loss):
                 last = f"{self.ckpt_path} (after epoch {self.epoch})" if self.ckpt_path.is_file() else "none yet"
-                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}, step {step}; training stopped. "
-                                       f"Last good checkpoint: {last}. Try a lower train.lr or train.grad_clip.")
+                bad = [f"'{n}' became {v.item()}" for n, v in terms.items() if n != "task_loss" and not torch.isfinite(v)]
+                what = f"regularizer term {', '.join(bad)}" if bad else f"loss became {loss.item()}"
+                raise TrainingDiverged(f"{what} at epoch {epoch}, step {step}; training stopped. "
+                                       f"Last good checkpoint: {last}. Try a lower train.lr or train.grad_clip"
+                                       + (", or a smaller regularizer weight." if bad else "."))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -227,10 +287,15 @@ class Trainer:
             self.opt.step()
             n = y.numel()
             tot_loss += loss.item() * n
+            for k, v in terms.items():
+                tot_terms[k] += float(v.detach()) * n
             tot_correct += int((out.detach().float().mean(0).argmax(-1) == y).sum())
             tot_n += n
             bar.set_postfix(loss=f"{tot_loss / tot_n:.3f}", acc=f"{tot_correct / tot_n:.3f}")
-        return {"train_loss": tot_loss / tot_n, "train_acc": tot_correct / tot_n}
+        row = {"train_loss": tot_loss / tot_n}
+        row.update((f"train_{k}", v / tot_n) for k, v in tot_terms.items())
+        row["train_acc"] = tot_correct / tot_n
+        return row
 
     def evaluate(self, split: str) -> dict:
         return evaluate(self.model, self.bundle.split(split), self.cfg.data.T, self.bundle.kind,
@@ -243,6 +308,7 @@ class Trainer:
         ``stop_after`` stops after that many epochs of this call (to simulate an interruption);
         then no metrics are written and ``None`` is returned.
         """
+        check_run_folder(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         self.cfg.dump(self.out / "config.yaml")

@@ -108,9 +108,10 @@ def _lif_fwd(x_ptr, s_ptr, u_ptr, th_ptr, ta_ptr, th_val, ta_val, v0, M, T,
 
 
 @triton.jit(do_not_specialize=["M", "T", "last"])
-def _lif_bwd(u_ptr, gs_ptr, gx_ptr, dth_ptr, dta_ptr, th_ptr, ta_ptr, th_val, ta_val, v0, a, M, T, last,
+def _lif_bwd(u_ptr, gs_ptr, gue_ptr, gx_ptr, dth_ptr, dta_ptr, th_ptr, ta_ptr, th_val, ta_val, v0, a, M, T, last,
              TH_PTR: tl.constexpr, TA_PTR: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr,
-             KIND: tl.constexpr, NEED_TH: tl.constexpr, NEED_TA: tl.constexpr, BLOCK: tl.constexpr):
+             KIND: tl.constexpr, NEED_TH: tl.constexpr, NEED_TA: tl.constexpr, HAS_GU: tl.constexpr,
+             BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
@@ -121,6 +122,7 @@ def _lif_bwd(u_ptr, gs_ptr, gx_ptr, dth_ptr, dta_ptr, th_ptr, ta_ptr, th_val, ta
     acc_ta = tl.zeros([BLOCK], dtype=tl.float32)
     # pointers start at step T-1 (``last`` = (T-1)·M, computed on the host in 64 bits) and walk back
     pu, pg, px = u_ptr + last + offs, gs_ptr + last + offs, gx_ptr + last + offs
+    pe = gue_ptr + last + offs  # ∂L/∂u from a reader of the recorded membrane (HAS_GU)
     u = tl.load(pu, mask=mask, other=0.0).to(tl.float32)
     for i in range(T):
         first = (tl.zeros([BLOCK], dtype=tl.int32) + i) == T - 1  # step 0, whose v_{-1} is v0
@@ -140,6 +142,8 @@ def _lif_bwd(u_ptr, gs_ptr, gx_ptr, dth_ptr, dta_ptr, th_ptr, ta_ptr, th_val, ta
             else:
                 dv_du = 1.0 - th * g
         gu = gs * g + gv * dv_du
+        if HAS_GU:
+            gu += tl.load(pe, mask=mask, other=0.0).to(tl.float32)
         tl.store(px, gu.to(gx_ptr.dtype.element_ty), mask=mask)
         if NEED_TH:
             if HARD:
@@ -166,6 +170,7 @@ def _lif_bwd(u_ptr, gs_ptr, gx_ptr, dth_ptr, dta_ptr, th_ptr, ta_ptr, th_val, ta
         pu -= M
         pg -= M
         px -= M
+        pe -= M
     if NEED_TH:
         tl.store(dth_ptr + pid, tl.sum(tl.where(mask, acc_th, 0.0), axis=0))
     if NEED_TA:
@@ -198,9 +203,11 @@ def forward(xf: torch.Tensor, theta, tau, v0: float, hard: bool, save_u: bool):
 
 
 def backward(u: torch.Tensor, grad_s: torch.Tensor, theta, tau, v0: float, hard: bool, detach: bool, surrogate,
-             need_th: bool, need_ta: bool):
-    """``(∂L/∂x, ∂L/∂θ or None, ∂L/∂τ or None)`` from the saved membrane and ``∂L/∂s`` (both ``[T, M]``)."""
+             need_th: bool, need_ta: bool, grad_u: "torch.Tensor | None" = None):
+    """``(∂L/∂x, ∂L/∂θ or None, ∂L/∂τ or None)`` from the saved membrane and ``∂L/∂s`` (both ``[T, M]``);
+    ``grad_u`` (``[T, M]``), when given, is ``∂L/∂u`` from a loss on the recorded membrane."""
     gs = grad_s.contiguous()
+    gue = gs if grad_u is None else grad_u.contiguous().to(gs.dtype)
     T, M = u.shape[0], u[0].numel()
     gx = torch.empty_like(u)
     nprog = triton.cdiv(M, BLOCK)
@@ -210,8 +217,8 @@ def backward(u: torch.Tensor, grad_s: torch.Tensor, theta, tau, v0: float, hard:
     ta_p, ta_v, ta_f = _scalar(tau, u)
     kind, a = _surrogate_code(surrogate)
     if M > 0 and T > 0:
-        _lif_bwd[(nprog,)](u, gs, gx, dth, dta, th_p, ta_p, th_v, ta_v, float(v0), a, M, T, (T - 1) * M, TH_PTR=th_f,
-                           TA_PTR=ta_f, HARD=hard, DETACH=detach, KIND=kind, NEED_TH=need_th, NEED_TA=need_ta,
-                           BLOCK=BLOCK, num_warps=4)
+        _lif_bwd[(nprog,)](u, gs, gue, gx, dth, dta, th_p, ta_p, th_v, ta_v, float(v0), a, M, T, (T - 1) * M,
+                           TH_PTR=th_f, TA_PTR=ta_f, HARD=hard, DETACH=detach, KIND=kind, NEED_TH=need_th,
+                           NEED_TA=need_ta, HAS_GU=grad_u is not None, BLOCK=BLOCK, num_warps=4)
     return gx, (dth.sum() if need_th else None), (dta.sum() if need_ta else None)
 

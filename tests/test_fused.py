@@ -58,20 +58,73 @@ def test_fused_in_a_model_matches_reference_gradients():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_recording_falls_back_with_the_reason_logged_once(caplog):
+def recorded_loss_grads(backend, x, reset, detach, surrogate, fields=("spikes", "u", "v")):
+    """Gradients of a loss on the recorded spikes, u and v (what RCS/STR read) for x, θ and τ."""
+    torch.manual_seed(0)
+    n = LIF(tau=0.6, theta=0.8, reset=reset, detach_reset=detach, surrogate=surrogate, learn_theta=True,
+            learn_tau=True, backend=backend)
+    xi = x.clone().requires_grad_(True)
+    with fewstep.record(n, fields=fields) as rec:
+        s = n(xi)
+    name = rec.layers[0]
+    loss = (s * torch.linspace(-1, 1, s[0].numel()).view(s.shape[1:])).sum()
+    got = {}
+    if "u" in fields:
+        got["u"] = rec.u[name]
+        loss = loss + (rec.u[name].relu() ** 2).mean() * 3.0
+    if "v" in fields:
+        got["v"] = rec.v[name]
+        loss = loss + (rec.v[name] * torch.cos(torch.arange(s.shape[0], dtype=s.dtype)).view(-1, 1, 1)).sum()
+    loss.backward()
+    return s, got, [xi.grad, n.theta.grad, n.tau.grad]
+
+
+@pytest.mark.parametrize("surrogate", ["zif", "atan"])
+@pytest.mark.parametrize("reset,detach", [("hard", False), ("hard", True), ("soft", False), ("soft", True)])
+def test_recording_keeps_the_fused_path_with_equal_gradients(surrogate, reset, detach, caplog):
+    """Recording membranes no longer sends the LIF to the reference loop: the fused node returns u, v is
+    derived from (u, s), and gradients through both equal the reference loop's."""
     fused._reported.clear()
+    x = torch.randn(7, 3, 11) * 0.9 + 0.4
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        s_f, rec_f, g_f = recorded_loss_grads("fused", x, reset, detach, surrogate)
+    assert not [r for r in caplog.records if "fused LIF not used" in r.getMessage()]
+    s_r, rec_r, g_r = recorded_loss_grads("reference", x, reset, detach, surrogate)
+    assert torch.equal(s_f, s_r)
+    for k in ("u", "v"):
+        torch.testing.assert_close(rec_f[k], rec_r[k], rtol=0, atol=1e-6)
+    for a, b in zip(g_r, g_f):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert g_f[1].abs() > 0 and g_f[2].abs() > 0
+
+
+def test_recording_only_what_is_asked():
+    """fields=("spikes",) records no membrane; asking for a field not recorded is a clear error."""
     n = LIF()
     x = torch.randn(3, 2, 4, requires_grad=True)
-    with caplog.at_level(logging.WARNING, logger="fewstep"):
-        for _ in range(3):
-            with fewstep.record(n) as rec:
-                out = n(x)
-    assert rec.u[rec.layers[0]].shape == (3, 2, 4)  # membranes still recorded, through the reference loop
-    msgs = [r.getMessage() for r in caplog.records if "fused LIF not used" in r.getMessage()]
-    assert len(msgs) == 1 and "recorded" in msgs[0]
-    assert torch.equal(out, LIF()(x))
+    with fewstep.record(n, fields=("spikes",)) as rec:
+        out = n(x)
+    assert torch.equal(rec.spikes[rec.layers[0]], out)
+    with pytest.raises(KeyError, match="was not recorded"):
+        rec.u
+    with pytest.raises(ValueError, match="valid fields"):
+        with fewstep.record(n, fields=("spikes", "current")):
+            pass
     with pytest.raises(ValueError, match="backend"):
         LIF(backend="cuda-magic")
+
+
+def test_fused_membrane_output_alone_gets_gradients():
+    """A loss on the membrane output only (no gradient reaching the spikes) still back-propagates."""
+    x = torch.randn(5, 2, 6, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    _, u = fused.lif_multi_step_fused(x, 1.0, 0.5, 0.0, "hard", False, fewstep.surrogate.get("zif"), return_u=True)
+    u.square().sum().backward()
+    n = LIF(backend="reference")
+    with fewstep.record(n) as rec:
+        n(xr)
+    rec.u[rec.layers[0]].square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_compiled_kernels_match_reference(monkeypatch):
@@ -84,5 +137,12 @@ def test_compiled_kernels_match_reference(monkeypatch):
     assert any(k[-1] for k in fused._KERNELS)  # the compiled kernels really ran
     assert (s_ref != s_fus).float().mean() < 1e-3  # FMA rounding may flip a spike sitting exactly on θ
     for a, b in zip(g_ref, g_fus):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    # recording the membrane (regularisers) through the compiled kernels
+    s_r, rec_r, g_r = recorded_loss_grads("reference", x, "soft", False, "zif")
+    s_c, rec_c, g_c = recorded_loss_grads("fused", x, "soft", False, "zif")
+    assert (s_r != s_c).float().mean() < 1e-3
+    torch.testing.assert_close(rec_c["u"], rec_r["u"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_r, g_c):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     fused._KERNELS.clear()

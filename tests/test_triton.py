@@ -160,3 +160,69 @@ def test_triton_can_be_turned_off(device, triton_calls, monkeypatch):
     assert torch.equal(s_ref, s_fus)
     for a, b in zip(g_ref, g_fus):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def recorded(backend, x, reset, detach, device):
+    """Spikes, recorded u and v, and the gradients of a loss on all three (what RCS and STR read)."""
+    import fewstep
+
+    torch.manual_seed(0)
+    n = LIF(tau=0.6, theta=0.8, reset=reset, detach_reset=detach, learn_theta=True, learn_tau=True,
+            backend=backend).to(device)
+    xi = x.clone().to(device).requires_grad_(True)
+    with fewstep.record(n) as rec:
+        s = n(xi)
+    u, v = rec.u[rec.layers[0]], rec.v[rec.layers[0]]
+    loss = (s * torch.linspace(-1, 1, s[0].numel(), device=device).view(s.shape[1:])).sum() \
+        + (u.relu() ** 2).mean() * 3 + (v * torch.cos(torch.arange(s.shape[0], device=device)).view(-1, 1, 1)).sum()
+    loss.backward()
+    return [t.detach().cpu() for t in (s, u, v)], [g.cpu() for g in (xi.grad, n.theta.grad, n.tau.grad)]
+
+
+@pytest.mark.parametrize("reset,detach", [("hard", False), ("soft", False), ("soft", True)])
+def test_triton_recording_returns_membrane_with_gradients(reset, detach, device, triton_calls):
+    """Recording keeps the Triton kernels: u comes out of the forward, ∂L/∂u goes into the backward."""
+    x = torch.randn(6, 3, 700) * 0.9 + 0.4
+    out_ref, g_ref = recorded("reference", x, reset, detach, device)
+    out_tri, g_tri = recorded("fused", x, reset, detach, device)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    assert torch.equal(out_ref[0], out_tri[0])
+    for a, b in zip(out_ref[1:] + g_ref, out_tri[1:] + g_tri):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_inference_records_spikes_and_membrane(device, triton_calls):
+    import fewstep
+
+    x = torch.randn(4, 3, 500, device=device) + 0.5
+    ref, tri = LIF(backend="reference").to(device), LIF().to(device)
+    with torch.no_grad(), fewstep.record(ref) as ra, fewstep.record(tri) as rb:
+        ref(x), tri(x)
+    assert triton_calls["forward"] == 1
+    for f in ("spikes", "u", "v"):
+        assert torch.equal(getattr(ra, f)[ra.layers[0]], getattr(rb, f)[rb.layers[0]]), f
+
+
+@pytest.mark.parametrize("which", ["rcs", "str"])
+def test_triton_regularizer_gradients_through_the_sink_equal_reference(which, device, triton_calls):
+    """RCS/STR as the Trainer runs them (recording, gradients through the GradSink) on the Triton path."""
+    import fewstep
+    from fewstep.rcs import RCS
+    from fewstep.str_reg import STR
+
+    reg = RCS(weight=1.0, correct_only=False) if which == "rcs" else STR(weight=10.0)
+    grads = {}
+    for backend in ("reference", "fused"):
+        torch.manual_seed(1)
+        net = models.create("cnn", input_shape=(2, 16, 16), num_classes=5, channels=(8, 8), hidden=16, theta=0.5,
+                            backend=backend).to(device)
+        x = torch.rand(4, 5, 2, 16, 16, device=device) * 2
+        y = torch.randint(0, 5, (5,), device=device)
+        with fewstep.record(net, fields=reg.fields, grad_sink=True) as rec:
+            out = net(x)
+        reg(out, y, rec).backward()
+        grads[backend] = {k: p.grad.cpu() for k, p in net.named_parameters() if p.grad is not None}
+    assert triton_calls["backward"] >= 2
+    for k, a in grads["reference"].items():
+        scale = float(a.abs().max()) + 1e-12
+        torch.testing.assert_close(grads["fused"][k], a, rtol=0, atol=1e-4 * scale, msg=k)

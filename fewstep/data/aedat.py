@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .events import EventFileError, check_events, make_events
+from .events import EventFileError, check_event_file, check_events, make_events
 
 POLARITY_EVENT = 1
 PACKET_HEADER = np.dtype([("type", "<i2"), ("source", "<i2"), ("size", "<i4"), ("ts_offset", "<i4"),
@@ -28,8 +28,7 @@ PACKET_HEADER = np.dtype([("type", "<i2"), ("source", "<i2"), ("size", "<i4"), (
 
 def _read(path) -> bytes:
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"event file not found: {path}")
+    check_event_file(path)
     with open(path, "rb") as f:
         return f.read()
 
@@ -108,6 +107,7 @@ def read_aedat4(path, sensor_size=None) -> np.ndarray:
     except ImportError as exc:
         raise ImportError(f"reading {os.fspath(path)} (AEDAT 4) needs the optional package 'aedat': "
                           "pip install aedat") from exc
+    check_event_file(os.fspath(path))
     parts = []
     for packet in aedat.Decoder(os.fspath(path)):
         if "events" in packet:

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from .archive import cache_dir, locate
 
 DATASETS: dict[str, Callable[..., "DataBundle"]] = {}
+EVENT_DATASETS = {"nmnist", "dvs_gesture", "cifar10_dvs", "ncaltech101"}  # framed event data (kind "frames")
 
 
 def register(name: str):

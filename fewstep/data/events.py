@@ -62,10 +62,18 @@ def decode_nmnist(buf: bytes | np.ndarray, source: str = "buffer", sensor_size=(
 def read_nmnist(path: "str | os.PathLike", sensor_size=(34, 34)) -> np.ndarray:
     """Read one N-MNIST ``.bin`` / ``.bs2`` recording (see :func:`decode_nmnist`)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"event file not found: {path}")
+    check_event_file(path)
     with open(path, "rb") as f:
         return decode_nmnist(f.read(), path, sensor_size)
+
+
+def check_event_file(path: str) -> None:
+    """A missing or empty (0-byte) event file is an error naming it: an empty recording is not data."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"event file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise EventFileError(f"{path} is empty (0 bytes), not a recording: a failed or interrupted copy? "
+                             "Copy it again or remove it from the dataset folder")
 
 
 def encode_nmnist(ev: np.ndarray) -> bytes:

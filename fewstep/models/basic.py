@@ -16,6 +16,7 @@ class MLP(SNN):
     def __init__(self, input_shape, num_classes, hidden=(256, 256), **neuron):
         super().__init__(input_shape, num_classes)
         make = NeuronFactory(**neuron)
+        make.no_norm("mlp")
         mods: list[nn.Module] = [L.Flatten()]
         width = math.prod(self.input_shape)
         for h in hidden:
@@ -39,7 +40,7 @@ class CNN(SNN):
         for out in channels:
             if h < 2 or w < 2:
                 raise ValueError(f"cnn: input {self.input_shape} is too small for {len(channels)} pooling stages")
-            mods += [L.Conv2d(c, out, 3, padding=1, bias=False), L.BatchNorm2d(out), make(), L.AvgPool2d(2)]
+            mods += [L.Conv2d(c, out, 3, padding=1, bias=False), make.norm(out), make(), L.AvgPool2d(2)]
             c, h, w = out, h // 2, w // 2
         self.features = nn.Sequential(*mods)
         head: list[nn.Module] = [L.Flatten()]

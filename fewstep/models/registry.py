@@ -14,6 +14,8 @@ MODELS: dict[str, Callable[..., "SNN"]] = {}
 
 NEURON_KEYS = ("neuron", "tau", "theta", "v0", "reset", "detach_reset", "surrogate", "learn_theta", "learn_tau",
                "backend")
+NORM_KEYS = ("norm", "T")  # normalisation layers: "bn" (BatchNorm over T·N) or "tebn" (needs T)
+NORMS = ("bn", "tebn")
 
 
 def register(name: str):
@@ -40,7 +42,7 @@ def create(name: str, **kwargs) -> "SNN":
     params = inspect.signature(builder).parameters
     valid = [k for k, p in params.items() if p.kind != p.VAR_KEYWORD]
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        valid += list(NEURON_KEYS)
+        valid += list(NEURON_KEYS) + list(NORM_KEYS)
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise ValueError(f"model {name!r} has no option(s) {bad}; valid options: {valid}")
@@ -50,18 +52,40 @@ def create(name: str, **kwargs) -> "SNN":
 
 
 class NeuronFactory:
-    """Builds the spiking neurons of a model from shared options (``neuron='lif'``, ``tau``, ...)."""
+    """Builds the spiking neurons and the normalisation layers of a model from shared options.
 
-    def __init__(self, neuron: str = "lif", **options):
+    ``make()`` gives a neuron (``neuron='lif'``, ``tau``, ...); ``make.norm(c)`` a BatchNorm2d over
+    T·N, or with ``norm='tebn'`` a :class:`fewstep.layers.TEBN` with ``T`` per-step scales.
+    """
+
+    def __init__(self, neuron: str = "lif", norm: str = "bn", T: "int | None" = None, **options):
         bad = sorted(set(options) - set(NEURON_KEYS))
         if bad:
-            raise ValueError(f"unknown neuron option(s) {bad}; valid options: {list(NEURON_KEYS)}")
+            raise ValueError(f"unknown neuron option(s) {bad}; valid options: {list(NEURON_KEYS + NORM_KEYS)}")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid names: {', '.join(NORMS)}")
+        if norm == "tebn" and (T is None or int(T) < 1):
+            raise ValueError("norm 'tebn' needs T, the number of timesteps (one learnable scale per step)")
         self.kind = neuron
+        self.norm_kind, self.T = norm, T
         self.options = {k: v for k, v in options.items() if v is not None}
         make_neuron(self.kind, **self.options)  # fail early on a bad value
 
     def __call__(self) -> nn.Module:
         return make_neuron(self.kind, **self.options)
+
+    def norm(self, channels: int) -> nn.Module:
+        from .. import layers as L
+
+        if self.norm_kind == "tebn":
+            return L.TEBN(channels, self.T)
+        return L.BatchNorm2d(channels)
+
+    def no_norm(self, model: str) -> None:
+        """For models without normalisation layers: refuse ``norm='tebn'`` rather than ignore it."""
+        if self.norm_kind != "bn":
+            raise ValueError(f"model {model!r} has no BatchNorm layers, so norm {self.norm_kind!r} does not apply; "
+                             "use a model with BatchNorm (cnn, vggsnn, resnet19, resnet18, resnet20, sew_resnet18)")
 
 
 class SNN(nn.Module):

@@ -13,15 +13,17 @@ from .. import layers as L
 from .registry import SNN, NeuronFactory, register
 
 
-def conv_bn(cin, cout, k=3, stride=1):
-    return [L.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), L.BatchNorm2d(cout)]
+def conv_bn(cin, cout, make, k=3, stride=1):
+    """Conv k×k (no bias) then the model's normalisation (BatchNorm or TEBN, from ``make.norm``)."""
+    return [L.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), make.norm(cout)]
 
 
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride, make):
         super().__init__()
-        self.residual = nn.Sequential(*conv_bn(cin, cout, 3, stride), make(), *conv_bn(cout, cout, 3))
-        self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else nn.Identity()
+        self.residual = nn.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3))
+        self.shortcut = (nn.Sequential(*conv_bn(cin, cout, make, 1, stride)) if stride != 1 or cin != cout
+                         else nn.Identity())
         self.sn = make()
 
     def forward(self, x):
@@ -31,9 +33,10 @@ class BasicBlock(nn.Module):
 class SEWBlock(nn.Module):
     def __init__(self, cin, cout, stride, make):
         super().__init__()
-        self.residual = nn.Sequential(*conv_bn(cin, cout, 3, stride), make(), *conv_bn(cout, cout, 3), make())
+        self.residual = nn.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3),
+                                      make())
         self.shortcut = (
-            nn.Sequential(*conv_bn(cin, cout, 1, stride), make()) if stride != 1 or cin != cout else nn.Identity()
+            nn.Sequential(*conv_bn(cin, cout, make, 1, stride), make()) if stride != 1 or cin != cout else nn.Identity()
         )
 
     def forward(self, x):
@@ -49,7 +52,7 @@ class SpikingResNet(SNN):
             raise ValueError(f"widths {widths} and blocks {blocks} must have the same length")
         make = NeuronFactory(**neuron)
         c = stem_width or widths[0]
-        self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, 3), make())
+        self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, make, 3), make())
         stages = []
         for i, (w, n) in enumerate(zip(widths, blocks)):
             stride = 1 if i == 0 else 2

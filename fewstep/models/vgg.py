@@ -25,7 +25,7 @@ class VGGSNN(SNN):
                 mods.append(L.AvgPool2d(2))
                 h, w = h // 2, w // 2
             else:
-                mods += [L.Conv2d(c, int(item), 3, padding=1, bias=False), L.BatchNorm2d(int(item)), make()]
+                mods += [L.Conv2d(c, int(item), 3, padding=1, bias=False), make.norm(int(item)), make()]
                 c = int(item)
         self.features = nn.Sequential(*mods)
         self.classifier = nn.Sequential(L.Flatten(), L.Linear(c * h * w, num_classes))

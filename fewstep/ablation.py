@@ -1,0 +1,468 @@
+"""``fewstep ablate``: every variant trained with the same data, model, budget and seeds, then compared.
+
+    fewstep ablate configs/nmnist_small.yaml --variants tet,tet+rcs,tet+str --seeds 3 --out runs/abl
+
+A variant is a ``+``-joined list of tokens, each an edit of the base config (:data:`TOKENS`):
+``ce``/``tet`` set the loss, ``rcs``/``str`` add a regulariser, ``tebn`` switches BatchNorm to TEBN.
+A new method adds its token with :func:`register_token`. ``--variant-set VARIANT:KEY=VALUE`` tunes
+one variant only (e.g. its regulariser weight); ``--set`` changes the base for all of them. To
+compare one method under several settings, label the variants: ``LABEL=TOKENS``, e.g.
+``--variants tet,str-tail=tet+str --variant-set str-tail:regularizer.str_form=tail``.
+
+Every (variant, seed) is a normal run folder ``OUT/<variant>/seed<k>/`` (``fewstep eval``,
+``cutoff`` and ``tradeoff`` work on it). Seeds are paired: a seed fixes the initial weights, the
+validation split and the data order, identically for every variant. Interrupt at any time and run
+the same command again: finished runs are kept, a half-trained run resumes from its last epoch.
+
+After training, each run is analysed once (``analysis.json``), on the best-on-validation weights:
+accuracy per timestep (validation and test), the softmax and top-k trade-off curves (thresholds
+fitted on validation, evaluated on test) with the OCT oracle, the calibrated exit at ≤ 0.6 pt and
+≤ 1 pt accuracy drop (the fastest setting within that drop *on validation*, then measured on
+test), firing rates, and energy per sample at full T and at the calibrated exits (METHODS §8).
+The aggregate goes to ``OUT/results.md`` (mean ± sample std over seeds, and each variant's paired
+difference from the first), ``OUT/summary.json`` and the plots ``accuracy_per_step.png``,
+``tradeoff.png`` and ``speedup.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import config as _config
+from . import cutoff as _cf
+from . import regularizers as _regs
+
+DROPS = (0.006, 0.01)  # accuracy drops (fractions) at which the calibrated exit is reported
+POLICIES = ("softmax", "topk")
+ANALYSIS_VERSION = 1
+
+# ------------------------------------------------------------------------------------------ variants
+TOKENS: dict[str, tuple[Callable[[dict], None], str]] = {}
+
+
+def register_token(name: str, doc: str):
+    """Decorator: ``fn(config_dict)`` edits the config for the variant token ``name``."""
+
+    def deco(fn):
+        if name in TOKENS:
+            raise ValueError(f"ablation token {name!r} is already registered")
+        TOKENS[name] = (fn, doc)
+        return fn
+
+    return deco
+
+
+def _add_regularizer(d: dict, name: str) -> None:
+    reg = d.setdefault("regularizer", {})
+    names = _regs.parse(reg.get("name", "none"))
+    if name not in names:
+        reg["name"] = "+".join(names + [name])
+
+
+@register_token("ce", "loss: cross-entropy of the time-averaged logits")
+def _ce(d):
+    d.setdefault("train", {})["loss"] = "ce"
+
+
+@register_token("tet", "loss: TET (per-step cross-entropy)")
+def _tet(d):
+    d.setdefault("train", {})["loss"] = "tet"
+
+
+@register_token("rcs", "add the RCS regulariser (regularizer.rcs_* options)")
+def _rcs(d):
+    _add_regularizer(d, "rcs")
+
+
+@register_token("str", "add the STR regulariser (regularizer.str_* options)")
+def _str(d):
+    _add_regularizer(d, "str")
+
+
+@register_token("tebn", "TEBN instead of BatchNorm (model.norm: tebn)")
+def _tebn(d):
+    d.setdefault("model", {})["norm"] = "tebn"
+
+
+LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.@")
+
+
+def tokens(variant: str) -> list[str]:
+    """The tokens of ``TOKENS`` or ``LABEL=TOKENS``."""
+    label, _, spec = variant.rpartition("=")
+    if label and (not set(label) <= LABEL_CHARS or label.startswith(".")):
+        raise ValueError(f"variant label {label!r} must be letters, digits and + - _ . @ (it names a folder)")
+    parts = [p.strip() for p in spec.split("+")]
+    bad = [p for p in parts if p not in TOKENS]
+    if not variant.strip() or bad:
+        valid = ", ".join(f"{k} ({doc})" for k, (_, doc) in sorted(TOKENS.items()))
+        raise ValueError(f"unknown ablation token(s) {bad or [variant]} in variant {variant!r}; valid tokens: {valid}")
+    return parts
+
+
+def variant_dict(base: dict, variant: str, seed: int, variant_sets: "list[str] | None" = None) -> dict:
+    """The config dict of one (variant, seed): base → the variant's tokens → its --variant-set → the seed."""
+    d = {k: dict(v or {}) for k, v in base.items()}
+    for tok in tokens(variant):  # (a variant LABEL=TOKENS is built from its TOKENS)
+        TOKENS[tok][0](d)
+    d = _config.apply_overrides(d, variant_sets or [])
+    d.setdefault("train", {})["seed"] = int(seed)
+    return d
+
+
+def parse_seeds(spec) -> list[int]:
+    """``3`` → ``[0, 1, 2]``; ``"0,5,7"`` → ``[0, 5, 7]``."""
+    s = str(spec).strip()
+    if "," in s:
+        seeds = [int(p) for p in s.split(",") if p.strip()]
+    else:
+        if not s.isdigit() or int(s) < 1:
+            raise ValueError(f"--seeds takes a count (3 → seeds 0, 1, 2) or a list (0,5,7), got {spec!r}")
+        seeds = list(range(int(s)))
+    if len(set(seeds)) != len(seeds) or any(k < 0 for k in seeds):
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {spec!r}")
+    return seeds
+
+
+def parse_variant_sets(items: list[str], variants: list[str]) -> dict[str, list[str]]:
+    """``["tet+rcs:regularizer.rcs_weight=0.01", ...]`` → ``{"tet+rcs": ["regularizer.rcs_weight=0.01"]}``."""
+    out: dict[str, list[str]] = {v: [] for v in variants}
+    for item in items or []:
+        if ":" not in item or "=" not in item.split(":", 1)[1]:
+            raise ValueError(f"--variant-set expects VARIANT:KEY=VALUE, got {item!r}")
+        v, kv = item.split(":", 1)
+        if v not in out:
+            raise ValueError(f"--variant-set names variant {v!r}, which is not among --variants {variants}")
+        out[v].append(kv)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ analysis
+def _acc(Y, y) -> list[float]:
+    return (Y.argmax(-1) == y).float().mean(1).tolist()
+
+
+def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
+    """Anytime figures of one trained run (see the module doc); thresholds only ever fitted on validation."""
+    from . import anytime as _any
+    from .metrics import predict
+
+    T, kind, enc = cfg.data.T, bundle.kind, cfg.data.encoding
+    bs = batch_size or cfg.train.eval_batch_size
+    Ov, yv, _ = predict(model, bundle.val, T, kind, enc, bs)
+    Ot, yt, rates = predict(model, bundle.test, T, kind, enc, bs, firing_rates=True)
+    Yv, Yt = _cf.running(Ov), _cf.running(Ot)
+    full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
+    chunks, _ = _any.prepare(bundle.test, T, kind, enc, bs)
+    ops = _any.ops_per_step(model, chunks)
+    energy_full = float(ops["energy_pj"].sum(0).mean()) * 1e-6
+    oct_d = _cf.oracle(Yt, yt)
+    out = {
+        "version": ANALYSIS_VERSION, "T": T, "n_val": int(len(yv)), "n_test": int(len(yt)),
+        "val_accuracy_per_step": _acc(Yv, yv), "test_accuracy_per_step": _acc(Yt, yt),
+        "firing_rates": rates, "firing_rate": sum(rates.values()) / max(1, len(rates)),
+        "spikes_per_sample": float(ops["spikes"].sum(0).mean()),
+        "energy_uj_full": energy_full,
+        "oct": {"accuracy": oct_d.accuracy(yt), "mean_exit_step": oct_d.mean_exit_step()},
+        "curves": {}, "calibrated": {}, "test_curve": {},
+    }
+    for name in POLICIES:
+        curve = _cf.sweep(name, Yv, yv, Yt, yt)
+        out["curves"][name] = curve
+        out["calibrated"][name], out["test_curve"][name] = {}, {}
+        for drop in DROPS:
+            pol, val = _cf.fastest_within(name, Yv, yv, drop)
+            d = _cf.simulate(pol, Yt)
+            energy = _any.ops_at_exit(ops["energy_pj"], d.exit_step)
+            out["calibrated"][name][str(drop)] = {
+                "setting": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")},
+                "val_accuracy": val["accuracy"], "val_drop": full_val - val["accuracy"],
+                "val_mean_exit_step": val["mean_exit_step"],
+                "test_accuracy": d.accuracy(yt), "test_drop": full_test - d.accuracy(yt),
+                "mean_exit_step": d.mean_exit_step(), "speedup": T / d.mean_exit_step(),
+                "energy_uj": float(energy.mean()) * 1e-6,
+            }
+            ok = [p for p in curve if p["accuracy"] >= full_test - drop - 1e-9]
+            best = min(ok, key=lambda p: p["mean_exit_step"]) if ok else {"mean_exit_step": float(T)}
+            out["test_curve"][name][str(drop)] = {"mean_exit_step": best["mean_exit_step"],
+                                                  "speedup": T / best["mean_exit_step"]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the command
+class Ablation:
+    """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
+
+    def __init__(self, config_path, variants: list[str], seeds, out, overrides: list[str] | None = None,
+                 variant_sets: list[str] | None = None, log: Callable[[str], None] = print):
+        if not variants:
+            raise ValueError("--variants needs at least one variant, e.g. tet,tet+rcs")
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"--variants lists a variant twice: {variants}")
+        for v in variants:
+            tokens(v)
+        self.config_path = str(config_path) if config_path else None
+        base = _config.load(config_path, overrides or []) if config_path else _config.load(None, overrides or [])
+        self.base = base.to_dict()
+        self.specs = {v.rpartition("=")[0] or v: v for v in variants}  # label -> LABEL=TOKENS (or TOKENS)
+        if len(self.specs) != len(variants):
+            raise ValueError(f"--variants lists a label twice: {variants}")
+        self.variants, self.seeds = list(self.specs), parse_seeds(seeds)
+        self.overrides = list(overrides or [])
+        self.raw_variant_sets = list(variant_sets or [])
+        self.variant_sets = parse_variant_sets(self.raw_variant_sets, self.variants)
+        self.out = Path(out)
+        self.log = log
+        self.configs = {(v, k): _config.from_dict(variant_dict(self.base, self.specs[v], k, self.variant_sets[v]))
+                        for v in self.variants for k in self.seeds}  # every config checked before any training
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return self.out / variant / f"seed{seed}"
+
+    def command(self) -> str:
+        parts = ["fewstep ablate", self.config_path or "(defaults)", "--variants", ",".join(self.specs.values()),
+                 "--seeds", ",".join(map(str, self.seeds)), "--out", str(self.out)]
+        parts += [f"--set {o}" for o in self.overrides] + [f"--variant-set '{o}'" for o in self.raw_variant_sets]
+        return " ".join(parts)
+
+    def _spec(self) -> dict:
+        return {"command": self.command(), "config": self.config_path, "base": self.base, "variants": self.variants,
+                "seeds": self.seeds, "overrides": self.overrides, "variant_sets": self.raw_variant_sets}
+
+    def run(self, analyse_only: bool = False) -> dict:
+        from .train import Trainer, load_data
+
+        spec_path = self.out / "ablation.json"
+        if self.out.is_dir() and not spec_path.is_file() and any(self.out.iterdir()):
+            held = sorted(p.name for p in self.out.iterdir())
+            raise ValueError(f"{self.out} is not empty and is not an ablation folder (no ablation.json); it holds "
+                             f"{', '.join(held[:8])}{' ...' if len(held) > 8 else ''}. Choose a new or empty --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if spec_path.is_file():
+            old = json.loads(spec_path.read_text())
+            if old.get("base") != self.base:
+                raise ValueError(f"{self.out} holds an ablation of a different base config (see {spec_path}); "
+                                 "use a new --out folder")
+        spec_path.write_text(json.dumps(self._spec(), indent=2))
+        bundles: dict = {}
+        jobs = [(v, k) for k in self.seeds for v in self.variants]  # seed-major: early results are paired
+        results: dict = {v: {} for v in self.variants}
+        for i, (v, k) in enumerate(jobs, 1):
+            cfg, rd = self.configs[(v, k)], self.run_dir(v, k)
+            tag = f"[{i}/{len(jobs)}] {v} seed {k}"
+            done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
+            if not done and analyse_only:
+                self.log(f"{tag}: not trained yet, skipped (--analyse-only)")
+                continue
+            akey = (cfg.data.T, k, json.dumps(cfg.to_dict()["data"], sort_keys=True))
+            if akey not in bundles:
+                bundles.clear()  # one dataset in memory at a time
+                bundles[akey] = load_data(cfg)
+            bundle = bundles[akey]
+            if not done:
+                trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s, tag=tag: self.log(f"{tag}: {s}"))
+                self.log(f"{tag}: training -> {rd}")
+                metrics = trainer.fit()
+            else:
+                trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s: None)
+                trainer.resume()  # refuses a folder trained with another config
+                self.log(f"{tag}: finished earlier ({trainer.epoch} epochs), kept")
+                metrics = json.loads((rd / "metrics.json").read_text())
+            results[v][k] = self._analysis(trainer, metrics, tag)
+        summary = aggregate(results, self.variants, self.base, self._spec())
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.out / "results.md").write_text(markdown(summary))
+        plot_summary(summary, self.out)
+        self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, tradeoff.png, speedup.png")
+        return summary
+
+    def _analysis(self, trainer, metrics: dict, tag: str) -> dict:
+        rd = trainer.out
+        path = rd / "analysis.json"
+        ck = (rd / "checkpoint.pt").stat().st_mtime
+        if path.is_file() and path.stat().st_mtime >= ck:
+            a = json.loads(path.read_text())
+            if a.get("version") == ANALYSIS_VERSION:
+                return a
+        self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)")
+        if trainer.best_state is not None:
+            trainer.model.load_state_dict(trainer.best_state)
+        model = trainer.model.cpu().eval()
+        t0 = time.perf_counter()
+        a = analyse(model, trainer.cfg, trainer.bundle)
+        a.update(train_time_s=metrics.get("train_time_s"), epochs=metrics.get("epochs"),
+                 best_epoch=metrics.get("best_epoch"), analysis_time_s=round(time.perf_counter() - t0, 1),
+                 n_params=metrics.get("n_params"))
+        path.write_text(json.dumps(a, indent=2))
+        return a
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def _ms(values: list[float]) -> dict:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "values": vals}
+
+
+def _scalars(a: dict) -> dict:
+    """The per-run numbers that are compared across variants (accuracies as fractions)."""
+    s = {"final_accuracy": a["test_accuracy_per_step"][-1], "val_accuracy": a["val_accuracy_per_step"][-1],
+         "firing_rate": a["firing_rate"], "energy_uj_full": a["energy_uj_full"],
+         "spikes_per_sample": a["spikes_per_sample"], "oct_mean_exit": a["oct"]["mean_exit_step"],
+         "train_time_s": a.get("train_time_s")}
+    for t, acc in enumerate(a["test_accuracy_per_step"], 1):
+        s[f"acc_t{t}"] = acc
+    for name in POLICIES:
+        for drop in DROPS:
+            c = a["calibrated"][name][str(drop)]
+            for k in ("speedup", "mean_exit_step", "test_drop", "energy_uj"):
+                s[f"{name}@{drop}:{k}"] = c[k]
+            s[f"{name}@{drop}:test_curve_speedup"] = a["test_curve"][name][str(drop)]["speedup"]
+    return s
+
+
+def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dict:
+    """Mean ± std per variant, paired differences from the first variant, and mean trade-off curves."""
+    out = {"spec": spec, "variants": {}, "baseline": variants[0] if variants else None,
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    base_scalars = {k: _scalars(a) for k, a in results.get(variants[0], {}).items()} if variants else {}
+    for v in variants:
+        runs = results.get(v, {})
+        if not runs:
+            continue
+        sc = {k: _scalars(a) for k, a in runs.items()}
+        keys = next(iter(sc.values())).keys()
+        entry = {"seeds": sorted(runs), "stats": {key: _ms([s[key] for s in sc.values()]) for key in keys}}
+        paired = [k for k in runs if k in base_scalars]
+        entry["paired_diff"] = {key: _ms([sc[k][key] - base_scalars[k][key] for k in paired
+                                          if sc[k][key] is not None and base_scalars[k][key] is not None])
+                                for key in keys}
+        any_run = next(iter(runs.values()))
+        entry["T"] = any_run["T"]
+        entry["n_test"], entry["n_val"] = any_run["n_test"], any_run["n_val"]
+        entry["acc_per_step"] = {
+            "test": [_ms([a["test_accuracy_per_step"][t] for a in runs.values()]) for t in range(any_run["T"])],
+            "val": [_ms([a["val_accuracy_per_step"][t] for a in runs.values()]) for t in range(any_run["T"])]}
+        curves = {}
+        for name in POLICIES:
+            per_seed = [a["curves"][name] for a in runs.values()]
+            n_pts = min(len(c) for c in per_seed)
+            curves[name] = [{"epsilon": per_seed[0][i].get("epsilon"),
+                             "accuracy": statistics.fmean(c[i]["accuracy"] for c in per_seed),
+                             "mean_exit_step": statistics.fmean(c[i]["mean_exit_step"] for c in per_seed)}
+                            for i in range(n_pts)]
+        entry["curves"] = curves
+        entry["oct"] = {"accuracy": statistics.fmean(a["oct"]["accuracy"] for a in runs.values()),
+                        "mean_exit_step": statistics.fmean(a["oct"]["mean_exit_step"] for a in runs.values())}
+        entry["epsilons"] = {name: {str(d): [a["calibrated"][name][str(d)]["setting"] for a in runs.values()]
+                                    for d in DROPS} for name in POLICIES}
+        out["variants"][v] = entry
+    return out
+
+
+def _fmt(st: dict, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± std`` of a :func:`_ms` entry (just the mean for one seed; "–" for none)."""
+    if not st or st.get("mean") is None:
+        return "–"
+    mean = f"{st['mean'] * scale:{'+' if signed else ''}.{digits}f}"
+    return mean if st["n"] < 2 else f"{mean} ± {st['std'] * scale:.{digits}f}"
+
+
+def _fmt_diff(st: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return _fmt(st, scale, digits, signed=True)
+
+
+def markdown(summary: dict) -> str:
+    """The ablation as markdown tables (accuracies in %, drops in points)."""
+    spec, vs = summary["spec"], summary["variants"]
+    if not vs:
+        return "# Ablation\n\nNo finished runs yet.\n"
+    base = spec["base"]
+    first = next(iter(vs.values()))
+    T = first["T"]
+    tr, dt, md = base["train"], base["data"], base["model"]
+    seeds = ", ".join(str(s) for s in spec["seeds"])
+    times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}
+    L = [f"# Ablation: {dt['name']}, {md['name']}, T = {T}", "",
+         f"Reproduce: `{spec['command']}`", "",
+         f"- Budget per run: {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']:g} "
+         f"({tr['schedule']}), loss {tr['loss']} unless the variant says otherwise; the same for every variant.",
+         f"- Seeds {seeds} (paired: a seed fixes the initial weights, the validation split and the data order). "
+         f"Validation: {first['n_val']} samples carved from training; test: {first['n_test']} samples, used only "
+         "for the figures below.",
+         f"- Machine: {summary['machine']}. Training time per run (s): "
+         + "; ".join(f"{v} {_fmt(st, 1, 0)}" for v, st in times.items()) + ".",
+         "- Mean ± sample standard deviation over seeds. Cutoff thresholds are always fitted on validation.", ""]
+    L += ["## Accuracy per timestep (test, %)", "",
+          "| variant | " + " | ".join(f"t={t}" for t in range(1, T + 1)) + " |",
+          "|---|" + "---|" * T]
+    for v, e in vs.items():
+        L.append(f"| {v} | " + " | ".join(_fmt(e["acc_per_step"]["test"][t], 100) for t in range(T)) + " |")
+    L += ["", "## Calibrated early exit (test)", "",
+          "For each policy and tolerated drop d, the fastest threshold whose accuracy on **validation** is within d "
+          "of running to T, then measured on test: timestep speed-up T / mean exit step, the realised test drop "
+          "(pt) and the energy per sample at exit (µJ, METHODS §8).", "",
+          "| variant | policy | d | speed-up | mean exit | test drop (pt) | energy (µJ) |",
+          "|---|---|---|---|---|---|---|"]
+    for v, e in vs.items():
+        st = e["stats"]
+        for name in POLICIES:
+            for d in DROPS:
+                k = f"{name}@{d}:"
+                L.append(f"| {v} | {name} | {100 * d:g} pt | {_fmt(st[k + 'speedup'])}× | "
+                         f"{_fmt(st[k + 'mean_exit_step'])} | {_fmt(st[k + 'test_drop'], 100)} | "
+                         f"{_fmt(st[k + 'energy_uj'], 1, 3)} |")
+    L += ["", "## Full-T cost and the oracle (test)", "",
+          "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
+          "OCT mean exit |", "|---|---|---|---|---|---|---|"]
+    for v, e in vs.items():
+        st = e["stats"]
+        L.append(f"| {v} | {_fmt(st['final_accuracy'], 100)} | {_fmt(st['val_accuracy'], 100)} | "
+                 f"{_fmt(st['firing_rate'], 1, 4)} | {_fmt(st['spikes_per_sample'], 1, 0)} | "
+                 f"{_fmt(st['energy_uj_full'], 1, 3)} | {_fmt(st['oct_mean_exit'])} |")
+    base_v = summary["baseline"]
+    others = [v for v in vs if v != base_v]
+    if others:
+        L += ["", f"## Paired differences from {base_v} (same seed; mean ± std over seeds)", "",
+              "| variant | acc t=1 (pt) | final acc (pt) | softmax speed-up @0.6 | topk speed-up @0.6 | "
+              "softmax @1 | topk @1 | firing rate |", "|---|---|---|---|---|---|---|---|"]
+        for v in others:
+            pd = vs[v]["paired_diff"]
+            L.append(f"| {v} | {_fmt_diff(pd['acc_t1'], 100)} | {_fmt_diff(pd['final_accuracy'], 100)} | "
+                     f"{_fmt_diff(pd['softmax@0.006:speedup'])} | {_fmt_diff(pd['topk@0.006:speedup'])} | "
+                     f"{_fmt_diff(pd['softmax@0.01:speedup'])} | {_fmt_diff(pd['topk@0.01:speedup'])} | "
+                     f"{_fmt_diff(pd['firing_rate'], 1, 4)} |")
+    L += ["", "## For comparison with the papers: speed-up read off the test curve", "",
+          "The papers report the fastest point of the trade-off curve within d of full-T accuracy *on the test "
+          "set*; that selects on test, so it is shown only for comparison, never as a calibrated result.", "",
+          "| variant | softmax @0.6 | topk @0.6 | softmax @1 | topk @1 |", "|---|---|---|---|---|"]
+    for v, e in vs.items():
+        st = e["stats"]
+        L.append(f"| {v} | " + " | ".join(f"{_fmt(st[f'{n}@{d}:test_curve_speedup'])}×"
+                                            for d in DROPS for n in POLICIES) + " |")
+    L += ["", "Plots: `accuracy_per_step.png`, `tradeoff.png`, `speedup.png`. Per run: `<variant>/seed<k>/` "
+          "(config.yaml, log.csv, metrics.json, analysis.json).", ""]
+    return "\n".join(L)
+
+
+def plot_summary(summary: dict, out: Path) -> None:
+    from . import plots
+
+    vs = summary["variants"]
+    if not vs:
+        return
+    plots.ablation_accuracy({v: e["acc_per_step"]["test"] for v, e in vs.items()}, out / "accuracy_per_step.png",
+                            "Accuracy per timestep (test, mean ± std over seeds)")
+    plots.ablation_tradeoff({v: e["curves"] for v, e in vs.items()}, {v: e["oct"] for v, e in vs.items()},
+                            out / "tradeoff.png")
+    plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, POLICIES, DROPS, out / "speedup.png")

@@ -1,0 +1,81 @@
+"""Regularisers for the Trainer: the hook they plug into, a registry by name, and the config plumbing.
+
+A regulariser is a callable ``(logits[T, N, C], y[N], rec) -> scalar`` (``rec``: the
+:class:`fewstep.record.Recorder` of the forward pass) that returns its *weighted* term. Optional
+attributes: ``name`` (its column in ``log.csv``, default the function's name) and ``fields`` (what
+it reads from the recording, default spikes, u and v; asking for less keeps recording cheaper).
+
+Built-in: ``rcs`` (:mod:`fewstep.rcs`) and ``str`` (:mod:`fewstep.str_reg`), chosen in the config::
+
+    regularizer:
+      name: rcs            # none | rcs | str | rcs+str
+      rcs_weight: 0.003    # options of regulariser X are the keys X_<option>
+
+To add one: write its class, then add it to :data:`REGISTRY` and its ``<name>_<option>`` keys to
+:class:`fewstep.config.RegularizerConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from .rcs import RCS
+from .str_reg import STR
+
+REGISTRY = {"rcs": RCS, "str": STR}
+ALL_FIELDS = ("spikes", "u", "v")
+
+
+def parse(name: str) -> list[str]:
+    """``"none"`` → ``[]``; ``"rcs+str"`` → ``["rcs", "str"]``; unknown names raise with the valid ones."""
+    if name is None or str(name).strip().lower() in ("", "none"):
+        return []
+    names = [p.strip().lower() for p in str(name).split("+")]
+    bad = [n for n in names if n not in REGISTRY]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"unknown or repeated regularizer {bad or name!r} in {name!r}; valid names: "
+                         f"none, {', '.join(sorted(REGISTRY))} (combine with '+', e.g. rcs+str)")
+    return names
+
+
+def options(cfg, name: str) -> dict:
+    """The ``<name>_<option>`` keys of a :class:`RegularizerConfig`, without the prefix."""
+    d = asdict(cfg)
+    return {k[len(name) + 1:]: v for k, v in d.items() if k.startswith(name + "_")}
+
+
+def from_config(cfg) -> list:
+    """The regularisers a :class:`fewstep.config.RegularizerConfig` asks for."""
+    return [REGISTRY[n](**options(cfg, n)) for n in parse(cfg.name)]
+
+
+def term_names(regs) -> list[str]:
+    """Column names for the terms in ``log.csv`` (unique; ``reg<i>`` for anonymous callables)."""
+    out = []
+    for i, r in enumerate(regs):
+        base = getattr(r, "name", None) or getattr(r, "__name__", None) or f"reg{i}"
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}{k}", k + 1
+        out.append(name)
+    return out
+
+
+def fields_needed(regs) -> tuple[str, ...]:
+    need = set()
+    for r in regs:
+        need |= set(getattr(r, "fields", ALL_FIELDS))
+    return tuple(f for f in ALL_FIELDS if f in need)
+
+
+def recorded_layers(rec, who: str) -> list[str]:
+    """Names of the recorded spiking layers, or a clear error where a regulariser would silently read nothing."""
+    if not rec.modules:
+        raise ValueError(f"the {who} regularizer needs spiking layers, but the model has none (no LIF/IF or other "
+                         "fewstep neuron module); remove the regularizer or use a spiking model")
+    silent = rec.silent()
+    if silent:
+        raise ValueError(f"the {who} regularizer reads every spiking layer, but {', '.join(silent)} recorded nothing "
+                         "in this forward pass (a custom neuron must call self._recorder.add(...) when recording, "
+                         "see docs/extending.md)")
+    return rec.layers

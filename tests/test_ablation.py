@@ -1,0 +1,118 @@
+"""``fewstep ablate``: variants, paired seeds, resume after an interruption, the report."""
+
+import json
+
+import pytest
+import yaml
+
+from fewstep import ablation as A
+from fewstep.cli import main as cli
+from fewstep.train import Trainer
+
+from .test_train import quick
+
+
+def test_variant_tokens_seeds_and_variant_sets():
+    base = quick(None).to_dict()
+    d = A.variant_dict(base, "tet+rcs+str+tebn", 5, ["regularizer.rcs_weight=0.01"])
+    assert d["train"]["loss"] == "tet" and d["regularizer"]["name"] == "rcs+str" and d["model"]["norm"] == "tebn"
+    assert d["train"]["seed"] == 5 and d["regularizer"]["rcs_weight"] == 0.01
+    assert A.variant_dict(base, "ce", 0)["train"]["loss"] == "ce"
+    labelled = A.variant_dict(base, "str-tail=tet+str", 0, ["regularizer.str_form=tail"])  # LABEL=TOKENS
+    assert labelled["regularizer"]["name"] == "str" and labelled["regularizer"]["str_form"] == "tail"
+    with pytest.raises(ValueError, match="names a folder"):
+        A.tokens("../x=tet")
+    assert base["train"]["seed"] == 0 and "regularizer" in base  # the base is not modified
+    with pytest.raises(ValueError, match=r"unknown ablation token\(s\) \['l1'\].*valid tokens: ce .*rcs"):
+        A.tokens("tet+l1")
+    assert A.parse_seeds(3) == [0, 1, 2] and A.parse_seeds("0,5,7") == [0, 5, 7]
+    for bad in ("0", "1,1", "-1,2", "x"):
+        with pytest.raises(ValueError, match="--seeds"):
+            A.parse_seeds(bad)
+    with pytest.raises(ValueError, match="not among --variants"):
+        A.parse_variant_sets(["tet+str:regularizer.str_weight=1"], ["tet", "tet+rcs"])
+    with pytest.raises(ValueError, match="VARIANT:KEY=VALUE"):
+        A.parse_variant_sets(["tet+rcs"], ["tet", "tet+rcs"])
+
+
+def write_config(tmp_path):
+    cfg = tmp_path / "digits.yaml"
+    d = quick(tmp_path, epochs=3).to_dict()
+    d["data"]["T"] = 4
+    cfg.write_text(yaml.safe_dump(d))
+    return cfg
+
+
+def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    cfg, out = write_config(tmp_path), tmp_path / "abl"
+    logs = []
+    calls = {"n": 0}
+    real_fit = Trainer.fit
+
+    def interrupted(self, stop_after=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second run is cut off after one of its three epochs
+            real_fit(self, stop_after=1)
+            raise KeyboardInterrupt
+        return real_fit(self, stop_after)
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        A.Ablation(cfg, ["tet", "tet+rcs"], 2, out, ["train.lr=0.005"], ["tet+rcs:regularizer.rcs_weight=0.01"],
+                   log=logs.append).run()
+    monkeypatch.undo()
+    first = out / "tet" / "seed0"
+    assert (first / "metrics.json").is_file() and (first / "analysis.json").is_file()
+    assert (out / "tet+rcs" / "seed0" / "checkpoint.pt").is_file()
+    assert not (out / "tet+rcs" / "seed0" / "metrics.json").exists()
+    stamp = (first / "checkpoint.pt").stat().st_mtime_ns
+
+    logs.clear()
+    summary = A.Ablation(cfg, ["tet", "tet+rcs"], 2, out, ["train.lr=0.005"],
+                         ["tet+rcs:regularizer.rcs_weight=0.01"], log=logs.append).run()
+    assert (first / "checkpoint.pt").stat().st_mtime_ns == stamp  # the finished run was not retrained
+    assert any("tet+rcs seed 0" in m and "resuming" in m and "after epoch 1" in m for m in logs)
+    assert not any(m.startswith("[1/4]") and "training" in m for m in logs)
+    assert any(m.startswith("[1/4]") and "finished earlier (3 epochs), kept" in m for m in logs)
+    for v in ("tet", "tet+rcs"):
+        for k in (0, 1):
+            run = out / v / f"seed{k}"
+            saved = yaml.safe_load((run / "config.yaml").read_text())
+            assert saved["train"]["seed"] == k and saved["train"]["lr"] == 0.005 and saved["train"]["epochs"] == 3
+            assert saved["regularizer"]["name"] == ("rcs" if v == "tet+rcs" else "none")
+            a = json.loads((run / "analysis.json").read_text())
+            assert len(a["test_accuracy_per_step"]) == 4
+            for pol in ("softmax", "topk"):
+                for drop, c in a["calibrated"][pol].items():
+                    assert c["val_drop"] <= float(drop) + 1e-9  # chosen on validation, within the drop there
+                    assert c["speedup"] == pytest.approx(4 / c["mean_exit_step"])
+    assert yaml.safe_load((out / "tet+rcs" / "seed1" / "config.yaml").read_text())["regularizer"]["rcs_weight"] == 0.01
+    assert summary["variants"]["tet+rcs"]["seeds"] == [0, 1]
+    assert summary["variants"]["tet+rcs"]["paired_diff"]["final_accuracy"]["n"] == 2
+    md = (out / "results.md").read_text()
+    assert "| tet+rcs |" in md and "Paired differences from tet" in md and "--variant-set" in md
+    for png in ("accuracy_per_step.png", "tradeoff.png", "speedup.png"):
+        assert (out / png).stat().st_size > 5000
+
+
+def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, capsys):
+    cfg, out = write_config(tmp_path), tmp_path / "abl"
+    assert cli(["ablate", str(cfg), "--variants", "tet,tet+str", "--seeds", "1", "--out", str(out),
+                "--set", "train.epochs=2", "--analyse-only"]) == 0
+    assert "not finished yet: tet, tet+str" in capsys.readouterr().out  # nothing trained with --analyse-only
+    assert cli(["ablate", str(cfg), "--variants", "tet,tet+str", "--seeds", "1", "--out", str(out),
+                "--set", "train.epochs=2"]) == 0
+    text = capsys.readouterr().out
+    assert "## Accuracy per timestep (test, %)" in text and "| tet+str |" in text
+    assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "1", "--out", str(out),
+                "--set", "train.epochs=3"]) == 2
+    assert "different base config" in capsys.readouterr().err
+    assert cli(["ablate", str(cfg), "--variants", "tet+dropout", "--out", str(tmp_path / "x")]) == 2
+    assert "valid tokens" in capsys.readouterr().err
+    # the same tokens under two labels, one tuned: two folders, two configs
+    assert cli(["ablate", str(cfg), "--variants", "tet+str,strong=tet+str", "--seeds", "1", "--out",
+                str(tmp_path / "lab"), "--set", "train.epochs=1", "--variant-set", "strong:regularizer.str_weight=5"]) == 0
+    weights = [yaml.safe_load((tmp_path / "lab" / v / "seed0" / "config.yaml").read_text())["regularizer"]["str_weight"]
+               for v in ("tet+str", "strong")]
+    assert weights == [0.1, 5.0]
+    assert "| strong |" in capsys.readouterr().out
