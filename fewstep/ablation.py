@@ -92,6 +92,11 @@ def _tebn(d):
     d.setdefault("model", {})["norm"] = "tebn"
 
 
+@register_token("trt", "temporal reversed training (trt.enabled: true; trt.* options)")
+def _trt(d):
+    d.setdefault("trt", {})["enabled"] = True
+
+
 LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.@")
 
 

@@ -187,7 +187,7 @@ def cmd_ablate(args) -> int:
     summary = abl.run(analyse_only=args.analyse_only)
     print()
     print((Path(args.out) / "results.md").read_text())
-    missing = [v for v in variants if v not in summary["variants"]]
+    missing = [label for label in abl.variants if label not in summary["variants"]]
     if missing:
         print(f"not finished yet: {', '.join(missing)}; run the same command again to continue")
     return 0

@@ -1,4 +1,4 @@
-"""Run configuration: four sections (``data``, ``model``, ``train``, ``regularizer``) as dataclasses.
+"""Run configuration: five sections (``data``, ``model``, ``train``, ``regularizer``, ``trt``) as dataclasses.
 
 YAML files and ``--set section.key=value`` overrides are checked against these fields; an unknown
 key is an error that lists the valid ones. ``docs/config.md`` documents every field.
@@ -82,11 +82,25 @@ class RegularizerConfig:
 
 
 @dataclass
+class TRTConfig:
+    enabled: bool = False           # temporal reversed training (fewstep/trt.py; a documented reading)
+    reverse: str = "auto"           # auto (event data: input, images: layer) | input | layer
+    reverse_at: Any = None          # spiking layer whose spikes are flipped (reverse: layer); null = the first
+    consistency: str = "kl"         # kl | sym_kl | mse, between time-averaged logits
+    lam: float = 1.0                # λ, weight of the consistency term
+    tau: float = 2.0                # temperature of kl / sym_kl
+    reversed_weight: float = 1.0    # weight of the reversed branch's loss
+    star_weight: float = 1.0        # weight of the star head's cross-entropy
+    share_head: bool = True         # the reversed branch uses the model's head (else a training-only copy)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    trt: TRTConfig = field(default_factory=TRTConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,7 +151,8 @@ def _section(cls, values: dict, where: str):
     return obj
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "regularizer": RegularizerConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "regularizer": RegularizerConfig,
+            "trt": TRTConfig}
 CHOICES = {  # keys with a fixed set of values, checked before anything is loaded
     ("data", "encoding"): ("direct", "poisson"),
     ("data", "by"): ("time", "count"),
@@ -149,6 +164,8 @@ CHOICES = {  # keys with a fixed set of values, checked before anything is loade
     ("train", "loss"): ("ce", "tet"),
     ("regularizer", "rcs_reduction"): ("max", "mean"),
     ("regularizer", "str_form"): ("share", "tail", "log"),
+    ("trt", "reverse"): ("auto", "input", "layer"),
+    ("trt", "consistency"): ("kl", "sym_kl", "mse"),
 }
 INF = math.inf
 # (low, high, low inclusive, high inclusive) for every numeric key, checked before anything is loaded
@@ -176,6 +193,10 @@ RANGES = {
     ("regularizer", "rcs_weight"): (0.0, INF, True, False),
     ("regularizer", "rcs_beta"): (0.0, 1.0, False, True),
     ("regularizer", "str_weight"): (0.0, INF, True, False),
+    ("trt", "lam"): (0.0, INF, True, False),
+    ("trt", "tau"): (0.0, INF, False, False),
+    ("trt", "reversed_weight"): (0.0, INF, True, False),
+    ("trt", "star_weight"): (0.0, INF, True, False),
 }
 
 
@@ -220,6 +241,11 @@ def _check(cfg: Config) -> Config:
         raise ValueError("model.norm: tebn needs BatchNorm layers, which model 'mlp' has none of; use model.norm: bn")
     _check_names(cfg)
     regularizers.parse(cfg.regularizer.name)
+    if cfg.trt.enabled and cfg.data.T < 2:
+        raise ValueError(f"trt.enabled needs data.T >= 2 (TRT reverses spike trains in time); data.T = {cfg.data.T}: "
+                         "nothing to reverse")
+    if cfg.trt.reverse_at is not None and not isinstance(cfg.trt.reverse_at, str):
+        raise ValueError(f"config key 'trt.reverse_at' must be null or a spiking layer name, got {cfg.trt.reverse_at!r}")
     return cfg
 
 

@@ -38,6 +38,8 @@ class Recorder:
         # fastest, but then not visible to torch.autograd.grad(loss, recorded tensor). Off by default.
         self.grad_sink = bool(grad_sink)
         self.modules: dict[str, nn.Module] = {}  # every spiking layer the recorder is attached to, by name
+        self.model: "nn.Module | None" = None  # the recorded network (set by record())
+        self.input: "torch.Tensor | None" = None  # its input, where the caller sets it (the Trainer does)
         self._data: dict[str, dict[str, list]] = {}
 
     def add(self, module, spikes, u=None, v=None):
@@ -111,6 +113,7 @@ def record(net: nn.Module, detach: bool = False, fields=FIELDS, grad_sink: bool 
     instead of as full-size tensors (:class:`fewstep.fused.GradSink`); use it when the loss is
     back-propagated with ``loss.backward()``, as the Trainer does."""
     rec = Recorder(detach=detach, fields=fields, grad_sink=grad_sink)
+    rec.model = net
     mods = [(n, m) for n, m in net.named_modules() if isinstance(m, StatefulModule) and m.is_neuron]
     previous = [(m._recorder, m._record_name) for _, m in mods]
     for name, m in mods:

@@ -1,9 +1,13 @@
 """Regularisers for the Trainer: the hook they plug into, a registry by name, and the config plumbing.
 
 A regulariser is a callable ``(logits[T, N, C], y[N], rec) -> scalar`` (``rec``: the
-:class:`fewstep.record.Recorder` of the forward pass) that returns its *weighted* term. Optional
-attributes: ``name`` (its column in ``log.csv``, default the function's name) and ``fields`` (what
-it reads from the recording, default spikes, u and v; asking for less keeps recording cheaper).
+:class:`fewstep.record.Recorder` of the forward pass, with ``rec.model`` and ``rec.input``) that
+returns its *weighted* term, or a dict of named weighted terms. Optional attributes: ``name`` (its
+column in ``log.csv``, default the function's name; a dict's terms log as ``<name>_<key>``),
+``fields`` (what it reads from the recording, default spikes, u and v; asking for less keeps
+recording cheaper), ``setup(trainer)`` (called once, after the model is built, before training).
+A regulariser that is an ``nn.Module`` (TRT's training-only heads) has its parameters trained and
+checkpointed beside the model, never in it.
 
 Built-in: ``rcs`` (:mod:`fewstep.rcs`) and ``str`` (:mod:`fewstep.str_reg`), chosen in the config::
 
@@ -47,6 +51,14 @@ def options(cfg, name: str) -> dict:
 def from_config(cfg) -> list:
     """The regularisers a :class:`fewstep.config.RegularizerConfig` asks for."""
     return [REGISTRY[n](**options(cfg, n)) for n in parse(cfg.name)]
+
+
+def build(cfg) -> list:
+    """Every training-loss term a whole :class:`fewstep.config.Config` asks for: the ``regularizer``
+    section, then TRT (its own ``trt`` section)."""
+    from . import trt
+
+    return from_config(cfg.regularizer) + trt.from_config(cfg.trt)
 
 
 def term_names(regs) -> list[str]:

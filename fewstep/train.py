@@ -185,7 +185,7 @@ class Trainer:
         self.out = Path(out_dir)
         check_run_folder(self.out)  # before any data is loaded
         self.log = log
-        self.regularizers = _regs.from_config(cfg.regularizer) + list(regularizers or [])
+        self.regularizers = _regs.build(cfg) + list(regularizers or [])
         self.reg_names = _regs.term_names(self.regularizers)
         self.record_fields = _regs.fields_needed(self.regularizers)
         seed_everything(cfg.train.seed)
@@ -195,7 +195,14 @@ class Trainer:
             raise ValueError(f"T mismatch: dataset frames have T = {self.bundle.T} but data.T = {cfg.data.T}")
         self.model = build_model(cfg, self.bundle).to(self.device)
         self.loss_fn = _losses.make(cfg.train.loss, cfg.train.tet_lambda, cfg.train.tet_phi)
-        self.opt = make_optimizer(cfg.train, self.model.parameters())
+        for r in self.regularizers:
+            if hasattr(r, "setup"):
+                r.setup(self)
+        # Regularisers with parameters (TRT's training-only heads): trained and checkpointed beside the model.
+        self.reg_modules = {n: r.to(self.device) for n, r in zip(self.reg_names, self.regularizers)
+                            if isinstance(r, torch.nn.Module) and any(True for _ in r.parameters())}
+        params = list(self.model.parameters()) + [p for r in self.reg_modules.values() for p in r.parameters()]
+        self.opt = make_optimizer(cfg.train, params)
         self.sched = make_scheduler(cfg.train, self.opt)
         self.epoch = 0  # epochs completed
         self.best_val = -1.0
@@ -213,6 +220,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
                 "model": self.model.state_dict(), "best_model": self.best_state, "best_val": self.best_val,
                 "best_epoch": self.best_epoch, "optimizer": self.opt.state_dict(),
+                "regularizers": {n: r.state_dict() for n, r in self.reg_modules.items()},
                 "scheduler": self.sched.state_dict(), "rng": _rng_state(), "history": self.history,
                 "train_time": self.train_time}
 
@@ -231,6 +239,8 @@ class Trainer:
             raise ValueError(f"{self.out} holds a run with a different config (differs in {diff}); "
                              "use a new --out folder")
         self.model.load_state_dict(ckpt["model"])
+        for n, r in self.reg_modules.items():
+            r.load_state_dict(ckpt.get("regularizers", {})[n])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         if self.sched.__class__.__name__ == "CosineAnnealingLR":
@@ -256,7 +266,7 @@ class Trainer:
         self.model.train()
         amp = cfg.amp and self.device.type == "cuda"
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
-        tot_terms = {name: 0.0 for name in ["task_loss", *self.reg_names]} if self.regularizers else {}
+        tot_terms: dict[str, float] = {}
         bar = tqdm(self._batches(epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None if cfg.progress else True)
         for step, (x, y) in enumerate(bar):
@@ -266,8 +276,12 @@ class Trainer:
                 if self.regularizers:
                     with record(self.model, fields=self.record_fields, grad_sink=True) as rec:
                         out = self.model(x)
+                    rec.input = x
                     terms = {"task_loss": self.loss_fn(out, y)}
-                    terms.update((n, r(out, y, rec)) for n, r in zip(self.reg_names, self.regularizers))
+                    for n, r in zip(self.reg_names, self.regularizers):
+                        value = r(out, y, rec)
+                        terms.update({f"{n}_{k}": v for k, v in value.items()} if isinstance(value, dict)
+                                     else {n: value})
                     loss = sum(terms.values())
                 else:
                     out = self.model(x)
@@ -288,7 +302,7 @@ class Trainer:
             n = y.numel()
             tot_loss += loss.item() * n
             for k, v in terms.items():
-                tot_terms[k] += float(v.detach()) * n
+                tot_terms[k] = tot_terms.get(k, 0.0) + float(v.detach()) * n
             tot_correct += int((out.detach().float().mean(0).argmax(-1) == y).sum())
             tot_n += n
             bar.set_postfix(loss=f"{tot_loss / tot_n:.3f}", acc=f"{tot_correct / tot_n:.3f}")

@@ -124,6 +124,23 @@ class SNN(nn.Module):
         self.check_input(x)
         return self.body(x)
 
+    # -- the uniform interface that training wrappers (TRT) use: where the stem ends, where the head begins
+    def spiking_layers(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every spiking layer, in the order the forward pass runs them (the stem
+        ends at the first; a wrapper may cut the network after any of them)."""
+        from ..neurons import StatefulModule
+
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, StatefulModule) and m.is_neuron]
+
+    def classifier_head(self) -> nn.Linear:
+        """The final synaptic layer, mapping the features after the last spiking layer (pooled and
+        flattened where the model does so) to the logits: ``logits(t) = head(f(t))``."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        if not linears or linears[-1].out_features != self.num_classes:
+            raise ValueError(f"model {self.model_name!r} does not end with a Linear layer giving the {self.num_classes} "
+                             "logits; it cannot provide classifier_head()")
+        return linears[-1]
+
     def body(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
