@@ -97,6 +97,18 @@ def _trt(d):
     d.setdefault("trt", {})["enabled"] = True
 
 
+@register_token("qcfs", "an ANN with QCFS activations (model.neuron: qcfs, data.T: 1), analysed as the SNN it "
+                "converts to at --convert-T steps (fewstep/qcfs.py)")
+def _qcfs(d):
+    d.setdefault("model", {})["neuron"] = "qcfs"
+    d.setdefault("data", {})["T"] = 1
+
+
+@register_token("rcs_ann", "add the RCS-ANN regulariser to a QCFS ANN (regularizer.rcs_ann_* options)")
+def _rcs_ann(d):
+    _add_regularizer(d, "rcs_ann")
+
+
 LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.@")
 
 
@@ -207,7 +219,7 @@ class Ablation:
     """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
 
     def __init__(self, config_path, variants: list[str], seeds, out, overrides: list[str] | None = None,
-                 variant_sets: list[str] | None = None, log: Callable[[str], None] = print):
+                 variant_sets: list[str] | None = None, log: Callable[[str], None] = print, convert_T: int = 64):
         if not variants:
             raise ValueError("--variants needs at least one variant, e.g. tet,tet+rcs")
         if len(set(variants)) != len(variants):
@@ -226,6 +238,9 @@ class Ablation:
         self.variant_sets = parse_variant_sets(self.raw_variant_sets, self.variants)
         self.out = Path(out)
         self.log = log
+        if int(convert_T) != convert_T or convert_T < 1:
+            raise ValueError(f"--convert-T must be a whole number >= 1, got {convert_T!r}")
+        self.convert_T = int(convert_T)
         self.configs = {(v, k): _config.from_dict(variant_dict(self.base, self.specs[v], k, self.variant_sets[v]))
                         for v in self.variants for k in self.seeds}  # every config checked before any training
 
@@ -236,11 +251,17 @@ class Ablation:
         parts = ["fewstep ablate", self.config_path or "(defaults)", "--variants", ",".join(self.specs.values()),
                  "--seeds", ",".join(map(str, self.seeds)), "--out", str(self.out)]
         parts += [f"--set {o}" for o in self.overrides] + [f"--variant-set '{o}'" for o in self.raw_variant_sets]
+        if self.converts():
+            parts += ["--convert-T", str(self.convert_T)]
         return " ".join(parts)
+
+    def converts(self) -> bool:
+        return any(c.model.neuron == "qcfs" for c in self.configs.values())
 
     def _spec(self) -> dict:
         return {"command": self.command(), "config": self.config_path, "base": self.base, "variants": self.variants,
-                "seeds": self.seeds, "overrides": self.overrides, "variant_sets": self.raw_variant_sets}
+                "seeds": self.seeds, "overrides": self.overrides, "variant_sets": self.raw_variant_sets,
+                "convert_T": self.convert_T if self.converts() else None}
 
     def run(self, analyse_only: bool = False) -> dict:
         from .train import Trainer, load_data
@@ -253,7 +274,11 @@ class Ablation:
         self.out.mkdir(parents=True, exist_ok=True)
         if spec_path.is_file():
             old = json.loads(spec_path.read_text())
-            if old.get("base") != self.base:
+            try:  # read through today's schema, so a key added since (with its default) is no difference
+                old_base = _config.from_dict(old.get("base")).to_dict()
+            except (TypeError, ValueError):
+                old_base = old.get("base")
+            if old_base != self.base:
                 raise ValueError(f"{self.out} holds an ablation of a different base config (see {spec_path}); "
                                  "use a new --out folder")
         spec_path.write_text(json.dumps(self._spec(), indent=2))
@@ -293,19 +318,29 @@ class Ablation:
         rd = trainer.out
         path = rd / "analysis.json"
         ck = (rd / "checkpoint.pt").stat().st_mtime
+        ann = trainer.cfg.model.neuron == "qcfs"
         if path.is_file() and path.stat().st_mtime >= ck:
             a = json.loads(path.read_text())
-            if a.get("version") == ANALYSIS_VERSION:
+            if a.get("version") == ANALYSIS_VERSION and (not ann or a.get("T") == self.convert_T):
                 return a
-        self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)")
+        self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"
+                 + (f" of the SNN converted to T = {self.convert_T}" if ann else ""))
         if trainer.best_state is not None:
             trainer.model.load_state_dict(trainer.best_state)
-        model = trainer.model.cpu().eval()
+        model, cfg = trainer.model.cpu().eval(), trainer.cfg
+        if ann:  # a QCFS ANN is judged as the SNN it converts to
+            from . import qcfs as _qcfs
+
+            _qcfs.check_static(cfg)
+            model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
         t0 = time.perf_counter()
-        a = analyse(model, trainer.cfg, trainer.bundle)
+        a = analyse(model, cfg, trainer.bundle)
+        if ann:
+            a.update(ann_test_accuracy=metrics.get("test_accuracy"), ann_val_accuracy=metrics.get("val_accuracy"))
         a.update(train_time_s=metrics.get("train_time_s"), epochs=metrics.get("epochs"),
                  best_epoch=metrics.get("best_epoch"), analysis_time_s=round(time.perf_counter() - t0, 1),
-                 n_params=metrics.get("n_params"))
+                 n_params=metrics.get("n_params"), train_threads=metrics.get("threads"),
+                 train_device=metrics.get("device"))
         path.write_text(json.dumps(a, indent=2))
         return a
 
@@ -324,7 +359,7 @@ def _scalars(a: dict) -> dict:
     s = {"final_accuracy": a["test_accuracy_per_step"][-1], "val_accuracy": a["val_accuracy_per_step"][-1],
          "firing_rate": a["firing_rate"], "energy_uj_full": a["energy_uj_full"],
          "spikes_per_sample": a["spikes_per_sample"], "oct_mean_exit": a["oct"]["mean_exit_step"],
-         "train_time_s": a.get("train_time_s")}
+         "train_time_s": a.get("train_time_s"), "ann_accuracy": a.get("ann_test_accuracy")}
     for t, acc in enumerate(a["test_accuracy_per_step"], 1):
         s[f"acc_t{t}"] = acc
     for name in POLICIES:
@@ -338,8 +373,12 @@ def _scalars(a: dict) -> dict:
 
 def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dict:
     """Mean ± std per variant, paired differences from the first variant, and mean trade-off curves."""
+    threads = sorted({a.get("train_threads") for runs in results.values() for a in runs.values()} - {None})
+    devices = sorted({a.get("train_device") for runs in results.values() for a in runs.values()} - {None})
+    trained = (f"trained on {'/'.join(devices) or 'cpu'} with "
+               f"{'/'.join(map(str, threads)) if threads else 'unrecorded'} torch threads")
     out = {"spec": spec, "variants": {}, "baseline": variants[0] if variants else None,
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+           "machine": f"{platform.machine()}, {trained}, torch {torch.__version__}"}
     base_scalars = {k: _scalars(a) for k, a in results.get(variants[0], {}).items()} if variants else {}
     for v in variants:
         runs = results.get(v, {})
@@ -350,7 +389,7 @@ def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dic
         entry = {"seeds": sorted(runs), "stats": {key: _ms([s[key] for s in sc.values()]) for key in keys}}
         paired = [k for k in runs if k in base_scalars]
         entry["paired_diff"] = {key: _ms([sc[k][key] - base_scalars[k][key] for k in paired
-                                          if sc[k][key] is not None and base_scalars[k][key] is not None])
+                                          if sc[k][key] is not None and base_scalars[k].get(key) is not None])
                                 for key in keys}
         any_run = next(iter(runs.values()))
         entry["T"] = any_run["T"]
@@ -387,6 +426,13 @@ def _fmt_diff(st: dict, scale: float = 1.0, digits: int = 2) -> str:
     return _fmt(st, scale, digits, signed=True)
 
 
+def shown_steps(T: int) -> list[int]:
+    """Every step up to T = 12; beyond, powers of two and T (a 64-step table would not be read)."""
+    if T <= 12:
+        return list(range(1, T + 1))
+    return sorted({2 ** i for i in range(T.bit_length()) if 2 ** i <= T} | {T})
+
+
 def markdown(summary: dict) -> str:
     """The ablation as markdown tables (accuracies in %, drops in points)."""
     spec, vs = summary["spec"], summary["variants"]
@@ -398,7 +444,8 @@ def markdown(summary: dict) -> str:
     tr, dt, md = base["train"], base["data"], base["model"]
     seeds = ", ".join(str(s) for s in spec["seeds"])
     times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}
-    L = [f"# Ablation: {dt['name']}, {md['name']}, T = {T}", "",
+    Ts = " / ".join(str(t) for t in sorted({e["T"] for e in vs.values()}))
+    L = [f"# Ablation: {dt['name']}, {md['name']}, T = {Ts}", "",
          f"Reproduce: `{spec['command']}`", "",
          f"- Budget per run: {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']:g} "
          f"({tr['schedule']}), loss {tr['loss']} unless the variant says otherwise; the same for every variant.",
@@ -408,11 +455,23 @@ def markdown(summary: dict) -> str:
          f"- Machine: {summary['machine']}. Training time per run (s): "
          + "; ".join(f"{v} {_fmt(st, 1, 0)}" for v, st in times.items()) + ".",
          "- Mean ± sample standard deviation over seeds. Cutoff thresholds are always fitted on validation.", ""]
+    steps = shown_steps(max(e["T"] for e in vs.values()))
     L += ["## Accuracy per timestep (test, %)", "",
-          "| variant | " + " | ".join(f"t={t}" for t in range(1, T + 1)) + " |",
-          "|---|" + "---|" * T]
+          "| variant | " + " | ".join(f"t={t}" for t in steps) + " |",
+          "|---|" + "---|" * len(steps)]
     for v, e in vs.items():
-        L.append(f"| {v} | " + " | ".join(_fmt(e["acc_per_step"]["test"][t], 100) for t in range(T)) + " |")
+        acc = e["acc_per_step"]["test"]
+        L.append(f"| {v} | " + " | ".join(_fmt(acc[t - 1], 100) if t <= len(acc) else "–" for t in steps) + " |")
+    converted = {v: e for v, e in vs.items() if e["stats"].get("ann_accuracy", {}).get("n")}
+    if converted:
+        L += ["", "## ANN→SNN conversion (test, %)", "",
+              "QCFS variants are trained as ANNs (T = 1) and analysed as the SNN they convert to; every figure "
+              "above and below is the converted SNN's.", "",
+              "| variant | ANN acc | SNN steps | SNN acc at T | SNN − ANN (pt) |", "|---|---|---|---|---|"]
+        for v, e in converted.items():
+            gap = _ms([f - a for f, a in zip(e["stats"]["final_accuracy"]["values"], e["stats"]["ann_accuracy"]["values"])])
+            L.append(f"| {v} | {_fmt(e['stats']['ann_accuracy'], 100)} | {e['T']} | "
+                     f"{_fmt(e['stats']['final_accuracy'], 100)} | {_fmt_diff(gap, 100)} |")
     L += ["", "## Calibrated early exit (test)", "",
           "For each policy and tolerated drop d, the fastest threshold whose accuracy on **validation** is within d "
           "of running to T, then measured on test: timestep speed-up T / mean exit step, the realised test drop "

@@ -71,8 +71,8 @@ class OpCounter:
         else:
             self.sops += (x != 0).flatten(1).double().mean(1) * dense
 
-    def _neuron(self, mod, inputs, out):
-        self.spikes += out.flatten(1).double().sum(1)
+    def _neuron(self, mod, inputs, out):  # events, not their values (a converted IF emits spike·λ)
+        self.spikes += (out != 0).flatten(1).double().sum(1)
 
 
 @dataclass

@@ -183,13 +183,21 @@ def cmd_ablate(args) -> int:
     from .ablation import Ablation
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    abl = Ablation(args.config, variants, args.seeds, args.out, args.set, args.variant_set)
+    abl = Ablation(args.config, variants, args.seeds, args.out, args.set, args.variant_set, convert_T=args.convert_T)
     summary = abl.run(analyse_only=args.analyse_only)
     print()
     print((Path(args.out) / "results.md").read_text())
     missing = [label for label in abl.variants if label not in summary["variants"]]
     if missing:
         print(f"not finished yet: {', '.join(missing)}; run the same command again to continue")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .qcfs import convert_run
+
+    convert_run(args.run, args.out, T=args.T, weights=args.weights, overwrite=args.overwrite)
+    print(f"next: fewstep eval {args.out}; fewstep cutoff {args.out} --policy topk --max-drop 0.01")
     return 0
 
 
@@ -264,7 +272,7 @@ def main(argv=None) -> int:
                        "their accuracy per step, cutoff speed-ups and energy")
     a.add_argument("config", help="YAML config of the base run (see configs/)")
     a.add_argument("--variants", required=True, help="comma-separated variants, each tokens joined by '+', e.g. "
-                   "tet,tet+rcs,tet+str (tokens: ce, tet, rcs, str, tebn); LABEL=TOKENS names a variant, to run "
+                   "tet,tet+rcs,tet+str (tokens: ce, tet, rcs, str, tebn, trt, qcfs, rcs_ann); LABEL=TOKENS names a variant, to run "
                    "the same tokens under several --variant-set settings")
     a.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,7); default 3")
     a.add_argument("--out", required=True, help="ablation folder; run the same command again to resume")
@@ -273,7 +281,18 @@ def main(argv=None) -> int:
     a.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="override a key for one variant, e.g. 'tet+rcs:regularizer.rcs_weight=0.005' (repeatable)")
     a.add_argument("--analyse-only", action="store_true", help="report the finished runs without training")
+    a.add_argument("--convert-T", type=_int_at_least(1), default=64, help="steps of the SNN a QCFS variant's ANN is "
+                   "converted to for the analysis (default 64)")
     a.set_defaults(fn=cmd_ablate)
+
+    cv = sub.add_parser("convert", help="convert a QCFS ANN run into an SNN run folder (IF neurons, threshold λ), "
+                        "for eval, cutoff and tradeoff")
+    cv.add_argument("run", help="run folder of an ANN trained with model.neuron: qcfs and data.T: 1")
+    cv.add_argument("--out", required=True, help="new run folder for the converted SNN")
+    cv.add_argument("--T", type=_int_at_least(1), default=64, help="timesteps of the converted SNN (default 64)")
+    cv.add_argument("--weights", default="best", choices=["best", "last"])
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
+    cv.set_defaults(fn=cmd_convert)
 
     args = p.parse_args(argv)
     try:

@@ -37,7 +37,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"               # a model from fewstep.models.available()
-    neuron: str = "lif"             # lif | if
+    neuron: str = "lif"             # lif | if | qcfs (an ANN to convert, T = 1) | qcfs_if (its converted IF neuron)
     tau: float = 0.5                # multiplicative leak
     theta: float = 1.0              # threshold
     v0: float = 0.0                 # initial membrane
@@ -46,6 +46,7 @@ class ModelConfig:
     surrogate: Any = "zif"          # name, or {name: zif, gamma: 1.0}
     learn_theta: bool = False
     norm: str = "bn"                # bn | tebn (BatchNorm over T·N with a learnable per-step scale, METHODS §7)
+    levels: int = 8                 # QCFS quantisation levels L (neuron qcfs / qcfs_if only; METHODS §6)
     options: dict = field(default_factory=dict)  # model-specific (channels, hidden, widths, ...)
 
 
@@ -72,13 +73,17 @@ class TrainConfig:
 
 @dataclass
 class RegularizerConfig:
-    name: str = "none"              # none | rcs | str | rcs+str
+    name: str = "none"              # none | rcs | str | rcs+str | rcs_ann
     rcs_weight: float = 0.003       # α (seed scripts: 0.001–0.005)
     rcs_beta: float = 0.3           # tail fraction of T for the target and the correct mask
     rcs_reduction: str = "max"      # max (paper) | mean, over the batch
     rcs_correct_only: bool = True   # regularise only samples right at every tail step
     str_weight: float = 0.1         # λ_STR (paper: 0.05–0.1 frame data, 0.5 event data)
     str_form: str = "share"         # share (METHODS §3) | tail | log
+    rcs_ann_weight: float = 0.003   # α of RCS-ANN (an ANN trained for conversion, METHODS §1)
+    rcs_ann_reduction: str = "max"  # max | mean, over the batch
+    rcs_ann_correct_only: bool = True
+    rcs_ann_max_scope: str = "sample"  # sample (METHODS) | batch (the seed code's batch-global max)
 
 
 @dataclass
@@ -156,7 +161,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "reg
 CHOICES = {  # keys with a fixed set of values, checked before anything is loaded
     ("data", "encoding"): ("direct", "poisson"),
     ("data", "by"): ("time", "count"),
-    ("model", "neuron"): ("lif", "if"),
+    ("model", "neuron"): ("lif", "if", "qcfs", "qcfs_if"),
     ("model", "reset"): ("hard", "soft"),
     ("model", "norm"): ("bn", "tebn"),
     ("train", "optimizer"): ("sgd", "adamw"),
@@ -164,6 +169,8 @@ CHOICES = {  # keys with a fixed set of values, checked before anything is loade
     ("train", "loss"): ("ce", "tet"),
     ("regularizer", "rcs_reduction"): ("max", "mean"),
     ("regularizer", "str_form"): ("share", "tail", "log"),
+    ("regularizer", "rcs_ann_reduction"): ("max", "mean"),
+    ("regularizer", "rcs_ann_max_scope"): ("sample", "batch"),
     ("trt", "reverse"): ("auto", "input", "layer"),
     ("trt", "consistency"): ("kl", "sym_kl", "mse"),
 }
@@ -179,6 +186,7 @@ RANGES = {
     ("model", "tau"): (0.0, 1.0, False, True),
     ("model", "theta"): (0.0, INF, False, False),
     ("model", "v0"): (-INF, INF, False, False),
+    ("model", "levels"): (1, 4096, True, True),
     ("train", "epochs"): (1, INF, True, True),
     ("train", "batch_size"): (1, INF, True, True),
     ("train", "lr"): (0.0, INF, False, False),
@@ -193,6 +201,7 @@ RANGES = {
     ("regularizer", "rcs_weight"): (0.0, INF, True, False),
     ("regularizer", "rcs_beta"): (0.0, 1.0, False, True),
     ("regularizer", "str_weight"): (0.0, INF, True, False),
+    ("regularizer", "rcs_ann_weight"): (0.0, INF, True, False),
     ("trt", "lam"): (0.0, INF, True, False),
     ("trt", "tau"): (0.0, INF, False, False),
     ("trt", "reversed_weight"): (0.0, INF, True, False),
@@ -240,6 +249,7 @@ def _check(cfg: Config) -> Config:
     if cfg.model.norm == "tebn" and cfg.model.name == "mlp":
         raise ValueError("model.norm: tebn needs BatchNorm layers, which model 'mlp' has none of; use model.norm: bn")
     _check_names(cfg)
+    _check_qcfs(cfg)
     regularizers.parse(cfg.regularizer.name)
     if cfg.trt.enabled and cfg.data.T < 2:
         raise ValueError(f"trt.enabled needs data.T >= 2 (TRT reverses spike trains in time); data.T = {cfg.data.T}: "
@@ -247,6 +257,22 @@ def _check(cfg: Config) -> Config:
     if cfg.trt.reverse_at is not None and not isinstance(cfg.trt.reverse_at, str):
         raise ValueError(f"config key 'trt.reverse_at' must be null or a spiking layer name, got {cfg.trt.reverse_at!r}")
     return cfg
+
+
+def _check_qcfs(cfg: Config) -> None:
+    m = cfg.model
+    if m.neuron not in ("qcfs", "qcfs_if") and m.levels != ModelConfig.levels:
+        raise ValueError(f"config key 'model.levels' is QCFS's quantisation and applies to model.neuron qcfs only "
+                         f"(model.neuron is {m.neuron!r}); leave it at {ModelConfig.levels}")
+    if m.neuron == "qcfs":
+        if cfg.data.T != 1:
+            raise ValueError(f"model.neuron: qcfs trains an ANN, which has one step: set data.T: 1 (got {cfg.data.T}); "
+                             "convert it to an SNN of T steps afterwards with 'fewstep convert RUN --out DIR --T 64'")
+        if m.norm != "bn":
+            raise ValueError("model.neuron: qcfs needs model.norm: bn (TEBN's per-step scales do not survive "
+                             "conversion to another T)")
+        if cfg.trt.enabled:
+            raise ValueError("trt.enabled needs spiking neurons; model.neuron: qcfs is an ANN for conversion")
 
 
 EVENT_KEYS = ("binarize", "by", "size", "polarities", "window_us", "max_shift", "flip", "event_drop")

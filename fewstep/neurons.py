@@ -272,14 +272,21 @@ class IF(LIF):
         super().__init__(tau=1.0, theta=theta, v0=v0, reset=reset, **kwargs)
 
 
-NEURONS: dict[str, type[LIF]] = {"lif": LIF, "if": IF}
+NEURONS: dict[str, type[StatefulModule]] = {"lif": LIF, "if": IF}  # + qcfs, qcfs_if (fewstep.qcfs, below)
+QUANTISED = ("qcfs", "qcfs_if")  # the neurons that take ``levels``
 
 
-def make_neuron(kind: str = "lif", **kwargs) -> LIF:
-    """A neuron module by name (``lif`` or ``if``)."""
+def make_neuron(kind: str = "lif", **kwargs) -> StatefulModule:
+    """A neuron module by name: ``lif``, ``if``, ``qcfs`` (the ANN activation for conversion) or ``qcfs_if``
+    (the IF neuron a QCFS converts to; :mod:`fewstep.qcfs`)."""
     key = str(kind).lower()
     if key not in NEURONS:
         raise ValueError(f"unknown neuron {kind!r}; valid names: {', '.join(sorted(NEURONS))}")
+    if key not in QUANTISED and kwargs.get("levels") is not None:
+        raise ValueError(f"option 'levels' (QCFS quantisation levels) applies to neurons {list(QUANTISED)}, "
+                         f"not {kind!r}")
+    if key not in QUANTISED:
+        kwargs.pop("levels", None)
     return NEURONS[key](**kwargs)
 
 
@@ -313,3 +320,8 @@ def compact(net: nn.Module, index: torch.Tensor, grow: int = 0) -> nn.Module:
         m.compact(index)
         m.grow(grow)
     return net
+
+
+from .qcfs import QCFS, ConvertedIF  # noqa: E402  (they build on the classes above)
+
+NEURONS.update(qcfs=QCFS, qcfs_if=ConvertedIF)

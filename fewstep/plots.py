@@ -96,11 +96,17 @@ def ablation_accuracy(curves: dict[str, list[dict]], path, title: str) -> Path:
         t = list(range(1, len(pts) + 1))
         m = [100 * p["mean"] for p in pts]
         s = [100 * (p["std"] or 0.0) for p in pts]
-        ax.plot(t, m, marker="o", color=color, label=name)
+        ax.plot(t, m, marker="o" if len(pts) <= 16 else None, color=color, label=name)
         ax.fill_between(t, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.18)
         lo = min(lo, min(a - b for a, b in zip(m, s)))
     ax.set_ylim(max(0.0, lo - 2.0), min(100.5, max(ax.get_ylim()[1], lo + 5)))
-    ax.set_xticks(range(1, len(next(iter(curves.values()))) + 1))
+    T = max(len(p) for p in curves.values())
+    if T <= 16:
+        ax.set_xticks(range(1, T + 1))
+    else:  # long runs (converted networks): log scale, ticks at powers of two
+        ax.set_xscale("log", base=2)
+        ticks = [2 ** i for i in range(T.bit_length()) if 2 ** i <= T]
+        ax.set_xticks(ticks, [str(k) for k in ticks])
     _style(ax, "timestep t (prediction = argmax of running mean)", "test accuracy (%)", title, title_size=10)
     return _save(fig, path)
 

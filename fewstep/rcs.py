@@ -232,3 +232,68 @@ class RCS:
     def __repr__(self):
         return (f"RCS(weight={self.weight:g}, beta={self.beta:g}, reduction={self.reduction!r}, "
                 f"correct_only={self.correct_only})")
+
+
+# ------------------------------------------------------------------------------------------ RCS-ANN
+MAX_SCOPES = ("sample", "batch")
+
+
+def ann_ratio(x: torch.Tensor, scope: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample ``max(x⁺) / RMS(x⁺)`` of a quantised layer's input ``x [T, N, ...]`` (time and features
+    together), and whether the sample has any positive input (a silent one has no ratio).
+    ``scope="batch"``: the numerator is the batch-global max, as the seed code had it."""
+    xp = torch.relu(features(x).float()).transpose(0, 1).reshape(x.shape[1], -1)  # [N, T·F]
+    rms = xp.pow(2).mean(1).sqrt()
+    peak = xp.amax(1) if scope == "sample" else xp.amax().expand(xp.shape[0])
+    active = rms > 0
+    return peak / rms.clamp_min(torch.finfo(rms.dtype).tiny), active
+
+
+class RCSANN:
+    """RCS for the ANN phase of conversion (METHODS §1, "RCS-ANN"): ``α · mean_l reduce_n(m_n · max(x⁺)/RMS(x⁺))``
+    over the inputs ``x`` of every QCFS layer, with the same correct-sample mask and reductions as :class:`RCS`.
+
+    A layer whose inputs have a few large peaks over a low mean needs many IF steps before its rate
+    is right; RCS-ANN flattens them, so the converted network settles sooner and the cutoff stops
+    earlier. ``max_scope="sample"`` (fewstep, METHODS) takes each sample's own peak; ``"batch"`` the
+    batch-global peak of the seed code. Samples with no positive input in a layer are left out.
+    """
+
+    name = "rcs_ann"
+    fields = ("u",)
+
+    def __init__(self, weight: float = 0.003, reduction: str = "max", correct_only: bool = True,
+                 max_scope: str = "sample"):
+        if weight < 0:
+            raise ValueError(f"rcs_ann weight must be >= 0, got {weight}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"rcs_ann reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+        if max_scope not in MAX_SCOPES:
+            raise ValueError(f"rcs_ann max_scope must be one of {list(MAX_SCOPES)}, got {max_scope!r}")
+        self.weight, self.reduction, self.correct_only, self.max_scope = float(weight), reduction, correct_only, max_scope
+
+    def __call__(self, logits, y, rec):
+        from .qcfs import QCFS
+        from .regularizers import recorded_layers
+
+        names = recorded_layers(rec, self.name, ann=True)
+        not_q = [f"{n} ({type(rec.modules[n]).__name__})" for n in names if not isinstance(rec.modules[n], QCFS)]
+        if not_q:
+            raise ValueError(f"the rcs_ann regularizer reads the inputs of QCFS layers (an ANN for conversion), but "
+                             f"{', '.join(not_q)} are spiking neurons: use model.neuron: qcfs, or the rcs regularizer")
+        base = correct_mask(logits, y, 1.0) if self.correct_only else torch.ones_like(y, dtype=torch.bool)
+        u, terms = rec.u, []
+        for n in names:
+            ratio, active = ann_ratio(u[n], self.max_scope)
+            m = base & active
+            if not bool(m.any()):
+                terms.append(ratio.sum() * 0.0)
+            elif self.reduction == "max":
+                terms.append(ratio[m].max())
+            else:
+                terms.append(ratio[m].mean())
+        return self.weight * torch.stack(terms).mean()
+
+    def __repr__(self):
+        return (f"RCSANN(weight={self.weight:g}, reduction={self.reduction!r}, correct_only={self.correct_only}, "
+                f"max_scope={self.max_scope!r})")

@@ -9,10 +9,11 @@ recording cheaper), ``setup(trainer)`` (called once, after the model is built, b
 A regulariser that is an ``nn.Module`` (TRT's training-only heads) has its parameters trained and
 checkpointed beside the model, never in it.
 
-Built-in: ``rcs`` (:mod:`fewstep.rcs`) and ``str`` (:mod:`fewstep.str_reg`), chosen in the config::
+Built-in: ``rcs`` (:mod:`fewstep.rcs`), ``str`` (:mod:`fewstep.str_reg`) and, for an ANN trained for
+conversion, ``rcs_ann`` (:mod:`fewstep.rcs`, :mod:`fewstep.qcfs`), chosen in the config::
 
     regularizer:
-      name: rcs            # none | rcs | str | rcs+str
+      name: rcs            # none | rcs | str | rcs+str | rcs_ann
       rcs_weight: 0.003    # options of regulariser X are the keys X_<option>
 
 To add one: write its class, then add it to :data:`REGISTRY` and its ``<name>_<option>`` keys to
@@ -23,10 +24,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .rcs import RCS
+from .rcs import RCS, RCSANN
 from .str_reg import STR
 
-REGISTRY = {"rcs": RCS, "str": STR}
+REGISTRY = {"rcs": RCS, "str": STR, "rcs_ann": RCSANN}
 ALL_FIELDS = ("spikes", "u", "v")
 
 
@@ -45,7 +46,10 @@ def parse(name: str) -> list[str]:
 def options(cfg, name: str) -> dict:
     """The ``<name>_<option>`` keys of a :class:`RegularizerConfig`, without the prefix."""
     d = asdict(cfg)
-    return {k[len(name) + 1:]: v for k, v in d.items() if k.startswith(name + "_")}
+    # a longer name that starts with this one ("rcs_ann" for "rcs") owns its own keys
+    longer = [o + "_" for o in REGISTRY if o != name and o.startswith(name + "_")]
+    return {k[len(name) + 1:]: v for k, v in d.items()
+            if k.startswith(name + "_") and not any(k.startswith(o) for o in longer)}
 
 
 def from_config(cfg) -> list:
@@ -80,8 +84,16 @@ def fields_needed(regs) -> tuple[str, ...]:
     return tuple(f for f in ALL_FIELDS if f in need)
 
 
-def recorded_layers(rec, who: str) -> list[str]:
-    """Names of the recorded spiking layers, or a clear error where a regulariser would silently read nothing."""
+def recorded_layers(rec, who: str, ann: bool = False) -> list[str]:
+    """Names of the recorded spiking layers, or a clear error where a regulariser would silently read nothing.
+    ``ann``: the regulariser reads QCFS layers of an ANN (RCS-ANN); otherwise those are refused."""
+    from .qcfs import QCFS
+
+    quantised = [n for n, m in rec.modules.items() if isinstance(m, QCFS)]
+    if quantised and not ann:
+        raise ValueError(f"the {who} regularizer reads spikes and membranes of spiking neurons, but this model's "
+                         f"layers are QCFS activations (an ANN for conversion: {', '.join(quantised[:3])}"
+                         f"{' ...' if len(quantised) > 3 else ''}); use regularizer.name: rcs_ann")
     if not rec.modules:
         raise ValueError(f"the {who} regularizer needs spiking layers, but the model has none (no LIF/IF or other "
                          "fewstep neuron module); remove the regularizer or use a spiking model")

@@ -69,6 +69,8 @@ def load_data(cfg: _config.Config) -> _datasets.DataBundle:
 def build_model(cfg: _config.Config, bundle: _datasets.DataBundle) -> torch.nn.Module:
     m = cfg.model
     norm = {} if m.norm == "bn" else {"norm": m.norm, "T": cfg.data.T}
+    if m.neuron in ("qcfs", "qcfs_if"):  # ANN→SNN conversion (fewstep.qcfs)
+        norm["levels"] = m.levels
     return _models.create(m.name, input_shape=bundle.input_shape, num_classes=bundle.num_classes, neuron=m.neuron,
                           tau=m.tau, theta=m.theta, v0=m.v0, reset=m.reset, detach_reset=m.detach_reset,
                           surrogate=m.surrogate, learn_theta=m.learn_theta, **norm, **(m.options or {}))
@@ -116,6 +118,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 # What fewstep writes in a run folder (train, eval, cutoff, tradeoff, ablate's analysis).
 RUN_FILES = ("config.yaml", "checkpoint.pt", "checkpoint.pt.tmp", "log.csv", "metrics.json", "analysis.json",
+             "conversion.json",
              "tradeoff.json", "tradeoff.png", "accuracy_per_step.png", "tb")
 RUN_PATTERNS = ("eval_*.json", "calibration_*.json", "cutoff_*.json", "cutoff_*_exits.png")
 
@@ -228,6 +231,9 @@ class Trainer:
         if not self.ckpt_path.is_file():
             return False
         ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt.get("conversion") is not None:
+            raise ValueError(f"{self.out} holds a network converted from an ANN (fewstep convert), which has no "
+                             "training state to resume; train into a new --out folder")
         saved = _config.from_dict(ckpt["config"]).to_dict()
         mine = self.cfg.to_dict()
         # The number of epochs may grow on resume; anything else must match.
@@ -366,7 +372,7 @@ class Trainer:
             "firing_rates": test["firing_rates"], "mean_firing_rate": test["mean_firing_rate"],
             "best_epoch": self.best_epoch, "epochs": self.epoch, "train_time_s": round(self.train_time, 2),
             "n_params": sum(p.numel() for p in self.model.parameters()), "device": str(self.device),
-            "n_test": test["n"], "n_val": val["n"], "n_train": len(self.bundle.train),
+            "threads": torch.get_num_threads(), "n_test": test["n"], "n_val": val["n"], "n_train": len(self.bundle.train),
         }
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics

@@ -104,6 +104,13 @@ def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, cap
                 "--set", "train.epochs=2"]) == 0
     text = capsys.readouterr().out
     assert "## Accuracy per timestep (test, %)" in text and "| tet+str |" in text
+    # a folder written before a config section existed (its defaults) is the same base, not another
+    spec = json.loads((out / "ablation.json").read_text())
+    del spec["base"]["trt"]
+    (out / "ablation.json").write_text(json.dumps(spec))
+    assert cli(["ablate", str(cfg), "--variants", "tet,tet+str", "--seeds", "1", "--out", str(out),
+                "--set", "train.epochs=2", "--analyse-only"]) == 0
+    assert "finished earlier" in capsys.readouterr().out
     assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "1", "--out", str(out),
                 "--set", "train.epochs=3"]) == 2
     assert "different base config" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_config_names_and_options_are_checked():
     regs = regularizers.from_config(cfg.regularizer)
     assert [r.name for r in regs] == ["rcs", "str"] and regs[0].weight == 0.01 and regs[1].form == "tail"
     assert regularizers.from_config(C.load(None).regularizer) == []
-    with pytest.raises(ValueError, match=r"valid names: none, rcs, str"):
+    with pytest.raises(ValueError, match=r"valid names: none, rcs, rcs_ann, str"):
         C.load(None, ["regularizer.name=rcs+l2"])
     with pytest.raises(ValueError, match=r"regularizer.rcs_gamma.*valid keys in 'regularizer'.*rcs_beta"):
         C.load(None, ["regularizer.rcs_gamma=2"])

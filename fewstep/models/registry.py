@@ -13,7 +13,7 @@ from ..neurons import make_neuron
 MODELS: dict[str, Callable[..., "SNN"]] = {}
 
 NEURON_KEYS = ("neuron", "tau", "theta", "v0", "reset", "detach_reset", "surrogate", "learn_theta", "learn_tau",
-               "backend")
+               "backend", "levels")
 NORM_KEYS = ("norm", "T")  # normalisation layers: "bn" (BatchNorm over T·N) or "tebn" (needs T)
 NORMS = ("bn", "tebn")
 
