@@ -23,10 +23,13 @@ class DataConfig:
     encoding: str = "direct"        # static data only: direct | poisson
     val_fraction: float = 0.15      # share of the training data held out for validation
     augment: bool = True            # dataset-specific training augmentation (CIFAR: crop + flip)
-    cutout: int = 0                 # CIFAR cutout size in pixels (0 = off)
+    cutout: int = 0                 # cutout size in pixels (0 = off): cifar10, cifar100, fashion_mnist, tiny_imagenet
+    coarse: bool = False            # cifar100: the 20 superclasses instead of the 100 fine labels
+    skip_corrupt: bool = False      # image folders: skip (and count in the log) images that do not decode
+    loader: str = "auto"            # in-memory images: sample (DataLoader) | batch (whole batches on the device) | auto
     binarize: bool = False          # event frames: 1 where any event, instead of counts
     by: str = "time"                # event framing: equal-time bins (time) or equal event counts (count)
-    size: Any = None                # event frames: [H, W] to rescale to (e.g. [48, 48]); null = dataset default
+    size: Any = None                # event frames: [H, W] to rescale to (e.g. [48, 48]); imagefolder: crop size
     polarities: int = 2             # event frames: 2 (ON/OFF channels) or 1 (merged)
     window_us: Any = None           # event frames: keep only the first window_us microseconds
     max_shift: int = 0              # event augmentation: random translation shared by all frames (pixels)
@@ -161,6 +164,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "reg
 CHOICES = {  # keys with a fixed set of values, checked before anything is loaded
     ("data", "encoding"): ("direct", "poisson"),
     ("data", "by"): ("time", "count"),
+    ("data", "loader"): ("auto", "sample", "batch"),
     ("model", "neuron"): ("lif", "if", "qcfs", "qcfs_if"),
     ("model", "reset"): ("hard", "soft"),
     ("model", "norm"): ("bn", "tebn"),
@@ -276,7 +280,14 @@ def _check_qcfs(cfg: Config) -> None:
 
 
 EVENT_KEYS = ("binarize", "by", "size", "polarities", "window_us", "max_shift", "flip", "event_drop")
-STATIC_KEYS = ("encoding", "cutout")
+STATIC_KEYS = ("encoding", "cutout", "coarse", "skip_corrupt", "loader")
+ONLY = {  # image keys that mean something for some image datasets only
+    "cutout": ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet"),
+    "coarse": ("cifar100",),
+    "skip_corrupt": ("cifar10", "cifar100", "tiny_imagenet", "imagefolder"),
+}
+SIZED_IMAGES = ("imagefolder",)  # image datasets that take data.size
+IN_MEMORY_IMAGES = ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet")  # data.loader: batch
 
 
 def _check_data_family(d: DataConfig) -> None:
@@ -289,12 +300,18 @@ def _check_data_family(d: DataConfig) -> None:
     event = d.name in datasets.EVENT_DATASETS
     defaults = DataConfig()
     for key in (STATIC_KEYS if event else EVENT_KEYS):
+        if key == "size" and d.name in SIZED_IMAGES:
+            continue
         if getattr(d, key) != getattr(defaults, key):
             what = "image" if event else "event"
             raise ValueError(f"config key 'data.{key}' = {getattr(d, key)!r} applies to {what} datasets only; "
                              f"{d.name!r} is {'an event' if event else 'an image'} dataset")
-    if d.cutout and d.name != "cifar10":
-        raise ValueError(f"config key 'data.cutout' applies to cifar10 only, not {d.name!r}")
+    if d.loader == "batch" and d.name not in IN_MEMORY_IMAGES:
+        raise ValueError(f"config key 'data.loader' = 'batch' applies to the in-memory image datasets "
+                         f"{', '.join(IN_MEMORY_IMAGES)}, not {d.name!r}; use 'auto' or 'sample'")
+    for key, names in ONLY.items():
+        if getattr(d, key) != getattr(defaults, key) and d.name not in names:
+            raise ValueError(f"config key 'data.{key}' applies to {', '.join(names)} only, not {d.name!r}")
 
 
 def _positive_ints(v) -> bool:
@@ -310,6 +327,7 @@ OPTION_CHECKS = {  # model options shared by several models: (test, what is vali
     "blocks": (_positive_ints, "a list of whole numbers >= 1"),
     "cfg": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(x == "A" or _positive_ints(x) for x in v),
             "a list of channel counts >= 1 and 'A' (2x2 average pooling)"),
+    "stem": (lambda v: v in ("cifar", "imagenet"), "'cifar' (conv3x3) or 'imagenet' (conv7x7/2 + max-pool 3x3/2)"),
 }
 
 

@@ -62,6 +62,9 @@ def load_data(cfg: _config.Config) -> _datasets.DataBundle:
     extra = {k: getattr(d, k) for k in ("by", "polarities", "window_us", "max_shift", "flip", "event_drop")}
     if d.size is not None:
         extra["size"] = d.size
+    for k in ("coarse", "skip_corrupt"):  # image-only keys, passed where set (the config checks where they apply)
+        if getattr(d, k):
+            extra[k] = True
     return _datasets.load(d.name, root=d.root, T=d.T, val_fraction=d.val_fraction, seed=cfg.train.seed,
                           augment=d.augment, cutout=d.cutout, binarize=d.binarize, **extra)
 
@@ -173,6 +176,23 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+class _DeviceBatches:
+    """One epoch of shuffled batches read whole from an in-memory image split (``ds.batch``): the order is
+    drawn from ``g`` as the DataLoader's shuffle draws it, augmentation from a generator on ``device``."""
+
+    def __init__(self, ds, batch_size: int, g: torch.Generator, device: torch.device, seed: int):
+        self.ds, self.bs, self.g, self.device, self.seed = ds, batch_size, g, device, seed
+
+    def __len__(self):
+        return (len(self.ds) + self.bs - 1) // self.bs
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.ds), generator=self.g)
+        dg = torch.Generator(device=self.device).manual_seed(self.seed)
+        for i in range(0, len(perm), self.bs):
+            yield self.ds.batch(perm[i:i + self.bs], self.device, dg)
+
+
 class Trainer:
     """Train ``cfg`` into ``out_dir``; resumes automatically from ``out_dir/checkpoint.pt``.
 
@@ -240,6 +260,7 @@ class Trainer:
         saved["train"].pop("epochs"), mine["train"].pop("epochs")
         for k in ("progress", "num_workers", "eval_batch_size", "device"):
             saved["train"].pop(k), mine["train"].pop(k)
+        saved["data"].pop("loader"), mine["data"].pop("loader")  # how batches are read, not what is trained
         if saved != mine:
             diff = [f"{s}.{k}" for s in mine for k in mine[s] if mine[s][k] != saved[s].get(k)]
             raise ValueError(f"{self.out} holds a run with a different config (differs in {diff}); "
@@ -259,8 +280,18 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ one epoch
+    @property
+    def batch_loader(self) -> bool:
+        """Whether training batches come whole from the in-memory images, normalised and augmented on the
+        training device (``data.loader``: ``batch``, or ``auto`` on CUDA), instead of a per-sample DataLoader."""
+        mode = self.cfg.data.loader
+        return hasattr(self.bundle.train, "batch") and (mode == "batch" or (mode == "auto" and self.device.type == "cuda"))
+
     def _batches(self, epoch: int):
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        seed = self.cfg.train.seed * 100_003 + epoch
+        g = torch.Generator().manual_seed(seed)
+        if self.batch_loader:
+            return _DeviceBatches(self.bundle.train, self.cfg.train.batch_size, g, self.device, seed)
         return DataLoader(self.bundle.train, batch_size=self.cfg.train.batch_size, shuffle=True, generator=g,
                           num_workers=self.cfg.train.num_workers, drop_last=False)
 

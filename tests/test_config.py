@@ -87,7 +87,8 @@ def test_every_numeric_key_has_a_range():
     ("data.name=mnist", r"'data.name': unknown dataset 'mnist'; valid names: cifar10"),
     ("data.name=cifar10;data.size=[48,48]", r"'data.size' = \[48, 48\] applies to event datasets only"),
     ("data.name=nmnist;data.encoding=poisson", r"'data.encoding' = 'poisson' applies to image datasets only"),
-    ("data.cutout=8", r"'data.cutout' applies to cifar10 only, not 'digits'"),
+    ("data.cutout=8", r"'data.cutout' applies to cifar10, cifar100, fashion_mnist, tiny_imagenet only, not 'digits'"),
+    ("data.coarse=true", r"'data.coarse' applies to cifar100 only, not 'digits'"),
     ("model.name=mlp;model.norm=tebn", r"model 'mlp' has none of"),
 ])
 def test_names_and_combinations_are_checked_before_any_data(override, match):

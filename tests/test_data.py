@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fewstep.data import EventFileError, datasets, load, make_events, read_nmnist, to_frames, write_nmnist
-from fewstep.data import encoding
+from fewstep.data import encoding, images
 from fewstep.metrics import time_first
 
 
@@ -97,7 +97,7 @@ def test_missing_folder_says_where_and_what(tmp_path):
         load("nmnist", root=str(tmp_path / "nowhere"), T=10)
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load("cifar10", root=str(tmp_path))
-    with pytest.raises(ValueError, match="valid names: cifar10, cifar10_dvs, digits, dvs_gesture, ncaltech101, nmnist"):
+    with pytest.raises(ValueError, match="valid names: cifar10, cifar100, cifar10_dvs, digits, dvs_gesture, fashion_mnist, imagefolder, ncaltech101, nmnist, tiny_imagenet"):
         load("mnist")
 
 
@@ -118,8 +118,8 @@ def test_cifar_image_folder_and_pickle_layouts(tmp_path):
     x, y = b.test[0]
     assert x.shape == (3, 32, 32)
     # PNG is lossless: de-normalise and compare with the written pixels of airplane/0
-    mean = torch.tensor(datasets.CIFAR_MEAN).view(3, 1, 1)
-    std = torch.tensor(datasets.CIFAR_STD).view(3, 1, 1)
+    mean = torch.tensor(images.CIFAR_MEAN).view(3, 1, 1)
+    std = torch.tensor(images.CIFAR_STD).view(3, 1, 1)
     px = ((x * std + mean) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
     assert int(y) == 0 and np.array_equal(px, imgs[("test", "airplane", 0)])
 

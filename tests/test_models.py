@@ -12,6 +12,7 @@ SMALL = {  # fast variants of the big models; layouts as registered
     "resnet18": dict(input_shape=(3, 32, 32), widths=(8, 8, 16, 16)),
     "resnet20": dict(input_shape=(3, 32, 32)),
     "sew_resnet18": dict(input_shape=(3, 32, 32), widths=(8, 8, 16, 16)),
+    "sew_resnet34": dict(input_shape=(3, 64, 64), widths=(8, 8, 16, 16)),  # the ImageNet stem
 }
 
 
@@ -44,6 +45,12 @@ def test_full_size_layouts():
     assert sum(1 for _ in net.stages) == 8
     v = models.create("vggsnn", input_shape=(2, 128, 128), num_classes=11)
     assert v.classifier[1].in_features == 512 * 8 * 8
+    # SEW ResNet-34 on ImageNet: the 21.8 M parameters of ResNet-34 (SEW adds none), stem 7x7/2 + max-pool
+    s = models.create("sew_resnet34")
+    assert abs(sum(p.numel() for p in s.parameters()) - 21.80e6) < 0.02e6
+    assert s.stem[0].kernel_size == (7, 7) and s.stem[0].stride == (2, 2)
+    with pytest.raises(ValueError, match="stem must be 'cifar' or 'imagenet'"):
+        models.create("resnet18", stem="tiny")
 
 
 def test_wrong_input_shape_names_both_shapes():

@@ -1,5 +1,7 @@
-"""Datasets by name: ``digits``, ``cifar10``, and the event datasets ``nmnist``, ``dvs_gesture``,
-``cifar10_dvs``, ``ncaltech101`` (framed and cached by :mod:`fewstep.data.event_datasets`).
+"""Datasets by name: ``digits``; the event datasets ``nmnist``, ``dvs_gesture``, ``cifar10_dvs``,
+``ncaltech101`` (framed and cached by :mod:`fewstep.data.event_datasets`); and the static image datasets
+of :mod:`fewstep.data.images` (``cifar10``, ``cifar100``, ``fashion_mnist``, ``tiny_imagenet``,
+``imagefolder``).
 
 :func:`load` returns a :class:`DataBundle` with ``train`` / ``val`` / ``test`` splits. The
 validation split is carved from the training data with a fixed seed; nothing is selected or
@@ -12,16 +14,12 @@ Loaders read local folders (or a local ``.tar.gz`` of them) and never download.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -353,131 +351,5 @@ def ncaltech101(root: str = "../shared/data", T: int = 10, val_fraction: float =
     return b
 
 
-# --------------------------------------------------------------------------------------- CIFAR-10
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-CIFAR_LAYOUT = (
-    "the python-pickle batches cifar-10-batches-py/{data_batch_1..5,test_batch}, or image folders "
-    "{train,test}/<class>/*.jpg|*.png (classes sorted by name give the label order), or a folder "
-    "holding cifar10-jpeg.tar.gz"
-)
-
-
-def _decode_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def _images_from_members(members, desc):
-    """members: iterable of (split, class_name, bytes) → dict split -> (x uint8 [N,32,32,3], y)."""
-    from tqdm.auto import tqdm
-
-    acc: dict = {"train": ([], []), "test": ([], [])}
-    names: set = set()
-    for split, cls, data in tqdm(members, desc=desc, leave=False, disable=None):
-        names.add(cls)
-        acc[split][0].append(_decode_image(data))
-        acc[split][1].append(cls)
-    classes = sorted(names)
-    out = {}
-    for split, (xs, cs) in acc.items():
-        if not xs:
-            raise FileNotFoundError(f"no {split} images found; expected {CIFAR_LAYOUT}")
-        out[split] = (np.stack(xs), np.array([classes.index(c) for c in cs], dtype=np.int64))
-    return out, classes
-
-
-def _cifar_arrays(root):
-    root = Path(os.path.expanduser(str(root)))
-    for cand in (root, root / "cifar-10-batches-py"):
-        if (cand / "data_batch_1").is_file():
-            def unpickle(p):
-                with open(p, "rb") as f:
-                    d = pickle.load(f, encoding="bytes")
-                return d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(d[b"labels"])
-
-            parts = [unpickle(cand / f"data_batch_{i}") for i in range(1, 6)]
-            xte, yte = unpickle(cand / "test_batch")
-            return {"train": (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])),
-                    "test": (xte, yte)}, CIFAR_CLASSES
-    for cand in (root, root / "cifar10-jpeg"):
-        if (cand / "train").is_dir() and (cand / "test").is_dir():
-            def walk():
-                for split in ("train", "test"):
-                    for p in sorted((cand / split).glob("*/*")):
-                        if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                            yield split, p.parent.name, p.read_bytes()
-
-            return _cached(cand, lambda: _images_from_members(walk(), "CIFAR-10 images"))
-    tar = root / "cifar10-jpeg.tar.gz" if root.is_dir() else root
-    if tar.is_file() and tar.name.endswith((".tar.gz", ".tgz", ".tar")):
-        def stream():
-            with tarfile.open(tar) as tf:
-                for m in tf:
-                    parts = Path(m.name).parts
-                    if m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test"):
-                        yield parts[-3], parts[-2], tf.extractfile(m).read()
-
-        return _cached(tar, lambda: _images_from_members(stream(), f"decoding {tar.name}"))
-    raise FileNotFoundError(f"CIFAR-10 not found under {root}; expected {CIFAR_LAYOUT}")
-
-
-def _cached(source: Path, build):
-    """Decode once, keep ``uint8`` arrays in the cache keyed by the source path, size and mtime."""
-    st = source.stat()
-    key = hashlib.sha1(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"cifar10-{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            classes = [str(c) for c in z["classes"]]
-            return {"train": (z["xtr"], z["ytr"]), "test": (z["xte"], z["yte"])}, classes
-    arrays, classes = build()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, xtr=arrays["train"][0], ytr=arrays["train"][1], xte=arrays["test"][0], yte=arrays["test"][1],
-             classes=np.array(classes))
-    os.replace(tmp, path)
-    return arrays, classes
-
-
-class Augment:
-    """Pad-4 random crop, horizontal flip and optional cutout on a ``[C, H, W]`` tensor."""
-
-    def __init__(self, pad: int = 4, flip: bool = True, cutout: int = 0):
-        self.pad, self.flip, self.cutout = pad, flip, cutout
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        c, h, w = x.shape
-        if self.pad:
-            xp = torch.nn.functional.pad(x, (self.pad,) * 4)
-            i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-            x = xp[:, i:i + h, j:j + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        if self.cutout:
-            cy, cx = torch.randint(0, h, ()).item(), torch.randint(0, w, ()).item()
-            r = self.cutout // 2
-            x = x.clone()
-            x[:, max(0, cy - r):cy + r, max(0, cx - r):cx + r] = 0
-        return x
-
-
-@register("cifar10")
-def cifar10(root: str = "../shared/data", val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
-            cutout: int = 0, **_ignored) -> DataBundle:
-    """CIFAR-10 from pickle batches, image folders or the local JPEG archive; normalised per channel."""
-    arrays, classes = _cifar_arrays(root)
-    mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(3, 1, 1)
-
-    def prep(x):
-        return ((torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0) - mean) / std
-
-    xtr, ytr = prep(arrays["train"][0]), torch.from_numpy(arrays["train"][1]).long()
-    xte, yte = prep(arrays["test"][0]), torch.from_numpy(arrays["test"][1]).long()
-    tr, va = carve_val(len(ytr), val_fraction, seed, ytr)
-    aug = Augment(cutout=cutout) if augment else None
-    return DataBundle("cifar10", ArrayDataset(xtr, ytr, tr, aug), ArrayDataset(xtr, ytr, va), ArrayDataset(xte, yte),
-                      (3, 32, 32), 10, "static", classes=list(classes))
+# Static image datasets (cifar10, cifar100, fashion_mnist, tiny_imagenet, imagefolder) register themselves there.
+from . import images  # noqa: E402,F401

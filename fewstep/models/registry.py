@@ -85,7 +85,7 @@ class NeuronFactory:
         """For models without normalisation layers: refuse ``norm='tebn'`` rather than ignore it."""
         if self.norm_kind != "bn":
             raise ValueError(f"model {model!r} has no BatchNorm layers, so norm {self.norm_kind!r} does not apply; "
-                             "use a model with BatchNorm (cnn, vggsnn, resnet19, resnet18, resnet20, sew_resnet18)")
+                             "use a model with BatchNorm (cnn, vggsnn, resnet19, resnet18, resnet20, sew_resnet18, sew_resnet34)")
 
 
 class SNN(nn.Module):

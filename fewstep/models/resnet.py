@@ -1,4 +1,7 @@
-"""Spiking ResNets: ``resnet19`` (TET), ``resnet18`` and ``resnet20`` (CIFAR stems), ``sew_resnet18``.
+"""Spiking ResNets: ``resnet19`` (TET), ``resnet18``, ``resnet20``, ``sew_resnet18``, ``sew_resnet34``.
+
+Every one takes ``stem="cifar"`` (one 3×3 conv, stride 1: 32×32 inputs) or ``stem="imagenet"``
+(7×7 conv with stride 2, then 3×3 max-pool with stride 2: 224×224 inputs, as in He et al.).
 
 Spiking basic block (TET / tdBN style): ``LIF(BN(conv(LIF(BN(conv(x))))) + shortcut(x))``.
 SEW block (Fang et al., NeurIPS 2021, ADD connect): ``LIF(BN(conv(LIF(BN(conv(x)))))) + shortcut(x)``
@@ -46,13 +49,20 @@ class SEWBlock(nn.Module):
 class SpikingResNet(SNN):
     """Stem conv3×3 → stages of blocks → global average pool → head (one Linear, or Linear-LIF-Linear)."""
 
-    def __init__(self, input_shape, num_classes, widths, blocks, stem_width=None, block=BasicBlock, fc_hidden=None, **neuron):
+    def __init__(self, input_shape, num_classes, widths, blocks, stem_width=None, block=BasicBlock, fc_hidden=None,
+                 stem="cifar", **neuron):
         super().__init__(input_shape, num_classes)
         if len(widths) != len(blocks):
             raise ValueError(f"widths {widths} and blocks {blocks} must have the same length")
         make = NeuronFactory(**neuron)
         c = stem_width or widths[0]
-        self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, make, 3), make())
+        if stem == "cifar":
+            self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, make, 3), make())
+        elif stem == "imagenet":
+            self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, make, 7, 2), make(),
+                                      L.MaxPool2d(3, stride=2, padding=1))
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         stages = []
         for i, (w, n) in enumerate(zip(widths, blocks)):
             stride = 1 if i == 0 else 2
@@ -71,24 +81,34 @@ class SpikingResNet(SNN):
 
 
 @register("resnet19")
-def resnet19(input_shape=(3, 32, 32), num_classes=10, widths=(128, 256, 512), blocks=(3, 3, 2), **neuron):
+def resnet19(input_shape=(3, 32, 32), num_classes=10, widths=(128, 256, 512), blocks=(3, 3, 2), stem="cifar",
+             **neuron):
     """ResNet-19 of TET: widths 128/256/512, blocks 3/3/2, head Linear(512, 256)-LIF-Linear."""
-    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), fc_hidden=256, **neuron)
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), fc_hidden=256, stem=stem, **neuron)
 
 
 @register("resnet18")
-def resnet18(input_shape=(3, 32, 32), num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **neuron):
-    """ResNet-18 with the CIFAR stem (one 3×3 conv, no max-pool)."""
-    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), **neuron)
+def resnet18(input_shape=(3, 32, 32), num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), stem="cifar",
+             **neuron):
+    """ResNet-18 (CIFAR stem by default: one 3×3 conv, no max-pool)."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), stem=stem, **neuron)
 
 
 @register("resnet20")
-def resnet20(input_shape=(3, 32, 32), num_classes=10, widths=(16, 32, 64), blocks=(3, 3, 3), **neuron):
+def resnet20(input_shape=(3, 32, 32), num_classes=10, widths=(16, 32, 64), blocks=(3, 3, 3), stem="cifar", **neuron):
     """ResNet-20 of He et al. for CIFAR: widths 16/32/64, three blocks each."""
-    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), **neuron)
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), stem=stem, **neuron)
 
 
 @register("sew_resnet18")
-def sew_resnet18(input_shape=(3, 32, 32), num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **neuron):
-    """SEW ResNet-18 (ADD connect) with the CIFAR stem."""
-    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), block=SEWBlock, **neuron)
+def sew_resnet18(input_shape=(3, 32, 32), num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
+                 stem="cifar", **neuron):
+    """SEW ResNet-18 (ADD connect); CIFAR stem by default."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), block=SEWBlock, stem=stem, **neuron)
+
+
+@register("sew_resnet34")
+def sew_resnet34(input_shape=(3, 224, 224), num_classes=1000, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3),
+                 stem="imagenet", **neuron):
+    """SEW ResNet-34 (ADD connect), the ImageNet baseline of SEW and of later SNN papers; ImageNet stem by default."""
+    return SpikingResNet(input_shape, num_classes, tuple(widths), tuple(blocks), block=SEWBlock, stem=stem, **neuron)
