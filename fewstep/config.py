@@ -72,6 +72,7 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 256
     progress: bool = True           # tqdm bars (auto-off when not a terminal)
+    tune_malloc: bool = True        # CPU training: let glibc reuse large buffers (fewstep.runtime.tune_cpu_allocator)
 
 
 @dataclass

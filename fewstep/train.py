@@ -213,6 +213,10 @@ class Trainer:
         self.record_fields = _regs.fields_needed(self.regularizers)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cpu" and cfg.train.tune_malloc:
+            from .runtime import tune_cpu_allocator
+
+            tune_cpu_allocator()  # large activations recycled instead of fresh pages each step (docs/performance.md)
         self.bundle = bundle if bundle is not None else load_data(cfg)
         if self.bundle.kind == "frames" and self.bundle.T != cfg.data.T:
             raise ValueError(f"T mismatch: dataset frames have T = {self.bundle.T} but data.T = {cfg.data.T}")
@@ -258,7 +262,7 @@ class Trainer:
         mine = self.cfg.to_dict()
         # The number of epochs may grow on resume; anything else must match.
         saved["train"].pop("epochs"), mine["train"].pop("epochs")
-        for k in ("progress", "num_workers", "eval_batch_size", "device"):
+        for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc"):
             saved["train"].pop(k), mine["train"].pop(k)
         saved["data"].pop("loader"), mine["data"].pop("loader")  # how batches are read, not what is trained
         if saved != mine:

@@ -11,6 +11,9 @@ SHARED = Path(os.environ.get("FEWSTEP_SHARED_DATA", ROOT.parent / "shared" / "da
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("FEWSTEP_CACHE", str(tmp_path_factory.mktemp("fewstep-cache")))
+    # Trainers tune glibc's allocator on the CPU (train.tune_malloc); the long-lived test process keeps its
+    # memory lean instead (tests check behaviour, and test_runtime/test_train check the tuning itself).
+    os.environ.setdefault("FEWSTEP_TUNE_MALLOC", "0")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
 

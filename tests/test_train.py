@@ -136,3 +136,14 @@ def test_demo_config_is_the_shipped_digits_config():
     from fewstep.cli import demo_config
 
     assert demo_config().to_dict() == C.load("configs/digits.yaml").to_dict()
+
+
+def test_cpu_training_tunes_the_allocator_unless_told_not_to(tmp_path, monkeypatch):
+    from fewstep import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda *a, **k: calls.append(a) or True)
+    Trainer(quick(tmp_path, epochs=1), tmp_path / "a", log=lambda s: None)
+    assert len(calls) == 1
+    Trainer(quick(tmp_path, epochs=1, train__tune_malloc=False), tmp_path / "b", log=lambda s: None)
+    assert len(calls) == 1
