@@ -153,16 +153,12 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     net = model if inplace else copy.deepcopy(model)
     for name in qcfs_layers(net):
         parent_name, _, leaf = name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        q = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
+        parent = net.get_submodule(parent_name)
+        q = getattr(parent, leaf)
         neuron = ConvertedIF(theta=float(q.theta.detach()), levels=q.levels, step_mode=q.step_mode)
         with torch.no_grad():
             neuron.theta.copy_(q.theta.detach())
-        neuron.to(q.theta.device)
-        if leaf.isdigit():
-            parent[int(leaf)] = neuron
-        else:
-            setattr(parent, leaf, neuron)
+        setattr(parent, leaf, neuron.to(q.theta.device))  # Sequential children are attributes "0", "1", ...
     return net
 
 

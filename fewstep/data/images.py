@@ -291,8 +291,7 @@ def _cifar_arrays(root, skip_corrupt: bool = False):
             per, _ = _decode_members(stream(), f"decoding {tar.name}", skip_corrupt, size=(32, 32))
             return class_index(per)
 
-        # the key of a single archive is its path, size and mtime (as before this cache format: no re-decode)
-        return cached("cifar10", tar, build, extra="" if not skip_corrupt else "skip=True")
+        return cached("cifar10", tar, build, extra=f"skip={skip_corrupt}")
     raise FileNotFoundError(f"CIFAR-10 not found under {root}; expected {CIFAR_LAYOUT}")
 
 
