@@ -109,6 +109,15 @@ def _rcs_ann(d):
     _add_regularizer(d, "rcs_ann")
 
 
+@register_token("general12", "the general SNN at T = 1 (model.name: general12_cnn with the paper's neuron: tau 0.4, "
+                "theta 0.5, rectangle surrogate; data.T: 1; model.options reset to the paper's network, sized with "
+                "--variant-set VARIANT:model.options.dims=[...] and .depths=[...]; fewstep/models/general12.py)")
+def _general12(d):
+    d["model"] = {**d.get("model", {}), "name": "general12_cnn", "tau": 0.4, "theta": 0.5,
+                  "surrogate": "rectangle", "options": {}}
+    d.setdefault("data", {})["T"] = 1
+
+
 LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.@")
 
 
@@ -214,6 +223,29 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
     return out
 
 
+@torch.no_grad()
+def images_per_second(model, cfg, bundle, n: int = 2000, repeats: int = 3) -> float:
+    """Inference throughput at full T: test images per second through the multi-step forward pass
+    (evaluation mode, batches of ``train.eval_batch_size``, inputs encoded before the clock; the best of
+    ``repeats`` passes over the first ``n`` test images, after one untimed warm-up batch)."""
+    from torch.utils.data import Subset
+
+    from . import anytime as _any
+
+    test = bundle.test
+    sub = Subset(test, range(min(n, len(test))))
+    chunks, _ = _any.prepare(sub, cfg.data.T, bundle.kind, cfg.data.encoding, cfg.train.eval_batch_size)
+    model.eval()
+    model(chunks[0])
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x in chunks:
+            model(x)
+        best = min(best, time.perf_counter() - t0)
+    return sum(x.shape[1] for x in chunks) / best
+
+
 # ------------------------------------------------------------------------------------------ the command
 class Ablation:
     """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
@@ -314,6 +346,16 @@ class Ablation:
         self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, tradeoff.png, speedup.png")
         return summary
 
+    def _throughput(self, trainer, ann: bool) -> float:
+        if trainer.best_state is not None:
+            trainer.model.load_state_dict(trainer.best_state)
+        model, cfg = trainer.model.cpu().eval(), trainer.cfg
+        if ann:
+            from . import qcfs as _qcfs
+
+            model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
+        return images_per_second(model, cfg, trainer.bundle)
+
     def _analysis(self, trainer, metrics: dict, tag: str) -> dict:
         rd = trainer.out
         path = rd / "analysis.json"
@@ -322,6 +364,9 @@ class Ablation:
         if path.is_file() and path.stat().st_mtime >= ck:
             a = json.loads(path.read_text())
             if a.get("version") == ANALYSIS_VERSION and (not ann or a.get("T") == self.convert_T):
+                if "images_per_s" not in a:  # added after version 1: measured alone, kept with the rest
+                    a["images_per_s"] = self._throughput(trainer, ann)
+                    path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"
                  + (f" of the SNN converted to T = {self.convert_T}" if ann else ""))
@@ -335,6 +380,7 @@ class Ablation:
             model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
         t0 = time.perf_counter()
         a = analyse(model, cfg, trainer.bundle)
+        a["images_per_s"] = images_per_second(model, cfg, trainer.bundle)
         if ann:
             a.update(ann_test_accuracy=metrics.get("test_accuracy"), ann_val_accuracy=metrics.get("val_accuracy"))
         a.update(train_time_s=metrics.get("train_time_s"), epochs=metrics.get("epochs"),
@@ -359,7 +405,8 @@ def _scalars(a: dict) -> dict:
     s = {"final_accuracy": a["test_accuracy_per_step"][-1], "val_accuracy": a["val_accuracy_per_step"][-1],
          "firing_rate": a["firing_rate"], "energy_uj_full": a["energy_uj_full"],
          "spikes_per_sample": a["spikes_per_sample"], "oct_mean_exit": a["oct"]["mean_exit_step"],
-         "train_time_s": a.get("train_time_s"), "ann_accuracy": a.get("ann_test_accuracy")}
+         "train_time_s": a.get("train_time_s"), "ann_accuracy": a.get("ann_test_accuracy"),
+         "images_per_s": a.get("images_per_s"), "n_params": a.get("n_params")}
     for t, acc in enumerate(a["test_accuracy_per_step"], 1):
         s[f"acc_t{t}"] = acc
     for name in POLICIES:
@@ -488,12 +535,13 @@ def markdown(summary: dict) -> str:
                          f"{_fmt(st[k + 'energy_uj'], 1, 3)} |")
     L += ["", "## Full-T cost and the oracle (test)", "",
           "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
-          "OCT mean exit |", "|---|---|---|---|---|---|---|"]
+          "OCT mean exit | images/s (full T) |", "|---|---|---|---|---|---|---|---|"]
     for v, e in vs.items():
         st = e["stats"]
         L.append(f"| {v} | {_fmt(st['final_accuracy'], 100)} | {_fmt(st['val_accuracy'], 100)} | "
                  f"{_fmt(st['firing_rate'], 1, 4)} | {_fmt(st['spikes_per_sample'], 1, 0)} | "
-                 f"{_fmt(st['energy_uj_full'], 1, 3)} | {_fmt(st['oct_mean_exit'])} |")
+                 f"{_fmt(st['energy_uj_full'], 1, 3)} | {_fmt(st['oct_mean_exit'])} | "
+                 f"{_fmt(st.get('images_per_s'), 1, 0)} |")
     base_v = summary["baseline"]
     others = [v for v in vs if v != base_v]
     if others:

@@ -1,4 +1,5 @@
-"""The ``fewstep`` command line: ``demo``, ``train``, ``eval``, ``cutoff``, ``tradeoff``, ``ablate``."""
+"""The ``fewstep`` command line: ``demo``, ``train``, ``eval``, ``cutoff``, ``tradeoff``, ``ablate``, ``convert``,
+``stream``, ``energy``."""
 
 from __future__ import annotations
 
@@ -201,6 +202,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    from . import stream as _stream
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    r = _stream.stream_report(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
+                              args.realtime, args.device, log=log)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print("\n".join(_stream.summary_lines(r)))
+    return 0
+
+
+def cmd_energy(args) -> int:
+    from . import energy as _energy
+
+    r = _energy.energy_report(args.run, args.policy, args.split, args.calibration, args.e_mac, args.e_sop)
+    print("\n".join(_energy.table_lines(r["full"], f"full T ({r['split']})")))
+    if "cutoff" in r:
+        print("\n".join(_energy.table_lines(r["cutoff"], f"with the {args.policy} cutoff, up to each exit")))
+    print(f"wrote {r['path']}")
+    return 0
+
+
 def _tradeoff_table(r: dict, max_drop: float = 0.01) -> str:
     """For each policy: the fastest point whose accuracy is within ``max_drop`` of full T."""
     lines = [f"{'policy':10s} {'setting':>14s} {'accuracy':>9s} {'mean exit':>9s} {'speed-up':>8s}",
@@ -293,6 +318,32 @@ def main(argv=None) -> int:
     cv.add_argument("--weights", default="best", choices=["best", "last"])
     cv.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
     cv.set_defaults(fn=cmd_convert)
+
+    st = sub.add_parser("stream", help="feed one event recording to a trained run frame by frame and report when "
+                        "its calibrated cutoff became safe")
+    st.add_argument("run", help="run folder trained on an event dataset (nmnist, dvs_gesture, cifar10_dvs)")
+    st.add_argument("--events", required=True, help="the recording (the run's dataset's file format)")
+    st.add_argument("--policy", default="topk", choices=["topk", "softmax", "spikecp", "timestep"],
+                    help="cutoff policy; its calibration is read from RUN/calibration_<policy>.json, or made on "
+                    "validation first (default topk)")
+    st.add_argument("--calibration", help="a saved calibration JSON to use instead")
+    st.add_argument("--start-us", type=float, help="use only events from this sensor time on (µs)")
+    st.add_argument("--end-us", type=float, help="use only events before this sensor time (µs)")
+    st.add_argument("--realtime", action="store_true", help="release frames at sensor speed")
+    st.add_argument("--json", action="store_true", help="print the report as JSON (for programs)")
+    st.add_argument("--device", default="cpu")
+    st.set_defaults(fn=cmd_stream)
+
+    en = sub.add_parser("energy", help="per-layer MACs, SOPs, spikes, firing rates and energy per sample (METHODS "
+                        "§8), at full T and up to a cutoff's exits")
+    en.add_argument("run", help="run folder written by 'fewstep train' (or 'fewstep convert')")
+    en.add_argument("--policy", choices=["topk", "softmax", "spikecp", "timestep"], help="also count up to this "
+                    "policy's calibrated exits (RUN/calibration_<policy>.json, or calibrated on val first)")
+    en.add_argument("--calibration", help="a saved calibration JSON to use instead")
+    en.add_argument("--split", default="test", choices=["test", "val"])
+    en.add_argument("--e-mac", type=float, default=4.6, help="energy per MAC in pJ (default 4.6, 45 nm)")
+    en.add_argument("--e-sop", type=float, default=0.9, help="energy per SOP in pJ (default 0.9, 45 nm)")
+    en.set_defaults(fn=cmd_energy)
 
     args = p.parse_args(argv)
     try:

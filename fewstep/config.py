@@ -155,7 +155,7 @@ def _section(cls, values: dict, where: str):
                 raise ValueError(f"config key '{key}' must be true/false, got {v!r}")
         elif isinstance(default, (int, float)):
             setattr(obj, f.name, _number(v, key, isinstance(default, int)))
-        elif isinstance(default, str) and not isinstance(v, str):
+        elif isinstance(default, str) and not isinstance(v, str) and not (f.type in ("Any", Any) and isinstance(v, dict)):
             raise ValueError(f"config key '{key}' must be a string, got {v!r}")
     return obj
 

@@ -5,7 +5,10 @@ step, whether a sample may stop. The prediction at exit is ``argmax Y(t)``; a sa
 triggers exits at T. Steps are counted from 1.
 
 - ``timestep``: everyone exits at a fixed step ``t``.
-- ``softmax`` (arXiv 2405.00699): exit at the first t with ``max softmax(Y(t)) > 1 − ε``.
+- ``softmax`` (arXiv 2405.00699): exit at the first t with ``max softmax(Y(t)) > 1 − ε``, evaluated as
+  ``log(1 − max softmax) < log ε`` in log space (a float32 softmax rounds to 1.0 once the top-2 gap
+  passes ~17, as it does in converted networks, so every small ε would fire at once); its sweep adds
+  ε down to 1e-30 for such networks.
 - ``topk`` (arXiv 2301.09522): gap ``g(t) = top1(Y(t)) − top2(Y(t))``; exit at the first t with
   ``g(t) > β_t``. β_t is calibrated on held-out data for precision ``1 − ε``: with
   ``p(t) = Π_{k≥t} 1[argmax Y(k) = y]`` ("correct from t on") and a grid of 100 β in
@@ -151,7 +154,13 @@ class Softmax(Policy):
         return Yt.float().softmax(-1).max(-1).values
 
     def fire(self, Yt, t):
-        return self.score(Yt) > 1.0 - self.epsilon
+        if self.epsilon <= 0.0:
+            return torch.zeros(Yt.shape[:-1], dtype=torch.bool, device=Yt.device)
+        z = Yt.double()
+        z = z - z.max(-1, keepdim=True).values
+        top = z.argmax(-1, keepdim=True)
+        others = z.scatter(-1, top, float("-inf"))  # log(1 − p_max) = lse(others) − lse(all), no rounding to 1
+        return torch.logsumexp(others, -1) - torch.logsumexp(z, -1) < math.log(self.epsilon)
 
     def params(self):
         return {"epsilon": self.epsilon}
@@ -317,13 +326,15 @@ def harm_upper_bound(harmed: int, n: int, confidence: float) -> float:
 
 DEFAULT_EPSILONS = [0.0, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
                     0.3, 0.4, 0.5, 0.7, 0.9]
+# softmax only: networks whose running logits separate by tens (converted QCFS nets) need 1 − p_max this small
+SOFTMAX_TINY_EPSILONS = [1e-30, 1e-24, 1e-20, 1e-16, 1e-13, 1e-10, 1e-8]
 
 
 def candidates(name: str, T: int, epsilons=None) -> list[Policy]:
     """A policy family ordered from conservative (latest exits) to aggressive."""
     if name == "timestep":
         return [Timestep(t, T=T) for t in range(T, 0, -1)]
-    eps = sorted(epsilons or DEFAULT_EPSILONS)
+    eps = sorted(epsilons or (DEFAULT_EPSILONS + SOFTMAX_TINY_EPSILONS if name == "softmax" else DEFAULT_EPSILONS))
     return [make(name, epsilon=e) for e in eps]
 
 

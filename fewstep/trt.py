@@ -89,6 +89,10 @@ class TRT(nn.Module):
             raise ValueError(f"trt reverse_at {at!r} is not a spiking layer of model {name!r}; valid names: "
                              f"{', '.join(layers)}")
         self.static = (kind == "static") if self.reverse == "auto" else (self.reverse == "layer")
+        if self.static and not getattr(model, "spikes_time_first", True):
+            raise ValueError(f"TRT: model {name!r} runs every step independently and its spiking layers do not see "
+                             "time-first spike trains, so reversing a layer's spikes (static input) does not apply; "
+                             "use it with event input (trt.reverse: input)")
         self.reverse_at = at
         object.__setattr__(self, "_flip_module", layers[at])  # a reference, not a submodule
         head = model.classifier_head()

@@ -27,6 +27,17 @@ def test_timestep_and_softmax_hand_built():
     assert d.exit_step.tolist() == [3, 3, 3]
 
 
+def test_softmax_does_not_saturate_on_large_logit_gaps():
+    # gaps of 60 and 80: a float32 softmax is exactly 1.0 for both, yet 1 - p_max = e^-60 vs e^-80
+    Y = Y_from([[[60, 0], [60, 0]], [[80, 0], [80, 0]]])
+    assert (Y[0].softmax(-1).max(-1).values == 1.0).all()  # why a plain comparison cannot tell them apart
+    d = cf.simulate(cf.Softmax(1e-30), Y)  # e^-60 ≈ 8.8e-27 > 1e-30 > e^-80 ≈ 1.8e-35
+    assert d.exit_step.tolist() == [2, 1]
+    assert cf.simulate(cf.Softmax(1e-40), Y).exit_step.tolist() == [2, 2]
+    eps = [p.epsilon for p in cf.candidates("softmax", 2)]
+    assert min(e for e in eps if e > 0) <= 1e-30 and 1e-30 not in [p.epsilon for p in cf.candidates("topk", 2)]
+
+
 def test_topk_fire_strict_and_never_triggered():
     Y = Y_from([
         [[1, 0], [1.6, 1.0], [3, 0]],        # gap 1.0 (not > 1.0), then 0.6 > 0.5

@@ -13,6 +13,8 @@ SMALL = {  # fast variants of the big models; layouts as registered
     "resnet20": dict(input_shape=(3, 32, 32)),
     "sew_resnet18": dict(input_shape=(3, 32, 32), widths=(8, 8, 16, 16)),
     "sew_resnet34": dict(input_shape=(3, 64, 64), widths=(8, 8, 16, 16)),  # the ImageNet stem
+    "general12_cnn": dict(input_shape=(3, 32, 32), dims=(8, 16, 32, 64), depths=(1, 2, 2, 1)),
+    "general12_lstm": dict(input_shape=(3, 32, 32), dims=(8, 16, 32, 64), depths=(1, 2, 2, 1)),
 }
 
 

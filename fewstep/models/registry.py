@@ -96,6 +96,9 @@ class SNN(nn.Module):
     ``[N, classes]``. Subclasses implement :meth:`body`.
     """
 
+    # Whether every spiking layer's multi-step output is time-first [T, N, ...] (a wrapper may flip it in time)
+    spikes_time_first = True
+
     def __init__(self, input_shape, num_classes: int):
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)

@@ -1,0 +1,192 @@
+"""Anytime inference on one recording: ``fewstep stream RUN --events FILE``.
+
+The recording is framed exactly as the run's dataset frames its samples (``data.T`` equal-time bins
+over the recording's span, or the first ``data.window_us``), then fed to the network one frame at a
+time through the single-step API. After every step the run's calibrated cutoff policy reads the
+running logits ``Y(t) = Σ_{k≤t} O(k)``; the first step at which it fires is the decision. The
+report gives the decision, its step, the *sensor time* at which it became safe (step × frame
+duration: the events the network had seen by then), the compute time of each step and the
+prediction trace. With ``realtime=True`` frames are released at sensor speed (each frame only once
+its last event would have been recorded), so the wall-clock latency is the sensor latency plus
+compute.
+
+Decisions equal those of the batched early exit (:func:`fewstep.anytime.early_exit`) on the same
+sample (tested on a real N-MNIST recording).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import cutoff as _cf
+from .data.events import EventFileError
+
+# dataset -> (event reader, sensor size (W, H)) of the recordings it is built from
+SOURCES = {
+    "nmnist": ("nmnist", (34, 34)),
+    "dvs_gesture": ("aedat31", (128, 128)),
+    "cifar10_dvs": ("cifar10dvs", (128, 128)),
+}
+
+
+@dataclass
+class Recording:
+    frames: torch.Tensor  # [T, P, H, W]
+    frame_us: float       # sensor time per frame
+    span_us: float        # sensor time the frames cover
+    n_events: int
+    path: str
+
+
+def framing_of(cfg):
+    """The :class:`~fewstep.data.event_datasets.Framing` of a run's event dataset."""
+    from .data.event_datasets import Framing
+
+    d = cfg.data
+    return Framing(int(d.T), d.by, tuple(d.size) if d.size else None, int(d.polarities), bool(d.binarize),
+                   d.window_us)
+
+
+def read_recording(cfg, path, start_us: "float | None" = None, end_us: "float | None" = None) -> Recording:
+    """Read and frame one recording the way the run's dataset frames its samples."""
+    from .data.event_datasets import READERS, frame_events
+
+    name = cfg.data.name
+    if name not in SOURCES:
+        raise ValueError(f"fewstep stream reads event recordings; this run was trained on {name!r}, which is not "
+                         f"one of the event datasets {', '.join(sorted(SOURCES))}")
+    reader, sensor = SOURCES[name]
+    path = str(path)
+    try:
+        ev = READERS[reader](path, sensor)
+    except EventFileError as exc:
+        if "outside" in str(exc):
+            raise EventFileError(f"{exc}; the run ({name}) takes recordings from a {sensor[0]}x{sensor[1]} sensor: "
+                                 f"the recording's sensor does not match the run's input") from None
+        raise
+    if start_us is not None or end_us is not None:
+        lo = -np.inf if start_us is None else float(start_us)
+        hi = np.inf if end_us is None else float(end_us)
+        if hi <= lo:
+            raise ValueError(f"--start-us {start_us} must be before --end-us {end_us}")
+        ev = ev[(ev["t"] >= lo) & (ev["t"] < hi)]
+    if len(ev) == 0:
+        where = "" if start_us is None and end_us is None else f" between {start_us} and {end_us} µs"
+        raise EventFileError(f"{path}: the recording has no events{where}; nothing to classify")
+    f = framing_of(cfg)
+    t = ev["t"].astype(np.int64)
+    span = float(t.max() - t.min())
+    if f.window_us is not None:
+        span = min(span, float(f.window_us))
+    frames = torch.from_numpy(frame_events(ev, sensor, f, path))
+    if f.by != "time":
+        frame_us = float("nan")  # equal event counts: frames have no fixed duration
+    else:
+        frame_us = span / f.T
+    return Recording(frames, frame_us, span, int(len(ev)), path)
+
+
+@torch.no_grad()
+def decide(model, rec: Recording, policy: _cf.Policy, realtime: bool = False, device="cpu") -> dict:
+    """Feed ``rec`` frame by frame through :class:`fewstep.anytime.AnytimeStream`; stop when ``policy``
+    fires (or at the last frame)."""
+    from .anytime import AnytimeStream
+    from .neurons import set_step_mode
+
+    T = rec.frames.shape[0]
+    prev = next((m.step_mode for m in model.modules() if hasattr(m, "step_mode")), "m")
+    live = AnytimeStream(model, policy, T)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    frames = rec.frames.to(device)
+    trace, compute_ms = [], []
+    start = time.perf_counter()
+    answer = None
+    try:
+        for t in range(1, T + 1):
+            if realtime and rec.frame_us == rec.frame_us:  # (NaN: count framing has no frame duration)
+                wait = start + t * rec.frame_us * 1e-6 - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)  # the frame's last event has not been recorded yet
+            t0 = time.perf_counter()
+            answer = live.push(frames[t - 1])
+            sync()
+            compute_ms.append(1e3 * (time.perf_counter() - t0))
+            Y = live.Y[0]
+            top = torch.topk(Y, min(2, Y.numel()))
+            trace.append({"step": t, "prediction": int(top.indices[0]),
+                          "p_max": float(torch.softmax(Y, -1).max()),  # as the softmax policy reads it
+                          "gap": float(top.values[0] - top.values[-1])})
+            if answer is not None:
+                break
+    finally:
+        set_step_mode(model, prev)
+    prediction, step = answer
+    wall_ms = 1e3 * (time.perf_counter() - start)
+    return {"exit_step": step, "T": T, "prediction": prediction,
+            "sensor_ms": step * rec.frame_us / 1e3, "recording_ms": rec.span_us / 1e3,
+            "frame_ms": rec.frame_us / 1e3, "compute_ms_per_step": compute_ms, "wall_ms": wall_ms,
+            "realtime": realtime, "trace": trace}
+
+
+def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=None, bundle=None) -> _cf.Policy:
+    """The run's saved calibration for ``policy`` (or ``calibration``), calibrating on validation if none."""
+    run_dir = Path(run_dir)
+    path = Path(calibration) if calibration else run_dir / f"calibration_{policy}.json"
+    expect = {"model": cfg.model.name, "T": cfg.data.T, "dataset": cfg.data.name}
+    if path.is_file():
+        return _cf.load(path, expect=expect)
+    if calibration:
+        raise FileNotFoundError(f"no calibration file at {path}")
+    from .reports import calibrate
+
+    log(f"{run_dir} has no saved calibration for policy {policy!r}: calibrating on its validation split first "
+        f"(the same as 'fewstep cutoff {run_dir} --policy {policy}'; written to {path})")
+    pol, _ = calibrate(run_dir, policy, model=model, cfg=cfg, bundle=bundle)
+    return pol
+
+
+def stream_report(run_dir, events, policy: str = "topk", calibration=None, start_us=None, end_us=None,
+                  realtime: bool = False, device: str = "cpu", log=print) -> dict:
+    """Everything ``fewstep stream`` prints (and writes with ``--json``)."""
+    from .train import load_run
+
+    model, cfg, bundle = load_run(run_dir, device=device)
+    rec = read_recording(cfg, events, start_us, end_us)
+    want = tuple(bundle.input_shape)
+    if tuple(rec.frames.shape[1:]) != want:
+        raise ValueError(f"{events}: framed into {list(rec.frames.shape[1:])}, but the run's network takes "
+                         f"{list(want)}")
+    pol = policy_for(run_dir, policy, cfg, calibration, log, model, bundle)
+    out = decide(model, rec, pol, realtime, device)
+    classes = getattr(bundle, "classes", None)
+    out.update(run=str(run_dir), events=str(events), n_events=rec.n_events, policy=pol.to_dict(),
+               label=(classes[out["prediction"]] if classes else str(out["prediction"])))
+    return out
+
+
+def summary_lines(r: dict) -> list[str]:
+    c = r["compute_ms_per_step"]
+    med = float(np.median(c))
+    lines = [f"decision: class {r['prediction']} ({r['label']}) at step {r['exit_step']} of {r['T']} "
+             f"(policy {r['policy']['policy']})"]
+    if r["frame_ms"] == r["frame_ms"]:
+        lines.append(f"answered after {r['sensor_ms']:.1f} ms of a {r['recording_ms']:.1f} ms recording "
+                     f"({r['frame_ms']:.2f} ms per frame, {r['n_events']} events)")
+    lines.append(f"compute: {med:.2f} ms per step (median; first {c[0]:.2f} ms), {sum(c):.2f} ms in all"
+                 + (f"; wall clock at sensor speed {r['wall_ms']:.1f} ms" if r["realtime"] else ""))
+    lines.append("trace:  step  prediction  p_max   top-2 gap")
+    for s in r["trace"]:
+        lines.append(f"        {s['step']:4d}  {s['prediction']:10d}  {s['p_max']:.3f}  {s['gap']:9.3f}")
+    return lines
+
+
+def write_json(r: dict, path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(r, indent=2))
+    return path
