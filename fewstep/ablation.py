@@ -346,15 +346,17 @@ class Ablation:
         self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, tradeoff.png, speedup.png")
         return summary
 
-    def _throughput(self, trainer, ann: bool) -> float:
+    def _judged_model(self, trainer, ann: bool):
+        """The best-on-validation network and its config, as analysed (a QCFS ANN as the SNN it converts to)."""
         if trainer.best_state is not None:
             trainer.model.load_state_dict(trainer.best_state)
         model, cfg = trainer.model.cpu().eval(), trainer.cfg
         if ann:
             from . import qcfs as _qcfs
 
+            _qcfs.check_static(cfg)
             model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
-        return images_per_second(model, cfg, trainer.bundle)
+        return model, cfg
 
     def _analysis(self, trainer, metrics: dict, tag: str) -> dict:
         rd = trainer.out
@@ -365,19 +367,12 @@ class Ablation:
             a = json.loads(path.read_text())
             if a.get("version") == ANALYSIS_VERSION and (not ann or a.get("T") == self.convert_T):
                 if "images_per_s" not in a:  # added after version 1: measured alone, kept with the rest
-                    a["images_per_s"] = self._throughput(trainer, ann)
+                    a["images_per_s"] = images_per_second(*self._judged_model(trainer, ann), trainer.bundle)
                     path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"
                  + (f" of the SNN converted to T = {self.convert_T}" if ann else ""))
-        if trainer.best_state is not None:
-            trainer.model.load_state_dict(trainer.best_state)
-        model, cfg = trainer.model.cpu().eval(), trainer.cfg
-        if ann:  # a QCFS ANN is judged as the SNN it converts to
-            from . import qcfs as _qcfs
-
-            _qcfs.check_static(cfg)
-            model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
+        model, cfg = self._judged_model(trainer, ann)
         t0 = time.perf_counter()
         a = analyse(model, cfg, trainer.bundle)
         a["images_per_s"] = images_per_second(model, cfg, trainer.bundle)

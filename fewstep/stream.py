@@ -16,7 +16,6 @@ sample (tested on a real N-MNIST recording).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,11 +95,11 @@ def read_recording(cfg, path, start_us: "float | None" = None, end_us: "float | 
 def decide(model, rec: Recording, policy: _cf.Policy, realtime: bool = False, device="cpu") -> dict:
     """Feed ``rec`` frame by frame through :class:`fewstep.anytime.AnytimeStream`; stop when ``policy``
     fires (or at the last frame)."""
-    from .anytime import AnytimeStream
+    from .anytime import AnytimeStream, _mode
     from .neurons import set_step_mode
 
     T = rec.frames.shape[0]
-    prev = next((m.step_mode for m in model.modules() if hasattr(m, "step_mode")), "m")
+    prev = _mode(model)
     live = AnytimeStream(model, policy, T)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     frames = rec.frames.to(device)
@@ -184,9 +183,3 @@ def summary_lines(r: dict) -> list[str]:
     for s in r["trace"]:
         lines.append(f"        {s['step']:4d}  {s['prediction']:10d}  {s['p_max']:.3f}  {s['gap']:9.3f}")
     return lines
-
-
-def write_json(r: dict, path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(r, indent=2))
-    return path

@@ -109,10 +109,9 @@ def split_windows(x: torch.Tensor, boxes) -> list[torch.Tensor]:
 
 def tile_windows(parts, boxes, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`split_windows`: place every window back and average where windows overlap."""
-    lead = parts[0].shape[:-2]
-    out = parts[0].new_zeros(*lead, h, w)
     if len(boxes) == 1 and boxes[0] == (0, 0, h, w):
         return parts[0]
+    out = parts[0].new_zeros(*parts[0].shape[:-2], h, w)
     count = parts[0].new_zeros(h, w)
     for p, (t, l, hh, ww) in zip(parts, boxes):
         pad = (l, w - l - ww, t, h - t - hh)
