@@ -140,6 +140,7 @@ class ExitResult:
     spikes: torch.Tensor | None = None
     macs: torch.Tensor | None = None
     sops: torch.Tensor | None = None
+    latency_s: torch.Tensor | None = None  # per sample: seconds from joining the batch to its decision
 
     @property
     def decision(self) -> _cutoff.Decision:
@@ -154,7 +155,7 @@ class ExitResult:
 
 @torch.no_grad()
 def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_batch: int | None = None,
-               count_ops: bool = False) -> ExitResult:
+               count_ops: bool = False, latency: bool = False) -> ExitResult:
     """Run ``model`` on ``x[T, N, ...]`` step by step, stopping each sample when ``policy`` fires.
 
     With ``max_batch=None`` all N samples start together and the batch shrinks as they exit. With
@@ -162,6 +163,8 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     next waiting sample (continuous batching), so the batch stays full and compute follows the
     average latency; samples at different steps then share a batch, each with its own state.
     Decisions are the same either way. The model runs in evaluation mode; its step mode is restored.
+    ``latency=True`` also gives each sample's compute latency, from joining the batch to its decision
+    (``latency_s``; the inputs are all there, so it is the time the decisions cost, not sensor time).
     """
     if x.dim() < 2:
         raise ValueError(f"early_exit expects input [T, N, ...], got {list(x.shape)}")
@@ -183,6 +186,9 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     active = torch.arange(min(cap, N), device=dev)  # sample ids in the batch
     steps = torch.zeros(len(active), dtype=torch.long, device=dev)  # steps done per slot
     waiting = len(active)  # next sample id to admit
+    clock = time.perf_counter
+    joined = torch.full((N,), clock(), dtype=torch.float64) if latency else None
+    decided = torch.zeros(N, dtype=torch.float64) if latency else None
     Y = None
     try:
         if counter:
@@ -204,6 +210,10 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
             if not bool(fire.any()):
                 continue
             done = active[fire]
+            if latency:  # the sync in fire.any() above has already waited for the step
+                now = clock()
+                decided[done.cpu()] = now
+                joined[waiting:waiting + min(int(fire.sum()), N - waiting)] = now
             exit_step[done] = steps[fire]
             pred[done] = Y[fire].argmax(-1)
             keep = (~fire).nonzero().squeeze(1)
@@ -220,7 +230,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
             counter.__exit__()
         set_step_mode(model, prev)
         model.train(was_training)
-    res = ExitResult(exit_step.cpu(), pred.cpu())
+    res = ExitResult(exit_step.cpu(), pred.cpu(), latency_s=(decided - joined) if latency else None)
     if count_ops:
         res.spikes, res.macs, res.sops = (totals[k].cpu() for k in ("spikes", "macs", "sops"))
     return res

@@ -1,5 +1,5 @@
 """The ``fewstep`` command line: ``demo``, ``train``, ``eval``, ``cutoff``, ``tradeoff``, ``ablate``, ``convert``,
-``stream``, ``energy``."""
+``stream``, ``energy``, ``export``."""
 
 from __future__ import annotations
 
@@ -112,11 +112,18 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     from .train import Trainer
 
+    from .distributed import shutdown
+
     cfg = _config.load(args.config, args.set)
     out = Path(args.out)
-    m = Trainer(cfg, out).fit()
-    print(_table({"val": m["val_accuracy_per_step"], "test": m["accuracy_per_step"]}))
-    print(f"wrote {out}/config.yaml, checkpoint.pt, log.csv, metrics.json")
+    try:
+        trainer = Trainer(cfg, out)  # under torchrun: joins the process group (fewstep.distributed)
+        m = trainer.fit()
+    finally:
+        shutdown()
+    if trainer.is_main:
+        print(_table({"val": m["val_accuracy_per_step"], "test": m["accuracy_per_step"]}))
+        print(f"wrote {out}/config.yaml, checkpoint.pt, log.csv, metrics.json")
     return 0
 
 
@@ -223,6 +230,15 @@ def cmd_energy(args) -> int:
     if "cutoff" in r:
         print("\n".join(_energy.table_lines(r["cutoff"], f"with the {args.policy} cutoff, up to each exit")))
     print(f"wrote {r['path']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .nir_io import export_run
+
+    r = export_run(args.run, args.out, dt=args.dt, weights=args.weights, overwrite=args.overwrite)
+    print(f"wrote {r['path']}: {len(r['nodes'])} NIR nodes ({', '.join(r['nodes'])}), dt = {r['dt']:g}")
+    print(f"re-imported and run on random input: max |logit difference| = {r['max_abs_diff']:.3g}")
     return 0
 
 
@@ -344,6 +360,17 @@ def main(argv=None) -> int:
     en.add_argument("--e-mac", type=float, default=4.6, help="energy per MAC in pJ (default 4.6, 45 nm)")
     en.add_argument("--e-sop", type=float, default=0.9, help="energy per SOP in pJ (default 0.9, 45 nm)")
     en.set_defaults(fn=cmd_energy)
+
+    ex = sub.add_parser("export", help="write a trained network as a NIR graph for neuromorphic simulators and "
+                        "hardware (needs the nir extra; docs/deploy.md)")
+    ex.add_argument("run", help="run folder written by 'fewstep train'")
+    ex.add_argument("--format", default="nir", choices=["nir"], help="exchange format (default nir)")
+    ex.add_argument("--out", required=True, help="file to write, e.g. model.nir")
+    ex.add_argument("--dt", type=float, default=1.0, help="duration of one step in the NIR time unit (default 1); "
+                    "the neurons' time constants scale with it")
+    ex.add_argument("--weights", default="best", choices=["best", "last"])
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.set_defaults(fn=cmd_export)
 
     args = p.parse_args(argv)
     try:

@@ -73,6 +73,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True           # tqdm bars (auto-off when not a terminal)
     tune_malloc: bool = True        # CPU training: let glibc reuse large buffers (fewstep.runtime.tune_cpu_allocator)
+    sync_bn: bool = False           # torchrun on CUDA: BatchNorm statistics over all processes (fewstep.distributed)
 
 
 @dataclass

@@ -64,6 +64,10 @@ class BatchNorm2d(StepModeMixin, nn.BatchNorm2d):
     pass
 
 
+class SyncBatchNorm(StepModeMixin, nn.SyncBatchNorm):
+    """BatchNorm with statistics over every process's batch (``train.sync_bn``; fewstep.distributed)."""
+
+
 class AvgPool2d(StepModeMixin, nn.AvgPool2d):
     pass
 

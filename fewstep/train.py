@@ -10,6 +10,7 @@ A run lives in one folder::
 
 Checkpoints hold only tensors and plain Python values: ``torch.load(path, weights_only=True)``.
 Model selection uses the validation split only; the test split is evaluated once, at the end.
+Under ``torchrun`` the same Trainer runs data-parallel (DDP); see :mod:`fewstep.distributed`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from . import config as _config
+from . import distributed as _dist
 from . import losses as _losses
 from . import models as _models
 from . import regularizers as _regs
@@ -177,20 +179,19 @@ def load_checkpoint(path) -> dict:
 
 
 class _DeviceBatches:
-    """One epoch of shuffled batches read whole from an in-memory image split (``ds.batch``): the order is
-    drawn from ``g`` as the DataLoader's shuffle draws it, augmentation from a generator on ``device``."""
+    """One epoch of batches read whole from an in-memory image split (``ds.batch``) in ``sampler``'s order,
+    augmentation drawn from a generator on ``device``."""
 
-    def __init__(self, ds, batch_size: int, g: torch.Generator, device: torch.device, seed: int):
-        self.ds, self.bs, self.g, self.device, self.seed = ds, batch_size, g, device, seed
+    def __init__(self, ds, device: torch.device, seed: int, sampler):
+        self.ds, self.device, self.seed, self.sampler = ds, device, seed, sampler
 
     def __len__(self):
-        return (len(self.ds) + self.bs - 1) // self.bs
+        return len(self.sampler)
 
     def __iter__(self):
-        perm = torch.randperm(len(self.ds), generator=self.g)
         dg = torch.Generator(device=self.device).manual_seed(self.seed)
-        for i in range(0, len(perm), self.bs):
-            yield self.ds.batch(perm[i:i + self.bs], self.device, dg)
+        for idx in self.sampler:
+            yield self.ds.batch(torch.tensor(idx, dtype=torch.long), self.device, dg)
 
 
 class Trainer:
@@ -200,6 +201,10 @@ class Trainer:
     the config's ``regularizer`` section asks for (:mod:`fewstep.regularizers`: RCS, STR). When any
     is present, the forward pass runs under :func:`fewstep.record` (recording only the fields they
     read) and each term is logged in ``log.csv`` as ``train_<name>`` beside ``train_task_loss``.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), it trains data-parallel with DistributedDataParallel
+    (:mod:`fewstep.distributed`); ``self.model`` stays the plain network, ``self.net`` is what the
+    training step calls.
     """
 
     def __init__(self, cfg: _config.Config, out_dir, bundle: _datasets.DataBundle | None = None,
@@ -207,12 +212,14 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         check_run_folder(self.out)  # before any data is loaded
-        self.log = log
+        self.dist = _dist.from_env(cfg.train.device)  # None: one process
+        self.is_main = self.dist is None or self.dist.is_main
+        self.log = log if self.is_main else (lambda msg: None)
         self.regularizers = _regs.build(cfg) + list(regularizers or [])
         self.reg_names = _regs.term_names(self.regularizers)
         self.record_fields = _regs.fields_needed(self.regularizers)
         seed_everything(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.dist.device if self.dist is not None else resolve_device(cfg.train.device)
         if self.device.type == "cpu" and cfg.train.tune_malloc:
             from .runtime import tune_cpu_allocator
 
@@ -221,6 +228,11 @@ class Trainer:
         if self.bundle.kind == "frames" and self.bundle.T != cfg.data.T:
             raise ValueError(f"T mismatch: dataset frames have T = {self.bundle.T} but data.T = {cfg.data.T}")
         self.model = build_model(cfg, self.bundle).to(self.device)
+        if cfg.train.sync_bn and self.dist is not None:
+            if self.dist.backend != "nccl":
+                raise ValueError("train.sync_bn needs CUDA processes (NCCL): PyTorch's SyncBatchNorm does not train on "
+                                 "the CPU. Without it each process normalises with the statistics of its own share")
+            self.model = _dist.convert_sync_batchnorm(self.model)
         self.loss_fn = _losses.make(cfg.train.loss, cfg.train.tet_lambda, cfg.train.tet_phi)
         for r in self.regularizers:
             if hasattr(r, "setup"):
@@ -229,6 +241,7 @@ class Trainer:
         self.reg_modules = {n: r.to(self.device) for n, r in zip(self.reg_names, self.regularizers)
                             if isinstance(r, torch.nn.Module) and any(True for _ in r.parameters())}
         params = list(self.model.parameters()) + [p for r in self.reg_modules.values() for p in r.parameters()]
+        self.net = self._data_parallel() if self.dist is not None else self.model
         self.opt = make_optimizer(cfg.train, params)
         self.sched = make_scheduler(cfg.train, self.opt)
         self.epoch = 0  # epochs completed
@@ -237,6 +250,28 @@ class Trainer:
         self.best_state = None
         self.history: list[dict] = []
         self.train_time = 0.0
+
+    def _data_parallel(self) -> torch.nn.Module:
+        """Wrap the model in DistributedDataParallel. A regulariser that runs the model a second time (TRT's
+        reversed branch) or has parameters of its own makes the step average gradients itself, after the
+        backward pass (``self._manual_sync``), instead of DDP's overlapped buckets."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ctx = self.dist
+        if self.cfg.train.batch_size < ctx.world:
+            raise ValueError(f"train.batch_size = {self.cfg.train.batch_size} is smaller than the {ctx.world} "
+                             "processes: every process needs at least one sample per step")
+        self._manual_sync = bool(self.reg_modules) or any(getattr(r, "runs_model", False) for r in self.regularizers)
+        self.log(f"distributed: {ctx.world} processes ({ctx.backend}, {ctx.device.type}); "
+                 + _dist.batch_message(self.cfg.train.batch_size, ctx.world)
+                 + ("; gradients averaged after each backward pass (a regulariser runs the model twice or has "
+                    "parameters)" if self._manual_sync else ""))
+        if self._manual_sync:
+            for r in self.reg_modules.values():
+                _dist.broadcast_module(r, ctx)
+            return _dist.broadcast_module(self.model, ctx)
+        return DDP(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                   find_unused_parameters=bool(getattr(self.model, "has_unused_parameters", False)))
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -252,9 +287,11 @@ class Trainer:
                 "train_time": self.train_time}
 
     def resume(self) -> bool:
-        if not self.ckpt_path.is_file():
+        # Under torchrun rank 0 reads the checkpoint and sends it to the others (no shared folder needed).
+        ckpt = load_checkpoint(self.ckpt_path) if self.is_main and self.ckpt_path.is_file() else None
+        ckpt = _dist.broadcast(ckpt, self.dist)
+        if ckpt is None:
             return False
-        ckpt = load_checkpoint(self.ckpt_path)
         if ckpt.get("conversion") is not None:
             raise ValueError(f"{self.out} holds a network converted from an ANN (fewstep convert), which has no "
                              "training state to resume; train into a new --out folder")
@@ -262,7 +299,7 @@ class Trainer:
         mine = self.cfg.to_dict()
         # The number of epochs may grow on resume; anything else must match.
         saved["train"].pop("epochs"), mine["train"].pop("epochs")
-        for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc"):
+        for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc", "sync_bn"):
             saved["train"].pop(k), mine["train"].pop(k)
         saved["data"].pop("loader"), mine["data"].pop("loader")  # how batches are read, not what is trained
         if saved != mine:
@@ -292,31 +329,38 @@ class Trainer:
         return hasattr(self.bundle.train, "batch") and (mode == "batch" or (mode == "auto" and self.device.type == "cuda"))
 
     def _batches(self, epoch: int):
+        """This epoch's batches for this process. The order is ``torch.randperm`` from a generator seeded by
+        (seed, epoch), cut into batches of ``train.batch_size``; under torchrun every process draws the same
+        order and takes its share of each batch, so any number of processes trains on the same batches."""
         seed = self.cfg.train.seed * 100_003 + epoch
         g = torch.Generator().manual_seed(seed)
+        rank, world = (self.dist.rank, self.dist.world) if self.dist is not None else (0, 1)
+        sampler = _dist.GlobalBatchSampler(len(self.bundle.train), self.cfg.train.batch_size, g, rank, world)
         if self.batch_loader:
-            return _DeviceBatches(self.bundle.train, self.cfg.train.batch_size, g, self.device, seed)
-        return DataLoader(self.bundle.train, batch_size=self.cfg.train.batch_size, shuffle=True, generator=g,
-                          num_workers=self.cfg.train.num_workers, drop_last=False)
+            return _DeviceBatches(self.bundle.train, self.device, seed, sampler)
+        return DataLoader(self.bundle.train, batch_sampler=sampler, num_workers=self.cfg.train.num_workers)
 
     def train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation / dropout / Poisson: reproducible per epoch
+        rank = self.dist.rank if self.dist is not None else 0
+        # augmentation / dropout / Poisson: reproducible per epoch (and different draws on every process)
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
         self.model.train()
         amp = cfg.amp and self.device.type == "cuda"
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
         tot_terms: dict[str, float] = {}
         bar = tqdm(self._batches(epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=None if cfg.progress else True)
+                   disable=None if cfg.progress and self.is_main else True)
+        ctx = self.dist
         for step, (x, y) in enumerate(bar):
             x = time_first(x, self.bundle.kind, self.cfg.data.T, self.cfg.data.encoding).to(self.device)
             y = y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 if self.regularizers:
                     with record(self.model, fields=self.record_fields, grad_sink=True) as rec:
-                        out = self.model(x)
+                        out = self.net(x)
                     rec.input = x
                     terms = {"task_loss": self.loss_fn(out, y)}
                     for n, r in zip(self.reg_names, self.regularizers):
@@ -325,10 +369,16 @@ class Trainer:
                                      else {n: value})
                     loss = sum(terms.values())
                 else:
-                    out = self.model(x)
+                    out = self.net(x)
                     loss = self.loss_fn(out, y)
                     terms = {}
-            if not torch.isfinite(loss):
+            finite, n_global = bool(torch.isfinite(loss)), y.numel()
+            if ctx is not None:  # one collective: the global batch size and whether any process diverged
+                n_global, n_bad = _dist.all_sum([y.numel(), 0.0 if finite else 1.0], ctx)
+                if finite and n_bad:
+                    raise TrainingDiverged(f"the loss became NaN or infinite on another process at epoch {epoch}, "
+                                           f"step {step}; training stopped")
+            if not finite:
                 last = f"{self.ckpt_path} (after epoch {self.epoch})" if self.ckpt_path.is_file() else "none yet"
                 bad = [f"'{n}' became {v.item()}" for n, v in terms.items() if n != "task_loss" and not torch.isfinite(v)]
                 what = f"regularizer term {', '.join(bad)}" if bad else f"loss became {loss.item()}"
@@ -336,7 +386,12 @@ class Trainer:
                                        f"Last good checkpoint: {last}. Try a lower train.lr or train.grad_clip"
                                        + (", or a smaller regularizer weight." if bad else "."))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if ctx is None:
+                loss.backward()
+            else:  # gradients are averaged over processes; weighting by the share makes it the global batch's mean
+                (loss * (y.numel() * ctx.world / n_global)).backward()
+                if self._manual_sync:
+                    _dist.average_gradients([p for g in self.opt.param_groups for p in g["params"]], ctx)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
@@ -347,6 +402,11 @@ class Trainer:
             tot_correct += int((out.detach().float().mean(0).argmax(-1) == y).sum())
             tot_n += n
             bar.set_postfix(loss=f"{tot_loss / tot_n:.3f}", acc=f"{tot_correct / tot_n:.3f}")
+        if self.dist is not None:  # every process's share of the epoch
+            names = list(tot_terms)
+            tot_loss, tot_correct, tot_n, *vals = _dist.all_sum([tot_loss, tot_correct, tot_n]
+                                                                 + [tot_terms[k] for k in names], self.dist)
+            tot_terms = dict(zip(names, vals))
         row = {"train_loss": tot_loss / tot_n}
         row.update((f"train_{k}", v / tot_n) for k, v in tot_terms.items())
         row["train_acc"] = tot_correct / tot_n
@@ -364,10 +424,12 @@ class Trainer:
         then no metrics are written and ``None`` is returned.
         """
         check_run_folder(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
-        self.cfg.dump(self.out / "config.yaml")
-        tb = _tensorboard(self.out)
+        tb = None
+        if self.is_main:  # under torchrun rank 0 writes the run folder, the others only train
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.dump(self.out / "config.yaml")
+            tb = _tensorboard(self.out)
         done_now = 0
         while self.epoch < self.cfg.train.epochs:
             if stop_after is not None and done_now >= stop_after:
@@ -376,16 +438,21 @@ class Trainer:
             t0 = time.perf_counter()
             row = {"epoch": e, "lr": self.opt.param_groups[0]["lr"], **self.train_epoch(e)}
             self.sched.step()
+            self.epoch = e
+            if not self.is_main:
+                _dist.barrier(self.dist)  # rank 0 validates and checkpoints
+                done_now += 1
+                continue
             val = self.evaluate("val")
             row.update(val_acc=val["accuracy"], epoch_time_s=time.perf_counter() - t0)
             self.train_time += row["epoch_time_s"]
             if val["accuracy"] > self.best_val:
                 self.best_val, self.best_epoch = val["accuracy"], e
                 self.best_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
-            self.epoch = e
             self.history.append(row)
             _atomic_save(self.state(), self.ckpt_path)
             self._log_csv()
+            _dist.barrier(self.dist)
             if tb is not None:
                 for k, v in row.items():
                     if k != "epoch":
@@ -396,6 +463,8 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
+        if not self.is_main:
+            return _dist.broadcast(None, self.dist)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         test = self.evaluate("test")
@@ -408,8 +477,10 @@ class Trainer:
             "best_epoch": self.best_epoch, "epochs": self.epoch, "train_time_s": round(self.train_time, 2),
             "n_params": sum(p.numel() for p in self.model.parameters()), "device": str(self.device),
             "threads": torch.get_num_threads(), "n_test": test["n"], "n_val": val["n"], "n_train": len(self.bundle.train),
+            "processes": self.dist.world if self.dist is not None else 1,
         }
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _dist.broadcast(metrics, self.dist)
         return metrics
 
     def _log_csv(self) -> None:

@@ -45,6 +45,7 @@ class TRT(nn.Module):
     """The TRT terms as a Trainer regulariser (see the module doc). Call :meth:`setup` before use."""
 
     name = "trt"
+    runs_model = True  # the reversed branch runs the model a second time (fewstep.distributed averages by hand)
     fields = ()  # reads the model and its input, not the recorded spikes
 
     def __init__(self, reversed_weight: float = 1.0, star_weight: float = 1.0, lam: float = 1.0, tau: float = 2.0,

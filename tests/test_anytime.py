@@ -148,3 +148,21 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert (digits_run / "accuracy_per_step.png").stat().st_size > 1000
     assert len(t["accuracy_per_step"]) == 4 and t["accuracy_per_step"][-1] == t["full_accuracy"]
     assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000
+
+
+def test_latency_runs_from_joining_the_batch_to_the_decision():
+    """Each step sleeps 20 ms: a sample decided at step 2 waited ~40 ms since it joined, whenever it joined."""
+    import time
+
+    net = models.create("mlp", input_shape=(1, 4, 4), num_classes=3, hidden=(8,)).eval()
+    net.register_forward_hook(lambda m, i, o: time.sleep(0.02))
+    x = torch.rand(4, 3, 1, 4, 4)
+    pol = cf.Timestep(2, T=4)
+    one_by_one = at.early_exit(net, x, pol, max_batch=1, latency=True)
+    assert one_by_one.exit_step.tolist() == [2, 2, 2]
+    lat = one_by_one.latency_s
+    assert lat.shape == (3,) and bool((lat >= 0.04).all())
+    assert float(lat[2]) < 0.1  # not ~0.12 s: the third sample's clock starts when it joins
+    together = at.early_exit(net, x, pol, latency=True)
+    assert bool((together.latency_s >= 0.04).all()) and float(together.latency_s.max() - together.latency_s.min()) == 0
+    assert at.early_exit(net, x, pol).latency_s is None

@@ -327,6 +327,8 @@ class General12(SNN):
         kw = dict(tau=tau, theta=theta, surrogate=surrogate, merge=omega, merge_theta=omega_theta,
                   omega_args=omega_args, encoding=encoding)
         self.cell_kind = cell
+        # the published count's extra cells never run: DDP must look for parameters without gradients
+        self.has_unused_parameters = bool(published_param_count and cell == "cnn")
         self.stages = nn.ModuleList(
             nn.ModuleList(Block(d, k, mlp_ratio, layernorm, cell=cell, region_threshold=region_threshold,
                                 published_param_count=published_param_count, **kw) for k in kinds)

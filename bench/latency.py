@@ -1,0 +1,121 @@
+"""Per-decision latency of anytime inference on the N-MNIST subset: p50 / p99, one stream and many.
+
+The cutoff is calibrated on the validation split (fastest setting within --max-drop of full T), then the
+test recordings are answered two ways, each timed per decision:
+
+- one stream: ``fewstep.anytime.AnytimeStream``, one recording at a time, frame by frame. The decision
+  latency is the compute from the first frame to the answer; the step latency is one ``push``.
+- continuous batching: ``early_exit(..., max_batch=B)`` keeps B recordings in flight and admits the next
+  one into every freed slot; the latency of a decision runs from joining the batch to the answer.
+
+The frames are ready before the clock starts, so these are compute latencies: a live sensor adds the time
+the frames take to arrive (``fewstep stream --realtime``). The same policy at full T is timed beside it.
+
+    python bench/latency.py                        # trains runs/bench-nmnist first if absent (~1.5 min)
+    python bench/latency.py --run DIR --streams 1,16,64 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fewstep import anytime as at  # noqa: E402
+from fewstep import config as C  # noqa: E402
+from fewstep import cutoff as cf  # noqa: E402
+from fewstep.train import Trainer, load_run  # noqa: E402
+
+
+def pct(values, q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
+
+
+def one_stream(model, x, policy, T, rounds):
+    stream = at.AnytimeStream(model, policy, T)
+    decisions, steps, exits = [], [], []
+    for _ in range(rounds):
+        for i in range(x.shape[1]):
+            stream.reset()
+            t0 = time.perf_counter()
+            for t in range(T):
+                s0 = time.perf_counter()
+                answer = stream.push(x[t, i])
+                steps.append(time.perf_counter() - s0)
+                if answer is not None:
+                    break
+            decisions.append(time.perf_counter() - t0)
+            exits.append(answer[1])
+    return decisions, steps, sum(exits) / len(exits)
+
+
+def batched(model, x, policy, B, rounds):
+    lat, secs, exits = [], 0.0, []
+    at.early_exit(model, x[:1, :B], cf.Timestep(1, T=1))  # warm-up step at this batch size
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        r = at.early_exit(model, x, policy, max_batch=B, latency=True)
+        secs += time.perf_counter() - t0
+        lat += r.latency_s.tolist()
+        exits += r.exit_step.tolist()
+    return lat, len(lat) / secs, sum(exits) / len(exits)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    p.add_argument("--policy", default="topk", choices=["topk", "softmax", "spikecp", "timestep"])
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop accepted on validation (0.01 = 1 pt)")
+    p.add_argument("--streams", default="1,16,64", help="batch sizes of the continuous-batching runs")
+    p.add_argument("--rounds", type=int, default=5, help="passes over the test split per measurement")
+    args = p.parse_args()
+
+    run = Path(args.run)
+    if not (run / "metrics.json").is_file():
+        print(f"training {run} from configs/nmnist_small.yaml ...")
+        cfg = C.load(ROOT / "configs" / "nmnist_small.yaml", [f"data.root={args.data}"])
+        Trainer(cfg, run).fit()
+    model, cfg, bundle = load_run(run)
+    T = cfg.data.T
+    Yv, yv = at.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding)
+    policy, _ = cf.fastest_within(args.policy, Yv, yv, args.max_drop)
+    full = cf.Timestep(T, T=T)
+    chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, 64)
+    x = torch.cat(chunks, 1)
+    print(f"{cfg.model.name} on {cfg.data.name}, T = {T}, {x.shape[1]} test recordings x {args.rounds} rounds, "
+          f"policy {args.policy} ({policy.describe() if hasattr(policy, 'describe') else policy}), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    print(f"{'mode':22s} {'policy':>8s} {'exit':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'step p50':>9s} {'step p99':>9s} "
+          f"{'decisions/s':>12s}")
+    rows = []
+    for name, pol in ((args.policy, policy), ("full T", full)):
+        dec, stp, ex = one_stream(model, x, pol, T, args.rounds)
+        row = {"mode": "one stream", "policy": name, "mean_exit_step": ex, "p50_ms": 1e3 * pct(dec, 50),
+               "p99_ms": 1e3 * pct(dec, 99), "step_p50_ms": 1e3 * pct(stp, 50), "step_p99_ms": 1e3 * pct(stp, 99),
+               "decisions_per_s": len(dec) / sum(dec)}
+        rows.append(row)
+        for B in [int(b) for b in args.streams.split(",") if b.strip()]:
+            lat, rate, ex = batched(model, x, pol, B, args.rounds)
+            rows.append({"mode": f"continuous, {B} in flight", "policy": name, "mean_exit_step": ex,
+                         "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "decisions_per_s": rate})
+    for r in rows:
+        step = (f"{r['step_p50_ms']:9.2f} {r['step_p99_ms']:9.2f}" if "step_p50_ms" in r else f"{'':9s} {'':9s}")
+        print(f"{r['mode']:22s} {r['policy']:>8s} {r['mean_exit_step']:5.2f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+              f"{step} {r['decisions_per_s']:12.1f}")
+    out = run / "bench_latency.json"
+    out.write_text(json.dumps({"T": T, "policy": args.policy, "rounds": args.rounds, "rows": rows}, indent=2))
+    print(f"\n(compute latency per decision: frames ready, no sensor time; step = one AnytimeStream.push)\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
