@@ -62,10 +62,12 @@ class TrainConfig:
     momentum: float = 0.9           # sgd only
     weight_decay: float = 0.0
     schedule: str = "cosine"        # cosine | constant
+    warmup_epochs: int = 0          # linear warm-up of the learning rate over the first epochs (then the schedule)
     loss: str = "tet"               # ce (mean over time) | tet
     tet_lambda: float = 1e-3
     tet_phi: float = 1.0
     grad_clip: float = 0.0          # max grad norm, 0 = off
+    mixup: float = 0.0              # mixup's α (Beta(α, α) mixing weight; 0 = off); the general SNN recipe uses 0.1
     amp: bool = True                # bfloat16 autocast on CUDA (ignored on CPU)
     device: str = "auto"            # auto | cpu | cuda | cuda:1 ...
     seed: int = 0
@@ -201,6 +203,8 @@ RANGES = {
     ("train", "tet_lambda"): (0.0, 1.0, True, True),
     ("train", "tet_phi"): (-INF, INF, False, False),
     ("train", "grad_clip"): (0.0, INF, True, False),
+    ("train", "warmup_epochs"): (0, INF, True, True),
+    ("train", "mixup"): (0.0, INF, True, False),
     ("train", "seed"): (0, 2**63 - 1, True, True),
     ("train", "num_workers"): (0, 256, True, True),
     ("train", "eval_batch_size"): (1, INF, True, True),
@@ -256,6 +260,9 @@ def _check(cfg: Config) -> Config:
         raise ValueError("model.norm: tebn needs BatchNorm layers, which model 'mlp' has none of; use model.norm: bn")
     _check_names(cfg)
     _check_qcfs(cfg)
+    if cfg.train.warmup_epochs >= cfg.train.epochs:
+        raise ValueError(f"config key 'train.warmup_epochs' = {cfg.train.warmup_epochs} must be smaller than "
+                         f"train.epochs = {cfg.train.epochs}")
     regularizers.parse(cfg.regularizer.name)
     if cfg.trt.enabled and cfg.data.T < 2:
         raise ValueError(f"trt.enabled needs data.T >= 2 (TRT reverses spike trains in time); data.T = {cfg.data.T}: "

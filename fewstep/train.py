@@ -89,7 +89,23 @@ def make_optimizer(cfg: _config.TrainConfig, params):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names: adamw, sgd")
 
 
+def lr_factor(epoch: int, cfg: _config.TrainConfig) -> float:
+    """Learning-rate factor of epoch index ``epoch`` (0 = the first) with ``warmup_epochs`` = w > 0: linear
+    warm-up ``(epoch + 1) / w`` for the first w epochs, then the schedule over the remaining ``epochs − w``
+    (cosine: ``½(1 + cos(π·(epoch − w)/(epochs − w)))``, constant: 1)."""
+    import math
+
+    w = cfg.warmup_epochs
+    if epoch < w:
+        return (epoch + 1) / w
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / max(1, cfg.epochs - w)))
+
+
 def make_scheduler(cfg: _config.TrainConfig, opt):
+    if cfg.warmup_epochs:  # reads cfg at every step, so epochs that grow on resume stretch the schedule
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, cfg))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs), eta_min=0.0)
     if cfg.schedule == "constant":
@@ -357,12 +373,15 @@ class Trainer:
         for step, (x, y) in enumerate(bar):
             x = time_first(x, self.bundle.kind, self.cfg.data.T, self.cfg.data.encoding).to(self.device)
             y = y.to(self.device)
+            mix = mixup(x, y, cfg.mixup) if cfg.mixup else None
+            if mix is not None:
+                x, y = mix[0], mix[1]  # y: the dominant label (regularisers, train accuracy)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 if self.regularizers:
                     with record(self.model, fields=self.record_fields, grad_sink=True) as rec:
                         out = self.net(x)
                     rec.input = x
-                    terms = {"task_loss": self.loss_fn(out, y)}
+                    terms = {"task_loss": self._task_loss(out, y, mix)}
                     for n, r in zip(self.reg_names, self.regularizers):
                         value = r(out, y, rec)
                         terms.update({f"{n}_{k}": v for k, v in value.items()} if isinstance(value, dict)
@@ -370,7 +389,7 @@ class Trainer:
                     loss = sum(terms.values())
                 else:
                     out = self.net(x)
-                    loss = self.loss_fn(out, y)
+                    loss = self._task_loss(out, y, mix)
                     terms = {}
             finite, n_global = bool(torch.isfinite(loss)), y.numel()
             if ctx is not None:  # one collective: the global batch size and whether any process diverged
@@ -411,6 +430,14 @@ class Trainer:
         row.update((f"train_{k}", v / tot_n) for k, v in tot_terms.items())
         row["train_acc"] = tot_correct / tot_n
         return row
+
+    def _task_loss(self, out, y, mix):
+        """The loss against the labels; with mixup, λ·L(y) + (1 − λ)·L(y') (exact for CE and TET, whose
+        MSE term does not depend on the label)."""
+        if mix is None:
+            return self.loss_fn(out, y)
+        _, _, y_other, lam = mix
+        return lam * self.loss_fn(out, y) + (1.0 - lam) * self.loss_fn(out, y_other)
 
     def evaluate(self, split: str) -> dict:
         return evaluate(self.model, self.bundle.split(split), self.cfg.data.T, self.bundle.kind,
@@ -489,6 +516,16 @@ class Trainer:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.history)
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Mixup (Zhang et al., ICLR 2018) on a time-first batch ``x[T, N, ...]``: λ ~ Beta(α, α) and a random
+    pairing ``j`` of the batch, ``x ← λ·x + (1 − λ)·x[:, j]``. Returns ``(x, y, y[j], λ)`` with the labels
+    ordered so that λ ≥ ½: ``y`` is the dominant label, which regularisers and the training accuracy use."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    j = torch.randperm(y.shape[0], device=y.device)
+    mixed = lam * x + (1.0 - lam) * x[:, j]
+    return (mixed, y, y[j], lam) if lam >= 0.5 else (mixed, y[j], y, 1.0 - lam)
 
 
 def _tensorboard(out: Path):

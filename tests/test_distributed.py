@@ -96,6 +96,21 @@ def test_two_processes_train_the_weights_of_one(one_process, tmp_path):
     assert sorted(p.name for p in out2.iterdir()) == sorted(p.name for p in out1.iterdir())
 
 
+def test_trt_averages_its_gradients_by_hand_and_matches_one_process(tmp_path):
+    """TRT runs the network twice per step and trains heads of its own: the step averages every gradient after
+    the backward pass instead of DDP's hooks, and still gives one process's weights, heads included."""
+    cfg = _cfg(epochs=2)
+    cfg.trt.enabled = True
+    one, two = tmp_path / "one", tmp_path / "two"
+    Trainer(cfg, one, log=lambda msg: None).fit()
+    _train_ddp(2, cfg, two)
+    _assert_same_weights(_weights(two), _weights(one))
+    h1, h2 = (load_checkpoint(d / "checkpoint.pt")["regularizers"]["trt"] for d in (one, two))
+    assert h1 and h1.keys() == h2.keys()
+    _assert_same_weights(h2, h1)
+    assert "train_trt_star" in (two / "log.csv").read_text().splitlines()[0]
+
+
 def test_resume_with_a_different_process_count(one_process, tmp_path):
     """Killed after epoch 1 of 2 processes, resumed by 1 process: it finishes with the uninterrupted weights."""
     out1, _ = one_process

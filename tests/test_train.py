@@ -147,3 +147,48 @@ def test_cpu_training_tunes_the_allocator_unless_told_not_to(tmp_path, monkeypat
     assert len(calls) == 1
     Trainer(quick(tmp_path, epochs=1, train__tune_malloc=False), tmp_path / "b", log=lambda s: None)
     assert len(calls) == 1
+
+
+def test_warmup_then_cosine_learning_rates_by_hand(tmp_path):
+    from fewstep.train import lr_factor
+
+    cfg = quick(tmp_path, epochs=6, train__warmup_epochs=2, train__mixup=0.4)
+    t = Trainer(cfg, tmp_path / "w", log=lambda s: None)
+    assert t.fit(stop_after=4) is None
+    lrs = [row["lr"] for row in t.history]
+    # epochs 1-2 warm up linearly (1/2, 2/2), then cosine over the remaining 4: 1, ½(1 + cos(π/4))
+    want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4))]
+    assert lrs == pytest.approx([3e-3 * w for w in want])
+    assert lr_factor(5, cfg.train) == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))
+    # resumed (mixup's draws are seeded per epoch): the same weights as an uninterrupted run
+    t2 = Trainer(cfg, tmp_path / "w", log=lambda s: None)
+    t2.fit()
+    ref = Trainer(cfg, tmp_path / "ref", log=lambda s: None)
+    ref.fit()
+    assert [r["lr"] for r in t2.history] == pytest.approx([r["lr"] for r in ref.history])
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, t2.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="warmup_epochs' = 6 must be smaller than train.epochs = 6"):
+        quick(tmp_path, epochs=6, train__warmup_epochs=6)
+    with pytest.raises(ValueError, match="'train.mixup' = -1"):
+        quick(tmp_path, train__mixup=-1)
+
+
+def test_mixup_mixes_inputs_and_labels_by_the_same_lambda():
+    from fewstep.train import mixup
+
+    torch.manual_seed(0)
+    x = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)  # [T=2, N=4, 1]: sample n holds n and 4 + n
+    y = torch.tensor([0, 1, 2, 3])
+    for _ in range(20):
+        xm, ya, yb, lam = mixup(x, y, alpha=0.4)
+        assert 0.5 <= lam <= 1.0
+        # the mix is lam·x[ya] + (1 − lam)·x[yb] (labels equal sample indices here), at every step
+        assert torch.allclose(xm, lam * x[:, ya] + (1 - lam) * x[:, yb])
+        assert sorted(ya.tolist()) == [0, 1, 2, 3] and sorted(yb.tolist()) == [0, 1, 2, 3]
+    out = torch.randn(3, 4, 5)
+    t = Trainer.__new__(Trainer)
+    t.loss_fn = losses.mean_ce
+    mix = (None, y, y.flip(0), 0.7)
+    assert t._task_loss(out, y, mix).item() == pytest.approx(
+        0.7 * losses.mean_ce(out, y).item() + 0.3 * losses.mean_ce(out, y.flip(0)).item(), rel=1e-6)
