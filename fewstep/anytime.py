@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import cutoff as _cutoff
 from .metrics import time_first
-from .neurons import StatefulModule, compact, reset, set_step_mode
+from .neurons import StatefulModule, compact, refill, reset, set_step_mode
 
 E_MAC_PJ, E_SOP_PJ = 4.6, 0.9
 
@@ -201,7 +201,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
             else:
                 xt = x[steps, active]
             out = model(xt).float()
-            Y = out if Y is None else Y + out
+            Y = out.clone() if Y is None else Y + out  # Y is refilled in place below
             steps += 1
             if counter:
                 for k in totals:
@@ -216,10 +216,16 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
                 joined[waiting:waiting + min(int(fire.sum()), N - waiting)] = now
             exit_step[done] = steps[fire]
             pred[done] = Y[fire].argmax(-1)
-            keep = (~fire).nonzero().squeeze(1)
-            n_new = min(int(fire.sum()), N - waiting)
+            n_fired = len(done)
+            n_new = min(n_fired, N - waiting)
             new = torch.arange(waiting, waiting + n_new, device=dev)
             waiting += n_new
+            if n_new == n_fired:  # every freed slot taken at once: fresh state in place, the others stay put
+                slots = fire.nonzero().squeeze(1)
+                active[slots], steps[slots], Y[slots] = new, 0, 0.0
+                refill(model, slots)
+                continue
+            keep = (~fire).nonzero().squeeze(1)
             active = torch.cat([active[keep], new])
             steps = torch.cat([steps[keep], steps.new_zeros(n_new)])
             Y = torch.cat([Y[keep], Y.new_zeros(n_new, Y.shape[1])])

@@ -137,6 +137,13 @@ class StatefulModule(nn.Module):
         """Fresh state ``name`` shaped like ``like`` (override when it is not zero)."""
         return torch.zeros_like(like)
 
+    def refill(self, rows: torch.Tensor) -> None:
+        """Give batch rows ``rows`` fresh state in place (new samples taking over finished samples' slots)."""
+        for name in self._state_names:
+            value = getattr(self, name)
+            if value is not None:
+                value[rows] = self.fresh(name, value[rows])
+
     def grow(self, n: int) -> None:
         """Append ``n`` rows of fresh state (new samples joining a running batch)."""
         for name in self._state_names:
@@ -319,6 +326,14 @@ def compact(net: nn.Module, index: torch.Tensor, grow: int = 0) -> nn.Module:
     for m in stateful_modules(net):
         m.compact(index)
         m.grow(grow)
+    return net
+
+
+def refill(net: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """Fresh state in batch rows ``rows`` of every carried state, in place: continuous batching hands a
+    finished sample's slot to the next one without moving the other rows."""
+    for m in stateful_modules(net):
+        m.refill(rows)
     return net
 
 

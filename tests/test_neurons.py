@@ -129,6 +129,19 @@ def test_compact_keeps_rows():
     assert torch.equal(n.v, v[[0, 2]])
 
 
+def test_refill_gives_fresh_state_in_place_to_the_named_rows():
+    from fewstep.neurons import refill
+
+    n = LIF(tau=0.5, theta=10.0, v0=0.25, step_mode="s")
+    n(torch.ones(3, 2))  # u = 0.5·0.25 + 1 = 1.125 everywhere, below θ: kept
+    before = n.v
+    refill(n, torch.tensor([1]))
+    assert n.v is before  # in place: the other rows do not move
+    assert torch.equal(n.v, torch.tensor([[1.125, 1.125], [0.25, 0.25], [1.125, 1.125]]))
+    n(torch.zeros(3, 2))  # the refilled row decays from v0: 0.5·0.25
+    assert torch.equal(n.v[:, 0], torch.tensor([0.5625, 0.125, 0.5625]))
+
+
 def test_modules_pickle_and_bad_names():
     n = LIF(surrogate="sigmoid")
     n2 = pickle.loads(pickle.dumps(n))
