@@ -227,14 +227,18 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
 def images_per_second(model, cfg, bundle, n: int = 2000, repeats: int = 3) -> float:
     """Inference throughput at full T: test images per second through the multi-step forward pass
     (evaluation mode, batches of ``train.eval_batch_size``, inputs encoded before the clock; the best of
-    ``repeats`` passes over the first ``n`` test images, after one untimed warm-up batch)."""
+    ``repeats`` passes over the first ``n`` test images — fewer beyond T = 4, down to one batch, so that a
+    T = 64 network costs no more time — after one untimed warm-up batch)."""
     from torch.utils.data import Subset
 
     from . import anytime as _any
+    from .metrics import MAX_SAMPLE_STEPS
 
     test = bundle.test
+    n = max(cfg.train.eval_batch_size, n * 4 // max(4, cfg.data.T))  # about as many sample-steps at any T
     sub = Subset(test, range(min(n, len(test))))
-    chunks, _ = _any.prepare(sub, cfg.data.T, bundle.kind, cfg.data.encoding, cfg.train.eval_batch_size)
+    bs = min(cfg.train.eval_batch_size, max(1, MAX_SAMPLE_STEPS // cfg.data.T))  # the memory predict() allows
+    chunks, _ = _any.prepare(sub, cfg.data.T, bundle.kind, cfg.data.encoding, bs)
     model.eval()
     model(chunks[0])
     best = math.inf

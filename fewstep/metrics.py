@@ -35,12 +35,17 @@ def accuracy_per_step(logits: torch.Tensor, y: torch.Tensor) -> list[float]:
     return (pred == y.to(pred.device)).float().mean(1).tolist()
 
 
+MAX_SAMPLE_STEPS = 4096  # samples × timesteps per forward pass in predict(): T = 4 runs 1024 samples at once
+
+
 @torch.no_grad()
 def predict(model, dataset, T: int, kind: str, encoding: str = "direct", batch_size: int = 256,
             device="cpu", firing_rates: bool = False, progress: bool = False):
     """Run ``model`` over ``dataset``; return ``(logits[T, N, C], labels[N], rates)`` on the CPU.
 
-    ``rates`` maps each spiking layer to its mean firing rate (or is empty).
+    ``rates`` maps each spiking layer to its mean firing rate (or is empty). A batch runs in slices of at most
+    ``MAX_SAMPLE_STEPS`` samples × steps, so long runs (a converted network at T = 64) keep the memory of a
+    short one: every layer's multi-step activations are ``[T·n, ...]``.
     """
     from tqdm.auto import tqdm
 
@@ -52,15 +57,16 @@ def predict(model, dataset, T: int, kind: str, encoding: str = "direct", batch_s
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
         xs = time_first(x, kind, T, encoding, gen).to(device)
-        if firing_rates:
-            with record(model, detach=True, fields=("spikes",)) as rec:
-                out = model(xs)
-            for name, s in rec.spikes.items():
-                sums[name] = sums.get(name, 0.0) + float(s.float().sum())
-                count[name] = count.get(name, 0) + s.numel()
-        else:
-            out = model(xs)
-        outs.append(out.float().cpu())
+        for part in xs.split(max(1, MAX_SAMPLE_STEPS // xs.shape[0]), dim=1):
+            if firing_rates:
+                with record(model, detach=True, fields=("spikes",)) as rec:
+                    out = model(part)
+                for name, s in rec.spikes.items():
+                    sums[name] = sums.get(name, 0.0) + float(s.float().sum())
+                    count[name] = count.get(name, 0) + s.numel()
+            else:
+                out = model(part)
+            outs.append(out.float().cpu())
         ys.append(y)
     rates = {k: sums[k] / count[k] for k in sums}
     return torch.cat(outs, 1), torch.cat(ys), rates
