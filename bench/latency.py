@@ -93,7 +93,7 @@ def main():
     chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, 64)
     x = torch.cat(chunks, 1)
     print(f"{cfg.model.name} on {cfg.data.name}, T = {T}, {x.shape[1]} test recordings x {args.rounds} rounds, "
-          f"policy {args.policy} ({policy.describe() if hasattr(policy, 'describe') else policy}), torch "
+          f"policy {args.policy} ({', '.join(f'{k}={v:g}' for k, v in policy.params().items() if k in ('epsilon', 't'))}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
     print(f"{'mode':22s} {'policy':>8s} {'exit':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'step p50':>9s} {'step p99':>9s} "
           f"{'decisions/s':>12s}")
