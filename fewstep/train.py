@@ -10,14 +10,15 @@ A run lives in one folder::
 
 Checkpoints hold only tensors and plain Python values: ``torch.load(path, weights_only=True)``.
 Model selection uses the validation split only; the test split is evaluated once, at the end.
-Under ``torchrun`` the same Trainer runs data-parallel (DDP); see :mod:`fewstep.distributed`.
+Under ``torchrun`` the same Trainer runs data-parallel (DDP); see :mod:`fewstep.distributed`. Run folders and
+checkpoint I/O live in :mod:`fewstep.runfolder`, optimiser, schedule and mixup in :mod:`fewstep.optim`
+(both re-exported here).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from . import config as _config
@@ -35,10 +35,10 @@ from . import models as _models
 from . import regularizers as _regs
 from .data import datasets as _datasets
 from .metrics import evaluate, time_first
+from .optim import lr_factor, make_optimizer, make_scheduler, mixup  # noqa: F401  (re-exported)
 from .record import record
-
-CHECKPOINT_FORMAT = "fewstep-checkpoint-v1"
-
+from .runfolder import (CHECKPOINT_FORMAT, RUN_FILES, RUN_PATTERNS, _atomic_save, check_run_folder,  # noqa: F401
+                        clear_run_folder, is_run_file, load_checkpoint)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
@@ -81,38 +81,6 @@ def build_model(cfg: _config.Config, bundle: _datasets.DataBundle) -> torch.nn.M
                           surrogate=m.surrogate, learn_theta=m.learn_theta, **norm, **(m.options or {}))
 
 
-def make_optimizer(cfg: _config.TrainConfig, params):
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names: adamw, sgd")
-
-
-def lr_factor(epoch: int, cfg: _config.TrainConfig) -> float:
-    """Learning-rate factor of epoch index ``epoch`` (0 = the first) with ``warmup_epochs`` = w > 0: linear
-    warm-up ``(epoch + 1) / w`` for the first w epochs, then the schedule over the remaining ``epochs − w``
-    (cosine: ``½(1 + cos(π·(epoch − w)/(epochs − w)))``, constant: 1)."""
-    import math
-
-    w = cfg.warmup_epochs
-    if epoch < w:
-        return (epoch + 1) / w
-    if cfg.schedule == "constant":
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / max(1, cfg.epochs - w)))
-
-
-def make_scheduler(cfg: _config.TrainConfig, opt):
-    if cfg.warmup_epochs:  # reads cfg at every step, so epochs that grow on resume stretch the schedule
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, cfg))
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs), eta_min=0.0)
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid names: constant, cosine")
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -129,69 +97,6 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# What fewstep writes in a run folder (train, eval, cutoff, tradeoff, ablate's analysis).
-RUN_FILES = ("config.yaml", "checkpoint.pt", "checkpoint.pt.tmp", "log.csv", "metrics.json", "analysis.json",
-             "conversion.json",
-             "tradeoff.json", "tradeoff.png", "accuracy_per_step.png", "tb")
-RUN_PATTERNS = ("eval_*.json", "calibration_*.json", "cutoff_*.json", "cutoff_*_exits.png")
-
-
-def is_run_file(name: str) -> bool:
-    import fnmatch
-
-    return name in RUN_FILES or any(fnmatch.fnmatch(name, p) for p in RUN_PATTERNS)
-
-
-def check_run_folder(out) -> None:
-    """Refuse an ``--out`` that holds files fewstep did not write: never overwrite a user's file."""
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    if (out / "checkpoint.pt").is_file():
-        return  # a run folder: training resumes
-    # Without a checkpoint, only what a run interrupted before its first epoch leaves may be there.
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("config.yaml", "tb", "checkpoint.pt.tmp"))
-    if not foreign and (out / "config.yaml").is_file():
-        try:
-            _config.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
-        except Exception:
-            foreign = ["config.yaml (not a fewstep config)"]
-    if foreign:
-        more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
-        raise ValueError(f"{out} is not empty and is not a fewstep run folder (no checkpoint.pt); it holds "
-                         f"{', '.join(foreign[:8])}{more}. Choose a new or empty --out folder")
-
-
-def clear_run_folder(out) -> None:
-    """Delete what fewstep wrote in a run folder (and nothing else)."""
-    import shutil
-
-    out = Path(out)
-    check_run_folder(out)
-    if out.is_dir():
-        for p in out.iterdir():
-            if is_run_file(p.name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a fewstep checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
 
 
 class _DeviceBatches:
@@ -516,16 +421,6 @@ class Trainer:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.history)
-
-
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
-    """Mixup (Zhang et al., ICLR 2018) on a time-first batch ``x[T, N, ...]``: λ ~ Beta(α, α) and a random
-    pairing ``j`` of the batch, ``x ← λ·x + (1 − λ)·x[:, j]``. Returns ``(x, y, y[j], λ)`` with the labels
-    ordered so that λ ≥ ½: ``y`` is the dominant label, which regularisers and the training accuracy use."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    j = torch.randperm(y.shape[0], device=y.device)
-    mixed = lam * x + (1.0 - lam) * x[:, j]
-    return (mixed, y, y[j], lam) if lam >= 0.5 else (mixed, y[j], y, 1.0 - lam)
 
 
 def _tensorboard(out: Path):
