@@ -23,11 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewstep import anytime as at  # noqa: E402
-from fewstep import config as C  # noqa: E402
+from common import nmnist_run  # noqa: E402  (bench/common.py)
 from fewstep import cutoff as cf  # noqa: E402
 from fewstep.reports import cutoff_report  # noqa: E402
-from fewstep.train import Trainer, load_run  # noqa: E402
 
 
 def main():
@@ -40,13 +38,8 @@ def main():
     args = p.parse_args()
 
     run = Path(args.run)
-    if not (run / "metrics.json").is_file():
-        print(f"training {run} from configs/nmnist_small.yaml ...")
-        cfg = C.load(ROOT / "configs" / "nmnist_small.yaml", [f"data.root={args.data}"])
-        Trainer(cfg, run).fit()
-    model, cfg, bundle = load_run(run)
+    model, cfg, bundle, Yv, yv = nmnist_run(run, args.data)
     T = cfg.data.T
-    Yv, yv = at.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding)
     print(f"\n{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {len(bundle.test)}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"threshold per policy: fastest setting within {100 * args.max_drop:.1f} pt of full-T accuracy on validation\n")

@@ -29,10 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import nmnist_run  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
-from fewstep import config as C  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
-from fewstep.train import Trainer, load_run  # noqa: E402
 
 
 def pct(values, q: float) -> float:
@@ -81,13 +80,8 @@ def main():
     args = p.parse_args()
 
     run = Path(args.run)
-    if not (run / "metrics.json").is_file():
-        print(f"training {run} from configs/nmnist_small.yaml ...")
-        cfg = C.load(ROOT / "configs" / "nmnist_small.yaml", [f"data.root={args.data}"])
-        Trainer(cfg, run).fit()
-    model, cfg, bundle = load_run(run)
+    model, cfg, bundle, Yv, yv = nmnist_run(run, args.data)
     T = cfg.data.T
-    Yv, yv = at.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding)
     policy, _ = cf.fastest_within(args.policy, Yv, yv, args.max_drop)
     full = cf.Timestep(T, T=T)
     chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, 64)

@@ -1,0 +1,27 @@
+"""Shared by bench/anytime.py and bench/latency.py: the trained N-MNIST run they measure, and its
+validation outputs for calibration."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fewstep import anytime as at  # noqa: E402
+from fewstep import config as C  # noqa: E402
+from fewstep.train import Trainer, load_run  # noqa: E402
+
+
+def nmnist_run(run, data):
+    """``(model, cfg, bundle, Yv, yv)`` of the run folder ``run``; trains it from configs/nmnist_small.yaml
+    (data under ``data``) first if it is not there (~1.5 min on 2 cores)."""
+    run = Path(run)
+    if not (run / "metrics.json").is_file():
+        print(f"training {run} from configs/nmnist_small.yaml ...")
+        cfg = C.load(ROOT / "configs" / "nmnist_small.yaml", [f"data.root={data}"])
+        Trainer(cfg, run).fit()
+    model, cfg, bundle = load_run(run)
+    Yv, yv = at.calibration_outputs(model, bundle.val, cfg.data.T, bundle.kind, cfg.data.encoding)
+    return model, cfg, bundle, Yv, yv
