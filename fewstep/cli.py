@@ -112,7 +112,7 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     from .train import Trainer
 
-    from .distributed import shutdown
+    from .distributed import end_worker, shutdown
 
     cfg = _config.load(args.config, args.set)
     out = Path(args.out)
@@ -124,6 +124,8 @@ def cmd_train(args) -> int:
     if trainer.is_main:
         print(_table({"val": m["val_accuracy_per_step"], "test": m["accuracy_per_step"]}))
         print(f"wrote {out}/config.yaml, checkpoint.pt, log.csv, metrics.json")
+    if trainer.dist is not None:
+        end_worker(0)  # under torchrun: skip the interpreter teardown that can abort (fewstep.distributed)
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,23 @@ def shutdown() -> None:
     """Leave the process group (no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_worker(code: int = 0) -> "NoReturn":
+    """End a torchrun worker whose work is done and written: flush stdout and stderr, then ``os._exit(code)``.
+
+    The interpreter's normal teardown races with the C++ threads of torch.distributed (torch 2.13, gloo): about
+    one worker exit in twenty aborted with "terminate called without an active exception" *after* the run was
+    complete, and torchrun then reported the whole job as failed. Ending the process without that teardown is
+    what ``multiprocessing`` does for its workers too (``mp.spawn`` never showed the abort)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def shard_sizes(n: int, world: int) -> list[int]:
