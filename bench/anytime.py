@@ -8,6 +8,8 @@ refilled) and with plain per-batch early exit.
 
     python bench/anytime.py                    # trains runs/bench-nmnist first if it is not there (~1.5 min)
     python bench/anytime.py --run DIR          # any run folder
+    python bench/anytime.py --device cuda --batch-size 256                  # CUDA graphs (fewstep.graphs)
+    python bench/anytime.py --device cuda --batch-size 256 --graphs off     # eager steps, for comparison
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from fewstep import cutoff as cf  # noqa: E402
 from fewstep.reports import cutoff_report  # noqa: E402
 
 
+def _where(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
@@ -35,13 +43,16 @@ def main():
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop accepted on validation (0.01 = 1 pt)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
+                   help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
     args = p.parse_args()
 
     run = Path(args.run)
     model, cfg, bundle, Yv, yv = nmnist_run(run, args.data)
     T = cfg.data.T
     print(f"\n{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {len(bundle.test)}, batch {args.batch_size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"torch {torch.__version__}, {_where(args.device)}, graphs={args.graphs}")
     print(f"threshold per policy: fastest setting within {100 * args.max_drop:.1f} pt of full-T accuracy on validation\n")
     head = (f"{'policy':9s} {'setting':>12s} {'acc':>7s} {'drop':>6s} {'exit':>5s} {'steps x':>7s} "
             f"{'wall x':>7s} {'ratio':>6s} {'wall x':>7s} {'ratio':>6s}")
@@ -55,7 +66,7 @@ def main():
         r = {}
         for cont in (True, False):
             r[cont] = cutoff_report(run, name, calibration=path, batch_size=args.batch_size, repeats=args.repeats,
-                                    continuous=cont)
+                                    continuous=cont, device=args.device, graphs=args.graphs)
         a = r[True]
         setting = f"t={pol.t}" if name == "timestep" else f"eps={pol.epsilon:g}"
         row = {"policy": name, "setting": setting, "accuracy": a["accuracy"], "full_accuracy": a["full_accuracy"],
@@ -71,7 +82,8 @@ def main():
               f"{a['timestep_speedup']:6.2f}x {row['wallclock_speedup_continuous']:6.2f}x {row['ratio_continuous']:6.2f} "
               f"{row['wallclock_speedup_per_batch']:6.2f}x {row['ratio_per_batch']:6.2f}")
     out = run / "bench_anytime.json"
-    out.write_text(json.dumps({"T": T, "batch_size": args.batch_size, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"T": T, "batch_size": args.batch_size, "device": _where(args.device),
+                               "graphs": args.graphs, "rows": rows}, indent=2))
     print(f"\n(drop in accuracy points on test; 'steps x' = T / mean exit step; 'wall x' = full-T time / early-exit "
           f"time, same runner, split and batch size, median of {args.repeats}; ratio = wall x / steps x)\nwrote {out}")
 

@@ -13,6 +13,7 @@ the frames take to arrive (``fewstep stream --realtime``). The same policy at fu
 
     python bench/latency.py                        # trains runs/bench-nmnist first if absent (~1.5 min)
     python bench/latency.py --run DIR --streams 1,16,64 --rounds 5
+    python bench/latency.py --device cuda --streams 1,64,256     # continuous batching from CUDA graphs
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ def one_stream(model, x, policy, T, rounds):
     return decisions, steps, sum(exits) / len(exits)
 
 
-def batched(model, x, policy, B, rounds):
+def batched(model, x, policy, B, rounds, graphs="auto"):
     lat, secs, exits = [], 0.0, []
-    at.early_exit(model, x[:1, :B], cf.Timestep(1, T=1))  # warm-up step at this batch size
+    at.early_exit(model, x[:1, :B], cf.Timestep(1, T=1), graphs=graphs)  # warm-up (and capture) at this batch
     for _ in range(rounds):
         t0 = time.perf_counter()
-        r = at.early_exit(model, x, policy, max_batch=B, latency=True)
+        r = at.early_exit(model, x, policy, max_batch=B, latency=True, graphs=graphs)
         secs += time.perf_counter() - t0
         lat += r.latency_s.tolist()
         exits += r.exit_step.tolist()
@@ -77,6 +78,9 @@ def main():
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop accepted on validation (0.01 = 1 pt)")
     p.add_argument("--streams", default="1,16,64", help="batch sizes of the continuous-batching runs")
     p.add_argument("--rounds", type=int, default=5, help="passes over the test split per measurement")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
+                   help="continuous-batching runner (fewstep.graphs); one stream always steps eagerly")
     args = p.parse_args()
 
     run = Path(args.run)
@@ -85,10 +89,12 @@ def main():
     policy, _ = cf.fastest_within(args.policy, Yv, yv, args.max_drop)
     full = cf.Timestep(T, T=T)
     chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, 64)
-    x = torch.cat(chunks, 1)
+    model, x = model.to(args.device), torch.cat(chunks, 1).to(args.device)
+    where = (torch.cuda.get_device_name(x.device) if x.is_cuda
+             else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{cfg.model.name} on {cfg.data.name}, T = {T}, {x.shape[1]} test recordings x {args.rounds} rounds, "
           f"policy {args.policy} ({', '.join(f'{k}={v:g}' for k, v in policy.params().items() if k in ('epsilon', 't'))}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+          f"{torch.__version__}, {where}, graphs={args.graphs}\n")
     print(f"{'mode':22s} {'policy':>8s} {'exit':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'step p50':>9s} {'step p99':>9s} "
           f"{'decisions/s':>12s}")
     rows = []
@@ -99,7 +105,7 @@ def main():
                "decisions_per_s": len(dec) / sum(dec)}
         rows.append(row)
         for B in [int(b) for b in args.streams.split(",") if b.strip()]:
-            lat, rate, ex = batched(model, x, pol, B, args.rounds)
+            lat, rate, ex = batched(model, x, pol, B, args.rounds, args.graphs)
             rows.append({"mode": f"continuous, {B} in flight", "policy": name, "mean_exit_step": ex,
                          "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "decisions_per_s": rate})
     for r in rows:
@@ -107,7 +113,8 @@ def main():
         print(f"{r['mode']:22s} {r['policy']:>8s} {r['mean_exit_step']:5.2f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
               f"{step} {r['decisions_per_s']:12.1f}")
     out = run / "bench_latency.json"
-    out.write_text(json.dumps({"T": T, "policy": args.policy, "rounds": args.rounds, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"T": T, "policy": args.policy, "rounds": args.rounds, "device": where,
+                               "graphs": args.graphs, "rows": rows}, indent=2))
     print(f"\n(compute latency per decision: frames ready, no sensor time; step = one AnytimeStream.push)\nwrote {out}")
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import cutoff as _cutoff
+from . import graphs as _graphs
 from .metrics import time_first
 from .neurons import StatefulModule, compact, refill, reset, set_step_mode
 
@@ -153,9 +154,36 @@ class ExitResult:
         return E_MAC_PJ * self.macs + E_SOP_PJ * self.sops
 
 
+def _use_graphs(model: nn.Module, dev: torch.device, graphs: str, count_ops: bool) -> "bool | None":
+    """``True``: capture CUDA graphs; ``False``: the emulated static schedule; ``None``: the eager runner."""
+    if graphs not in _graphs.MODES:
+        raise ValueError(f"graphs must be one of {_graphs.MODES}, got {graphs!r}")
+    if graphs == "off":
+        return None
+    if count_ops:  # the counters are forward hooks, which a replay would skip
+        if graphs == "auto":
+            return None
+        raise ValueError(f"graphs={graphs!r} replays no hooks, so it cannot count operations (count_ops)")
+    why = _graphs.unsupported(model)
+    if graphs == "emulate":
+        return False
+    if graphs == "cuda":
+        if dev.type != "cuda":
+            raise ValueError(f"graphs='cuda' needs the input on a CUDA device, got {dev}")
+        if why:
+            raise ValueError(f"graphs='cuda' but the network cannot be replayed from a graph: {why}")
+        return True
+    if dev.type != "cuda":
+        return None
+    if why:
+        _graphs.warn_once(model, why)
+        return None
+    return True
+
+
 @torch.no_grad()
 def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_batch: int | None = None,
-               count_ops: bool = False, latency: bool = False) -> ExitResult:
+               count_ops: bool = False, latency: bool = False, graphs: str = "auto") -> ExitResult:
     """Run ``model`` on ``x[T, N, ...]`` step by step, stopping each sample when ``policy`` fires.
 
     With ``max_batch=None`` all N samples start together and the batch shrinks as they exit. With
@@ -165,6 +193,11 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     Decisions are the same either way. The model runs in evaluation mode; its step mode is restored.
     ``latency=True`` also gives each sample's compute latency, from joining the batch to its decision
     (``latency_s``; the inputs are all there, so it is the time the decisions cost, not sensor time).
+
+    ``graphs`` (:mod:`fewstep.graphs`): ``"auto"`` replays the single-step network from CUDA graphs on a CUDA
+    input (bucketed batch sizes, padding instead of compaction) and steps eagerly elsewhere, or where the
+    network cannot be captured (logged once); ``"cuda"`` insists on graphs; ``"off"`` always steps eagerly;
+    ``"emulate"`` runs the graphs' static-shape schedule without capture on any device. Same decisions.
     """
     if x.dim() < 2:
         raise ValueError(f"early_exit expects input [T, N, ...], got {list(x.shape)}")
@@ -175,10 +208,24 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     if cap < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     dev = x.device
+    capture = _use_graphs(model, dev, graphs, count_ops)
     prev = _mode(model)
     was_training = model.training
     model.eval()
     set_step_mode(model, "s")
+    if capture is not None:
+        try:
+            exit_step, pred, lat = _graphs.run(model, x, policy, cap, latency, capture)
+            return ExitResult(exit_step.cpu(), pred.cpu(), latency_s=lat)
+        except Exception as e:  # noqa: BLE001  under "auto" any failure of the graph path means: step eagerly
+            if graphs != "auto":
+                raise
+            _graphs.warn_once(model, f"{type(e).__name__}: {e}")  # and step eagerly below (same decisions)
+        finally:
+            set_step_mode(model, prev)
+            model.train(was_training)
+        model.eval()
+        set_step_mode(model, "s")
     exit_step = torch.full((N,), T, dtype=torch.long, device=dev)
     pred = torch.zeros(N, dtype=torch.long, device=dev)
     totals = {k: torch.zeros(N, dtype=torch.float64, device=dev) for k in ("spikes", "macs", "sops")} if count_ops else None
@@ -350,49 +397,53 @@ def prepare(dataset: Dataset, T: int, kind: str, encoding: str = "direct", batch
     return chunks, torch.cat(ys)
 
 
-def run_chunks(model, chunks, policy, batch_size: int, continuous: bool = True, count_ops: bool = False):
+def run_chunks(model, chunks, policy, batch_size: int, continuous: bool = True, count_ops: bool = False,
+               graphs: str = "auto"):
     """Early exit over prepared chunks; returns ``(ExitResult parts, seconds)``."""
     queue = [torch.cat(chunks, 1)] if continuous and len(chunks) > 1 else chunks  # copied before the clock
     sync = torch.cuda.synchronize if queue[0].is_cuda else (lambda: None)
-    early_exit(model, queue[0][:1, :batch_size], _cutoff.Timestep(1, T=1))  # untimed full-batch warm-up step
+    # untimed warm-up at the full batch (on CUDA it also captures the graphs, which are then cached)
+    early_exit(model, queue[0][:1, :batch_size], _cutoff.Timestep(1, T=1), graphs=graphs if not count_ops else "off")
     sync()
     t0 = time.perf_counter()
     if continuous:
-        parts = [early_exit(model, queue[0], policy, batch_size, count_ops)]
+        parts = [early_exit(model, queue[0], policy, batch_size, count_ops, graphs=graphs)]
     else:
-        parts = [early_exit(model, xs, policy, None, count_ops) for xs in queue]
+        parts = [early_exit(model, xs, policy, None, count_ops, graphs=graphs) for xs in queue]
     sync()
     return parts, time.perf_counter() - t0
 
 
 def run_dataset(model, dataset: Dataset, policy: _cutoff.Policy, T: int, kind: str, encoding: str = "direct",
-                batch_size: int = 64, device="cpu", count_ops: bool = False, continuous: bool = True) -> RunStats:
+                batch_size: int = 64, device="cpu", count_ops: bool = False, continuous: bool = True,
+                graphs: str = "auto") -> RunStats:
     """Real early exit over a whole split, timed (loading and encoding are done first, untimed).
 
     ``continuous=True`` keeps ``batch_size`` samples in flight and refills freed slots (see
     :func:`early_exit`); ``False`` runs the loader's batches one after another.
     """
     chunks, labels = prepare(dataset, T, kind, encoding, batch_size, device)
-    parts, secs = run_chunks(model, chunks, policy, batch_size, continuous, count_ops)
+    parts, secs = run_chunks(model, chunks, policy, batch_size, continuous, count_ops, graphs)
     cat = lambda k: torch.cat([getattr(p, k) for p in parts]) if count_ops else None  # noqa: E731
     d = _cutoff.Decision(torch.cat([p.exit_step for p in parts]), torch.cat([p.prediction for p in parts]))
     return RunStats(d, labels, secs, cat("spikes"), cat("macs"), cat("sops"))
 
 
 def speedup(model, chunks, policy, T: int, batch_size: int = 64, continuous: bool = True, repeats: int = 5,
-            min_seconds: float = 0.5) -> tuple[float, float]:
+            min_seconds: float = 0.5, graphs: str = "auto") -> tuple[float, float]:
     """Median seconds per pass over ``chunks`` for running to T and for early exit with ``policy``.
 
     Interleaved rounds; each round repeats the pass until it lasts about ``min_seconds`` (short runs on
     a shared machine are dominated by noise).
     """
     full = _cutoff.Timestep(T, T=T)
-    _, t_once = run_chunks(model, chunks, full, batch_size, continuous)
+    run = lambda pol: run_chunks(model, chunks, pol, batch_size, continuous, graphs=graphs)[1]  # noqa: E731
+    t_once = run(full)
     inner = max(1, int(min_seconds / max(t_once, 1e-6) + 0.999))
     tf, te = [], []
     for _ in range(repeats):
-        tf.append(sum(run_chunks(model, chunks, full, batch_size, continuous)[1] for _ in range(inner)) / inner)
-        te.append(sum(run_chunks(model, chunks, policy, batch_size, continuous)[1] for _ in range(inner * 2)) / (inner * 2))
+        tf.append(sum(run(full) for _ in range(inner)) / inner)
+        te.append(sum(run(policy) for _ in range(inner * 2)) / (inner * 2))
     return statistics.median(tf), statistics.median(te)
 
 

@@ -104,6 +104,11 @@ class TimeDistributed(nn.Module):
         return self.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s CUDA stream is being captured into a graph (:mod:`fewstep.graphs`)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class TEBN(StatefulModule):
     """Temporal effective batch norm (Duan et al., NeurIPS 2022; METHODS §7, used by the seed code).
 
@@ -150,7 +155,8 @@ class TEBN(StatefulModule):
                 raise ValueError(f"TEBN: streaming state holds {self.step.shape[0]} samples but the frame has {n}; "
                                  "call fewstep.reset(net) before feeding a new batch")
             self._bound += 1
-            if self._bound > self.T and int(self.step.max()) >= self.T:
+            # (the check syncs with the device, which a CUDA graph capture cannot; replays never pass step T)
+            if self._bound > self.T and not _capturing(x) and int(self.step.max()) >= self.T:
                 raise ValueError(f"TEBN was built for T = {self.T} steps; a sample is at step {int(self.step.max()) + 1}")
             y = self.bn(x) * self._scale(self.p[self.step], 1, x)
             self.step = self.step + 1

@@ -19,9 +19,13 @@ from .metrics import predict
 from .train import load_checkpoint, load_run
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _outputs(model, bundle, cfg, split):
     O, y, _ = predict(model, bundle.split(split), cfg.data.T, bundle.kind, cfg.data.encoding,
-                      cfg.train.eval_batch_size)
+                      cfg.train.eval_batch_size, _device(model))
     return _cf.running(O), y
 
 
@@ -40,7 +44,8 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
         model, cfg, bundle = load_run(run_dir)
     T = cfg.data.T
     Yv, yv = _any.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding,
-                                      cfg.train.eval_batch_size, mc_dropout=mc_dropout, mc_samples=mc_samples)
+                                      cfg.train.eval_batch_size, _device(model), mc_dropout=mc_dropout,
+                                      mc_samples=mc_samples)
     target = None
     if policy == "oct":
         raise ValueError("'oct' is the oracle (it needs the labels); it appears in 'fewstep tradeoff', "
@@ -67,9 +72,12 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
 
 def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
                   batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
-                  continuous: bool = True) -> dict:
+                  continuous: bool = True, device: str = "cpu", graphs: str = "auto") -> dict:
+    """Calibrate (or load) ``policy``, run early exit on ``split`` for real on ``device`` (``graphs``: see
+    :func:`fewstep.anytime.early_exit`), time it against full T, count operations; writes cutoff_POLICY.json."""
     run_dir = Path(run_dir)
-    model, cfg, bundle = load_run(run_dir)
+    model, cfg, bundle = load_run(run_dir, device=device)
+    dev = _device(model)
     T = cfg.data.T
     if policy not in _cf.POLICIES:
         raise ValueError(f"unknown policy {policy!r}; valid names: {', '.join(sorted(_cf.POLICIES))}")
@@ -81,11 +89,13 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
                                 model=model, cfg=cfg, bundle=bundle)
     ds = bundle.split(split)
     full_pol = _cf.Timestep(T, T=T)
-    ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, continuous=continuous)
-    chunks, _ = _any.prepare(ds, T, bundle.kind, cfg.data.encoding, batch_size)
-    t_full, t_exit = _any.speedup(model, chunks, pol, T, batch_size, continuous, repeats)
-    ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, count_ops=True)
-    ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, count_ops=True)
+    ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, continuous=continuous,
+                          graphs=graphs)
+    chunks, _ = _any.prepare(ds, T, bundle.kind, cfg.data.encoding, batch_size, dev)
+    t_full, t_exit = _any.speedup(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
+    ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
+    ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
+                                count_ops=True)
     Y, y = _outputs(model, bundle, cfg, split)
     sim = _cf.simulate(pol, Y)
     d = ee.decision

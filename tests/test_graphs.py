@@ -1,0 +1,191 @@
+"""Static-shape streaming (fewstep.graphs): bucketed batches, padding and state hand-over give the eager
+runner's decisions; on CUDA the captured graphs do too (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep import anytime as at
+from fewstep import cutoff as cf
+from fewstep import graphs as G
+from fewstep import layers as L
+from fewstep import models
+from fewstep.neurons import LIF, StatefulModule
+
+from .test_anytime import spread_policy, warmed
+from .test_models import SMALL
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; none here")
+
+
+def test_bucket_sizes_hand_checked():
+    assert G.bucket_sizes(9) == [1, 2, 4, 8, 9]
+    assert G.bucket_sizes(8) == [1, 2, 4, 8]
+    assert G.bucket_sizes(1) == [1]
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        G.bucket_sizes(0)
+
+
+class TEBNNet(nn.Module):
+    """A small conv net with TEBN (per-sample step counters as state) between LIF layers."""
+
+    def __init__(self, T=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), L.TEBN(4, T), LIF(theta=0.2), nn.Flatten(),
+                                  nn.Linear(4 * 16, 5))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _cases():
+    # The schedule is model-agnostic; these cover plain LIF states, residual blocks, the T = 1 network's
+    # states and TEBN's step counters (every model against the eager runner: tests/test_anytime.py).
+    return ["mlp", "cnn", "resnet20", "general12_cnn", "tebn"]
+
+
+def _net(name):
+    if name == "tebn":
+        torch.manual_seed(0)
+        net = TEBNNet()
+        with torch.no_grad():
+            net.body[1].bn.running_mean.uniform_(-0.5, 0.5)
+            net.body[1].p.uniform_(0.5, 1.5)
+        return net.eval(), (1, 4, 4)
+    net = warmed(name)
+    return net, tuple(net.input_shape)
+
+
+def _stream_policy(net, x):
+    """A Top-K policy splitting the batch, fitted to the network's own streaming outputs on ``x``."""
+    from fewstep.neurons import set_step_mode
+
+    with torch.no_grad():
+        set_step_mode(net, "s")
+        Y = cf.running(torch.stack([net(x[t]) for t in range(x.shape[0])]).float().cpu())
+        set_step_mode(net, "m")
+    return spread_policy(Y)
+
+
+@pytest.mark.parametrize("name", _cases())
+def test_emulated_static_schedule_equals_the_eager_runner(name):
+    net, shape = _net(name)
+    x = torch.rand(4, 9, *shape) * 2
+    pol = _stream_policy(net, x)
+    eager = at.early_exit(net, x, pol, graphs="off")  # equal to max_batch=3 (tests/test_anytime.py)
+    assert 1 < len(set(eager.exit_step.tolist()))  # the policy splits the batch
+    for mb in (None, 3):  # 9 samples: buckets 9, 8, 4, 2, 1; with 3 in flight, refills, then padding
+        em = at.early_exit(net, x, pol, max_batch=mb, graphs="emulate")
+        assert em.exit_step.tolist() == eager.exit_step.tolist()
+        assert em.prediction.tolist() == eager.prediction.tolist()
+    assert all(getattr(m, "v", None) is None for m in net.modules())  # states released after the run
+
+
+def test_survivors_move_to_smaller_buckets(monkeypatch):
+    """9 samples together: the batch starts at 9 and shrinks through the buckets; padding rows never decide."""
+    net = warmed("mlp")
+    x = torch.rand(4, 9, *net.input_shape) * 2
+    with torch.no_grad():
+        pol = spread_policy(cf.running(net(x)))
+    sizes = []
+    step = G.StepGraph.step
+    monkeypatch.setattr(G.StepGraph, "step", lambda self: sizes.append(self.batch) or step(self))
+    res = at.early_exit(net, x, pol, graphs="emulate")
+    assert sizes[0] == 9 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 9
+    assert set(sizes) <= {1, 2, 4, 8, 9}
+    running = [int((res.exit_step > t).sum()) for t in range(len(sizes))]
+    assert all(b >= n for b, n in zip(sizes, running))  # every bucket holds the samples still running
+    assert len(sizes) == int(res.exit_step.max())
+
+
+def test_latency_in_the_static_schedule():
+    net = warmed("mlp")
+    x = torch.rand(4, 5, *net.input_shape) * 2
+    r = at.early_exit(net, x, cf.Timestep(2, T=4), max_batch=2, latency=True, graphs="emulate")
+    assert r.exit_step.tolist() == [2] * 5 and r.latency_s.shape == (5,) and bool((r.latency_s >= 0).all())
+
+
+def test_mode_errors_name_the_problem():
+    net = warmed("mlp")
+    x = torch.rand(2, 3, *net.input_shape)
+    pol = cf.Timestep(2, T=2)
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        at.early_exit(net, x, pol, graphs="yes")
+    with pytest.raises(ValueError, match="needs the input on a CUDA device, got cpu"):
+        at.early_exit(net, x, pol, graphs="cuda")
+    with pytest.raises(ValueError, match="cannot count operations"):
+        at.early_exit(net, x, pol, graphs="emulate", count_ops=True)
+    assert at.early_exit(net, x, pol, graphs="auto", count_ops=True).spikes is not None  # auto: eager, counted
+
+
+def test_auto_steps_eagerly_on_the_cpu(monkeypatch):
+    net = warmed("mlp")
+    x = torch.rand(2, 3, *net.input_shape)
+    monkeypatch.setattr(G, "run", lambda *a, **k: pytest.fail("the static schedule ran on the CPU under auto"))
+    assert at.early_exit(net, x, cf.Timestep(2, T=2)).exit_step.tolist() == [2, 2, 2]
+
+
+def test_unsupported_names_hooks_and_recorders():
+    net = warmed("mlp")
+    assert G.unsupported(net) is None
+    h = net.register_forward_hook(lambda m, i, o: None)
+    assert "forward hooks" in G.unsupported(net)
+    h.remove()
+    import fewstep
+
+    with fewstep.record(net):
+        assert G.unsupported(net) == "fewstep.record is attached"
+    assert G.unsupported(net) is None
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["cnn", "vggsnn", "resnet20", "general12_cnn", "tebn"])
+def test_cuda_graphs_give_the_eager_decisions(name):
+    net, shape = _net(name)
+    net = net.cuda()
+    x = (torch.rand(4, 9, *shape) * 2).cuda()
+    pol = _stream_policy(net, x)
+    for mb in (None, 3, 4):
+        eager = at.early_exit(net, x, pol, max_batch=mb, graphs="off")
+        graph = at.early_exit(net, x, pol, max_batch=mb, graphs="cuda")
+        assert graph.exit_step.tolist() == eager.exit_step.tolist()
+        assert graph.prediction.tolist() == eager.prediction.tolist()
+    assert at.early_exit(net, x, pol, graphs="cuda").exit_step.tolist() == eager.exit_step.tolist()  # cached graphs
+
+
+class PythonCounter(StatefulModule):
+    """A step that keeps Python-side state: a replay would freeze it, so the capture check must refuse it."""
+
+    _state_names = ()
+    is_neuron = False
+
+    def reset(self):
+        super().reset()
+        self.t = 0
+
+    def forward(self, x):
+        self.t += 1
+        return x * self.t
+
+
+@CUDA
+def test_cuda_capture_falls_back_once_with_the_reason(caplog):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), PythonCounter(step_mode="s"), LIF(theta=0.1)).cuda().eval()
+    net = nn.Sequential(net, nn.Linear(5, 3)).cuda().eval()
+    x = torch.rand(3, 4, 1, 4, 4, device="cuda")
+    pol = cf.Timestep(3, T=3)
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        r = at.early_exit(net, x, pol)
+        at.early_exit(net, x, pol)
+    assert r.exit_step.tolist() == [3] * 4
+    msgs = [rec.getMessage() for rec in caplog.records if "CUDA graphs off" in rec.getMessage()]
+    assert len(msgs) == 1 and "differs from the eager step" in msgs[0]
+    with pytest.raises(G.CaptureError):
+        at.early_exit(net, x, pol, graphs="cuda")
