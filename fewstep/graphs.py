@@ -143,7 +143,7 @@ class StepGraph:
         """Two replayed steps from fresh state against two eager steps: a network whose step keeps Python-side
         state, which a replay would freeze, is caught here."""
         g = torch.Generator(device=self.x.device).manual_seed(0)
-        frames = [torch.rand(self.x.shape, generator=g, device=self.x.device).to(self.x.dtype) * 2 for _ in range(2)]
+        frames = [(torch.rand(self.x.shape, generator=g, device=self.x.device) * 2).to(self.x.dtype) for _ in range(2)]
         rows = torch.arange(self.batch, device=self.x.device)
         refill(self.model, rows)
         replayed = []
