@@ -182,3 +182,13 @@ def test_torchrun_environment_without_rendezvous_is_explained(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         D.from_env("cpu")
+
+
+def test_end_worker_flushes_and_exits_with_the_code():
+    """torchrun workers end with os._exit (the interpreter teardown can abort after the run is written); what was
+    printed, even without a newline into a pipe, must still arrive."""
+    code = "import sys; from fewstep.distributed import end_worker; print('done', end=''); " \
+           "print('warn', end='', file=sys.stderr); end_worker(3)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered, as under torchrun
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "done", "warn")
