@@ -40,8 +40,8 @@ def pct(values, q: float) -> float:
     return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
 
 
-def one_stream(model, x, policy, T, rounds):
-    stream = at.AnytimeStream(model, policy, T)
+def one_stream(model, x, policy, T, rounds, graphs="auto"):
+    stream = at.AnytimeStream(model, policy, T, graphs=graphs)
     decisions, steps, exits = [], [], []
     for _ in range(rounds):
         for i in range(x.shape[1]):
@@ -80,7 +80,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="passes over the test split per measurement")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
-                   help="continuous-batching runner (fewstep.graphs); one stream always steps eagerly")
+                   help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
     args = p.parse_args()
 
     run = Path(args.run)
@@ -99,7 +99,7 @@ def main():
           f"{'decisions/s':>12s}")
     rows = []
     for name, pol in ((args.policy, policy), ("full T", full)):
-        dec, stp, ex = one_stream(model, x, pol, T, args.rounds)
+        dec, stp, ex = one_stream(model, x, pol, T, args.rounds, args.graphs)
         row = {"mode": "one stream", "policy": name, "mean_exit_step": ex, "p50_ms": 1e3 * pct(dec, 50),
                "p99_ms": 1e3 * pct(dec, 99), "step_p50_ms": 1e3 * pct(stp, 50), "step_p99_ms": 1e3 * pct(stp, 99),
                "decisions_per_s": len(dec) / sum(dec)}

@@ -457,19 +457,44 @@ class AnytimeStream:
                 label, step = answer
                 break
         stream.reset()                      # before the next stream
+
+    ``graphs`` as in :func:`early_exit`: on a CUDA frame each push replays the network from a CUDA graph of
+    batch 1 (captured at the first push, cached on the model), unless it cannot be captured (logged once).
     """
 
-    def __init__(self, model: nn.Module, policy: _cutoff.Policy, T: int):
+    def __init__(self, model: nn.Module, policy: _cutoff.Policy, T: int, graphs: str = "auto"):
         self.model, self.policy, self.T = model, policy, int(T)
         if policy.T is not None and policy.T != self.T:
             raise ValueError(f"T mismatch: the policy was calibrated for T = {policy.T}, the stream has T = {T}")
+        if graphs not in _graphs.MODES:
+            raise ValueError(f"graphs must be one of {_graphs.MODES}, got {graphs!r}")
+        self.graphs, self._graph = graphs, None
         self.model.eval()
         self.reset()
 
     def reset(self):
         set_step_mode(self.model, "s")
-        reset(self.model)
+        if self._graph is not None:  # back to the graph's static state, fresh
+            self._graph.bind()
+            refill(self.model, torch.zeros(1, dtype=torch.long, device=self._graph.x.device))
         self.t, self.Y, self.answer = 0, None, None
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        if self._graph is None and self.t == 0 and x.shape[0] == 1:
+            capture = _use_graphs(self.model, x.device, self.graphs, count_ops=False)
+            if capture is not None:
+                try:
+                    self._graph = _graphs.graphs_for(self.model, 1, x, capture)[1]
+                    self.reset()
+                except _graphs.CaptureError as e:
+                    if self.graphs != "auto":
+                        raise
+                    _graphs.warn_once(self.model, str(e))
+                    set_step_mode(self.model, "s")
+        if self._graph is None:
+            return self.model(x).float()
+        self._graph.x.copy_(x)
+        return self._graph.step().clone()
 
     @torch.no_grad()
     def push(self, frame: torch.Tensor):
@@ -479,7 +504,7 @@ class AnytimeStream:
         if self.t >= self.T:
             raise RuntimeError(f"the stream already ran its T = {self.T} steps; call reset()")
         x = frame.unsqueeze(0) if frame.dim() == len(self.model.input_shape) else frame
-        out = self.model(x).float()
+        out = self._step(x)
         self.t += 1
         self.Y = out if self.Y is None else self.Y + out
         if self.t == self.T or bool(self.policy.fire(self.Y, self.t)[0]):

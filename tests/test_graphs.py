@@ -33,6 +33,8 @@ def test_bucket_sizes_hand_checked():
 class TEBNNet(nn.Module):
     """A small conv net with TEBN (per-sample step counters as state) between LIF layers."""
 
+    input_shape = (1, 4, 4)
+
     def __init__(self, T=4):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), L.TEBN(4, T), LIF(theta=0.2), nn.Flatten(),
@@ -189,3 +191,28 @@ def test_cuda_capture_falls_back_once_with_the_reason(caplog):
     assert len(msgs) == 1 and "differs from the eager step" in msgs[0]
     with pytest.raises(G.CaptureError):
         at.early_exit(net, x, pol, graphs="cuda")
+
+
+@pytest.mark.parametrize("mode", ["emulate", pytest.param("cuda", marks=CUDA)])
+def test_anytime_stream_on_static_state_matches_the_batch_runner(mode):
+    """One live stream on the batch-1 static state (a CUDA graph on the GPU): the same answers as the batch
+    runner, stream after stream, with another runner using the model in between."""
+    net, shape = _net("tebn")
+    dev = "cuda" if mode == "cuda" else "cpu"
+    net = net.to(dev)
+    x = (torch.rand(4, 6, *shape) * 2).to(dev)
+    pol = _stream_policy(net, x)
+    ref = at.early_exit(net, x, pol, graphs="off")
+    stream = at.AnytimeStream(net, pol, T=4, graphs=mode)
+    for i in range(6):
+        stream.reset()
+        for t in range(4):
+            answer = stream.push(x[t, i])
+            if answer is not None:
+                break
+        assert answer == (int(ref.prediction[i]), int(ref.exit_step[i]))
+        assert stream._graph is not None and stream._graph.batch == 1
+        if i == 2:  # another runner in between releases the model's states; the next reset() rebinds
+            assert at.early_exit(net, x, pol, graphs="off").exit_step.tolist() == ref.exit_step.tolist()
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        at.AnytimeStream(net, pol, T=4, graphs="on")
