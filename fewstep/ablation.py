@@ -38,6 +38,7 @@ import torch
 
 from . import config as _config
 from . import cutoff as _cf
+from . import ops as _ops
 from . import regularizers as _regs
 
 DROPS = (0.006, 0.01)  # accuracy drops (fractions) at which the calibrated exit is reported
@@ -188,7 +189,7 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
     Yv, Yt = _cf.running(Ov), _cf.running(Ot)
     full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
     chunks, _ = _any.prepare(bundle.test, T, kind, enc, bs)
-    ops = _any.ops_per_step(model, chunks)
+    ops = _ops.ops_per_step(model, chunks)
     energy_full = float(ops["energy_pj"].sum(0).mean()) * 1e-6
     oct_d = _cf.oracle(Yt, yt)
     out = {
@@ -207,7 +208,7 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
         for drop in DROPS:
             pol, val = _cf.fastest_within(name, Yv, yv, drop)
             d = _cf.simulate(pol, Yt)
-            energy = _any.ops_at_exit(ops["energy_pj"], d.exit_step)
+            energy = _ops.ops_at_exit(ops["energy_pj"], d.exit_step)
             out["calibrated"][name][str(drop)] = {
                 "setting": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")},
                 "val_accuracy": val["accuracy"], "val_drop": full_val - val["accuracy"],
@@ -486,7 +487,6 @@ def markdown(summary: dict) -> str:
         return "# Ablation\n\nNo finished runs yet.\n"
     base = spec["base"]
     first = next(iter(vs.values()))
-    T = first["T"]
     tr, dt, md = base["train"], base["data"], base["model"]
     seeds = ", ".join(str(s) for s in spec["seeds"])
     times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}

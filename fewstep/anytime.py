@@ -5,11 +5,7 @@ running; those that fire leave the batch, and every carried neuron state is comp
 :func:`fewstep.compact`, so later steps compute only for the rest. Exit steps and predictions equal
 :func:`fewstep.cutoff.simulate` on the same inputs (tested for every registered model).
 
-Operation counts (METHODS §8), per sample and only up to its exit: spikes emitted by all spiking
-layers; MACs of the first synaptic layer (it sees the analog/event input); SOPs of every later
-synaptic layer = (share of non-zero inputs) × (its dense MACs). Energy = 4.6 pJ·MAC + 0.9 pJ·SOP.
-A synaptic layer that a model marks ``analog_input = True`` (real-valued input in a hybrid network,
-such as the channel MLPs of ``general12_*``) and every ``nn.LSTM`` count as MACs wherever they sit.
+``count_ops=True`` counts operations per sample up to its exit (:mod:`fewstep.ops`, METHODS §8).
 """
 
 from __future__ import annotations
@@ -25,113 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import cutoff as _cutoff
 from . import graphs as _graphs
 from .metrics import time_first
-from .neurons import StatefulModule, compact, refill, reset, set_step_mode
-
-E_MAC_PJ, E_SOP_PJ = 4.6, 0.9
-
-
-def _mode(model: nn.Module) -> str:
-    return next((m.step_mode for m in model.modules() if hasattr(m, "step_mode")), "m")
-
-
-# Leaf modules that METHODS §8 does not price (normalisation folds into weights, pooling and the
-# activations of hybrid networks are negligible next to synaptic operations). Any other module that runs
-# and is neither a synaptic layer nor a spiking neuron is reported as uncounted, by name and type.
-NOT_PRICED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.AvgPool2d, nn.MaxPool2d,
-              nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.Sigmoid)
-
-
-class OpCounter:
-    """Forward hooks counting, per sample of the current step, MACs, SOPs and spikes.
-
-    With ``per_layer=True`` it also keeps each layer's counts of the step (``layers[name] = {"macs", "sops",
-    "spikes"}``, per sample) and each spiking layer's number of neuron outputs in the step (``neurons[name]``), and
-    ``uncounted`` names every other module that ran and is not in :data:`NOT_PRICED`."""
-
-    def __init__(self, model: nn.Module, per_layer: bool = False):
-        self.model = model
-        self.per_layer = per_layer
-        self.handles = []
-        self.first = None
-        self.neurons: dict[str, int] = {}
-        self.uncounted: dict[str, str] = {}
-        self.kinds: dict[str, str] = {}
-
-    def __enter__(self):
-        self._names = {}
-        inside_neurons = {sub for m in self.model.modules() if isinstance(m, StatefulModule)
-                          for sub in m.modules() if sub is not m}  # a neuron's surrogate etc.: part of the neuron
-        for name, m in self.model.named_modules():
-            self._names[m] = name or type(m).__name__
-            if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
-                self.handles.append(m.register_forward_hook(self._synapse))
-            elif isinstance(m, nn.LSTM):
-                self.handles.append(m.register_forward_hook(self._lstm))
-            elif isinstance(m, StatefulModule) and m.is_neuron:
-                self.handles.append(m.register_forward_hook(self._neuron))
-            elif (self.per_layer and not list(m.children()) and m not in inside_neurons
-                  and not isinstance(m, NOT_PRICED + (StatefulModule,))):
-                self.handles.append(m.register_forward_hook(self._other))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def start_step(self, n: int, device):
-        self.macs = torch.zeros(n, device=device, dtype=torch.float64)
-        self.sops = torch.zeros(n, device=device, dtype=torch.float64)
-        self.spikes = torch.zeros(n, device=device, dtype=torch.float64)
-        self.layers: dict[str, dict[str, torch.Tensor]] = {}
-        self.neurons = {}
-        self._n, self._device = n, device
-        self._seen_first = False
-
-    def _add(self, mod, kind: str, value):
-        if kind == "macs":
-            self.macs += value
-        elif kind == "sops":
-            self.sops += value
-        else:
-            self.spikes += value
-        if self.per_layer:
-            name = self._names[mod]
-            slot = self.layers.setdefault(name, {k: torch.zeros(self._n, device=self._device, dtype=torch.float64)
-                                                 for k in ("macs", "sops", "spikes")})
-            slot[kind] += value
-            self.kinds[name] = type(mod).__name__
-
-    def _synapse(self, mod, inputs, out):
-        x = inputs[0]
-        if isinstance(mod, nn.Linear):
-            fan_in = mod.in_features
-        else:
-            fan_in = (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
-        dense = out[0].numel() * fan_in
-        if not self._seen_first or getattr(mod, "analog_input", False):
-            self._seen_first = True
-            self._add(mod, "macs", float(dense))
-        else:
-            self._add(mod, "sops", (x != 0).flatten(1).double().mean(1) * dense)
-
-    def _lstm(self, mod, inputs, out):  # gates: 4·H·(I + H) MACs per token and direction (real-valued)
-        x = inputs[0]
-        tokens = x.shape[1] if mod.batch_first else x.shape[0]
-        dirs = 2 if mod.bidirectional else 1
-        h, i = mod.hidden_size, mod.input_size
-        per_token = 4 * h * ((i + h) + (mod.num_layers - 1) * (dirs * h + h))  # later layers read dirs·h inputs
-        self._add(mod, "macs", float(tokens * dirs * per_token))
-        self._seen_first = True
-
-    def _neuron(self, mod, inputs, out):  # events, not their values (a converted IF emits spike·λ)
-        self._add(mod, "spikes", (out != 0).flatten(1).double().sum(1))
-        if self.per_layer:
-            name = self._names[mod]
-            self.neurons[name] = self.neurons.get(name, 0) + out[0].numel()  # this step's (reset each step)
-
-    def _other(self, mod, inputs, out):
-        self.uncounted.setdefault(self._names[mod], type(mod).__name__)
+from .neurons import compact, refill, set_step_mode, step_mode_of
+from .ops import E_MAC_PJ, E_SOP_PJ, NOT_PRICED, OpCounter, ops_at_exit, ops_per_step  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -209,7 +100,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     dev = x.device
     capture = _use_graphs(model, dev, graphs, count_ops)
-    prev = _mode(model)
+    prev = step_mode_of(model)
     was_training = model.training
     model.eval()
     set_step_mode(model, "s")
@@ -287,58 +178,6 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     if count_ops:
         res.spikes, res.macs, res.sops = (totals[k].cpu() for k in ("spikes", "macs", "sops"))
     return res
-
-
-@torch.no_grad()
-def ops_per_step(model: nn.Module, chunks, per_layer: bool = False) -> dict:
-    """Per-sample operation counts of every step: ``{"macs", "sops", "spikes", "energy_pj"}`` each ``[T, N]``.
-
-    Runs ``model`` step by step over the prepared ``chunks`` (``[T, n, ...]`` each, from :func:`prepare`)
-    with the same counting as :func:`early_exit`. The counts up to any exit step are a prefix sum
-    (:func:`ops_at_exit`), so one pass prices every cutoff policy. ``per_layer=True`` adds
-    ``layers[name][macs|sops|spikes]`` (``[T, N]`` each), ``neurons[name]`` (neuron outputs per step),
-    ``kinds[name]`` (module type) and ``uncounted`` (modules that ran and are not priced, by name).
-    """
-    prev, was_training = _mode(model), model.training
-    model.eval()
-    keys = ("macs", "sops", "spikes")
-    parts = {k: [] for k in keys}
-    layers: dict[str, dict[str, list]] = {}
-    try:
-        with OpCounter(model, per_layer=per_layer) as counter:
-            for xs in chunks:
-                set_step_mode(model, "s")
-                steps = {k: [] for k in parts}
-                lsteps: dict[str, dict[str, list]] = {}
-                for xt in xs:
-                    counter.start_step(xt.shape[0], xt.device)
-                    model(xt)
-                    for k in parts:
-                        steps[k].append(getattr(counter, k).cpu())
-                    for name, d in counter.layers.items():
-                        for k in keys:
-                            lsteps.setdefault(name, {kk: [] for kk in keys})[k].append(d[k].cpu())
-                for k in parts:
-                    parts[k].append(torch.stack(steps[k]))
-                for name, d in lsteps.items():
-                    for k in keys:
-                        layers.setdefault(name, {kk: [] for kk in keys})[k].append(torch.stack(d[k]))
-            neurons, kinds, uncounted = dict(counter.neurons), dict(counter.kinds), dict(counter.uncounted)
-    finally:
-        set_step_mode(model, prev)
-        model.train(was_training)
-    out = {k: torch.cat(v, 1) for k, v in parts.items()}
-    out["energy_pj"] = E_MAC_PJ * out["macs"] + E_SOP_PJ * out["sops"]
-    if per_layer:
-        out["layers"] = {n: {k: torch.cat(v, 1) for k, v in d.items()} for n, d in layers.items()}
-        out["neurons"], out["kinds"], out["uncounted"] = neurons, kinds, uncounted
-    return out
-
-
-def ops_at_exit(per_step: torch.Tensor, exit_step: torch.Tensor) -> torch.Tensor:
-    """Per-sample totals up to and including each sample's exit step (1-based), from ``[T, N]`` counts."""
-    cum = per_step.cumsum(0)
-    return cum.gather(0, (exit_step.long() - 1).view(1, -1))[0]
 
 
 def check_not_test(dataset: Dataset, purpose: str = "calibration") -> None:

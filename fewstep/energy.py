@@ -1,7 +1,7 @@
 """Energy report per layer and per sample (METHODS §8): ``fewstep energy RUN [--policy topk]``.
 
 Counted from the modules the network really runs (forward hooks of
-:class:`fewstep.anytime.OpCounter`), step by step:
+:class:`fewstep.ops.OpCounter`), step by step:
 
 - a synaptic layer (Conv, Linear) fed by spikes: SOPs = (share of non-zero inputs) × (its dense MACs);
 - the first synaptic layer (analog or event input), layers a model marks ``analog_input`` and LSTMs:
@@ -23,8 +23,9 @@ import torch
 
 from . import anytime as _any
 from . import cutoff as _cf
+from . import ops as _ops
 
-E_MAC_PJ, E_SOP_PJ = _any.E_MAC_PJ, _any.E_SOP_PJ
+E_MAC_PJ, E_SOP_PJ = _ops.E_MAC_PJ, _ops.E_SOP_PJ
 
 
 def energy_table(model, chunks, exit_step: "torch.Tensor | None" = None, e_mac: float = E_MAC_PJ,
@@ -33,12 +34,12 @@ def energy_table(model, chunks, exit_step: "torch.Tensor | None" = None, e_mac: 
     or through all T steps."""
     if e_mac < 0 or e_sop < 0:
         raise ValueError(f"energy per operation must be >= 0 pJ, got e_mac={e_mac}, e_sop={e_sop}")
-    ops = _any.ops_per_step(model, chunks, per_layer=True)
+    ops = _ops.ops_per_step(model, chunks, per_layer=True)
     T, N = ops["macs"].shape
     steps = torch.full((N,), T, dtype=torch.long) if exit_step is None else exit_step.long().cpu()
     if steps.shape != (N,) or int(steps.min()) < 1 or int(steps.max()) > T:
         raise ValueError(f"exit_step must hold one step in 1..{T} per sample ({N}), got shape {tuple(steps.shape)}")
-    at = lambda v: _any.ops_at_exit(v, steps)  # noqa: E731  per-sample totals up to the exit
+    at = lambda v: _ops.ops_at_exit(v, steps)  # noqa: E731  per-sample totals up to the exit
     rows = []
     for name, d in ops["layers"].items():
         macs, sops, spikes = at(d["macs"]), at(d["sops"]), at(d["spikes"])

@@ -308,6 +308,11 @@ def reset(net: nn.Module) -> nn.Module:
     return net
 
 
+def step_mode_of(net: nn.Module) -> str:
+    """The step mode of ``net``'s first module that has one (``"m"`` when none has)."""
+    return next((m.step_mode for m in net.modules() if hasattr(m, "step_mode")), "m")
+
+
 def set_step_mode(net: nn.Module, mode: str) -> nn.Module:
     """Switch every module of ``net`` with a ``step_mode`` to ``"m"`` or ``"s"`` and reset its state."""
     if mode not in STEP_MODES:

@@ -14,6 +14,7 @@ import torch
 
 from . import anytime as _any
 from . import cutoff as _cf
+from . import ops as _ops
 from . import plots
 from .metrics import predict
 from .train import load_checkpoint, load_run
@@ -116,8 +117,8 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         "spikes_per_sample": per(ops.spikes), "spikes_per_sample_full": per(ops_full.spikes),
         "sops_per_sample": per(ops.sops), "sops_per_sample_full": per(ops_full.sops),
         "macs_per_sample": per(ops.macs), "macs_per_sample_full": per(ops_full.macs),
-        "energy_uj_per_sample": per(_any.E_MAC_PJ * ops.macs + _any.E_SOP_PJ * ops.sops) * 1e-6,
-        "energy_uj_per_sample_full": per(_any.E_MAC_PJ * ops_full.macs + _any.E_SOP_PJ * ops_full.sops) * 1e-6,
+        "energy_uj_per_sample": per(_ops.E_MAC_PJ * ops.macs + _ops.E_SOP_PJ * ops.sops) * 1e-6,
+        "energy_uj_per_sample_full": per(_ops.E_MAC_PJ * ops_full.macs + _ops.E_SOP_PJ * ops_full.sops) * 1e-6,
         "calibration_file": str(calibration or run_dir / f"calibration_{policy}.json"),
     }
     if target is not None:
