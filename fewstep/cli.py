@@ -162,7 +162,8 @@ def cmd_cutoff(args) -> int:
         raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step and --mc-dropout "
                          "would be ignored; give one or the other")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
-                      args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout)
+                      args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
+                      device=args.device, graphs=args.graphs)
     print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])} "
           f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
     print(f"  accuracy      {100 * r['accuracy']:.2f}% (full T: {100 * r['full_accuracy']:.2f}%, "
@@ -302,6 +303,9 @@ def main(argv=None) -> int:
     c.add_argument("--repeats", type=_int_at_least(1), default=5, help="timing rounds of ~0.5 s each, full T and early exit "
                    "interleaved; the median is reported (default 5)")
     c.add_argument("--calibration", help="reuse a saved calibration JSON instead of calibrating")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (early exit runs there)")
+    c.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
+                   help="step runner: auto replays CUDA graphs on CUDA and steps eagerly elsewhere (docs/anytime.md)")
     c.add_argument("--mc-dropout", type=_fraction(False, True), default=0.0, help="calibrate under dropout of this rate on every "
                    "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")
     c.set_defaults(fn=cmd_cutoff)

@@ -129,6 +129,14 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert cal["meta"]["calibration_split"] == "val" and len(cal["betas"]) == 4
     # reuse the saved calibration; a calibration for another T is refused
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "calibration_topk.json"), "--repeats", "1"]) == 0
+    # the static-shape runner of fewstep.graphs (emulated on the CPU) gives the same decisions
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--calibration", str(digits_run / "calibration_topk.json"),
+                "--repeats", "1", "--graphs", "emulate"]) == 0
+    assert json.loads((digits_run / "cutoff_topk.json").read_text())["matches_simulation"]
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert cli(["cutoff", str(digits_run), "--policy", "topk", "--device", "cuda", "--repeats", "1"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     cal["meta"]["T"] = 8
     (digits_run / "other.json").write_text(json.dumps(cal))
     capsys.readouterr()
