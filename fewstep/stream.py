@@ -95,11 +95,11 @@ def read_recording(cfg, path, start_us: "float | None" = None, end_us: "float | 
 def decide(model, rec: Recording, policy: _cf.Policy, realtime: bool = False, device="cpu") -> dict:
     """Feed ``rec`` frame by frame through :class:`fewstep.anytime.AnytimeStream`; stop when ``policy``
     fires (or at the last frame)."""
-    from .anytime import AnytimeStream, _mode
-    from .neurons import set_step_mode
+    from .anytime import AnytimeStream
+    from .neurons import set_step_mode, step_mode_of
 
     T = rec.frames.shape[0]
-    prev = _mode(model)
+    prev = step_mode_of(model)
     live = AnytimeStream(model, policy, T)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     frames = rec.frames.to(device)
