@@ -72,6 +72,19 @@ def _use_graphs(model: nn.Module, dev: torch.device, graphs: str, count_ops: boo
     return True
 
 
+def _static_early_exit(model, x, policy, cap, latency, capture) -> ExitResult:
+    """:func:`fewstep.graphs.run` in evaluation and single-step mode, both restored afterwards."""
+    prev, was_training = step_mode_of(model), model.training
+    model.eval()
+    set_step_mode(model, "s")
+    try:
+        exit_step, pred, lat = _graphs.run(model, x, policy, cap, latency, capture)
+    finally:
+        set_step_mode(model, prev)
+        model.train(was_training)
+    return ExitResult(exit_step.cpu(), pred.cpu(), latency_s=lat)
+
+
 @torch.no_grad()
 def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_batch: int | None = None,
                count_ops: bool = False, latency: bool = False, graphs: str = "auto") -> ExitResult:
@@ -100,23 +113,17 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     dev = x.device
     capture = _use_graphs(model, dev, graphs, count_ops)
-    prev = step_mode_of(model)
-    was_training = model.training
-    model.eval()
-    set_step_mode(model, "s")
     if capture is not None:
         try:
-            exit_step, pred, lat = _graphs.run(model, x, policy, cap, latency, capture)
-            return ExitResult(exit_step.cpu(), pred.cpu(), latency_s=lat)
+            return _static_early_exit(model, x, policy, cap, latency, capture)
         except Exception as e:  # noqa: BLE001  under "auto" any failure of the graph path means: step eagerly
             if graphs != "auto":
                 raise
             _graphs.warn_once(model, f"{type(e).__name__}: {e}")  # and step eagerly below (same decisions)
-        finally:
-            set_step_mode(model, prev)
-            model.train(was_training)
-        model.eval()
-        set_step_mode(model, "s")
+    prev = step_mode_of(model)
+    was_training = model.training
+    model.eval()
+    set_step_mode(model, "s")
     exit_step = torch.full((N,), T, dtype=torch.long, device=dev)
     pred = torch.zeros(N, dtype=torch.long, device=dev)
     totals = {k: torch.zeros(N, dtype=torch.float64, device=dev) for k in ("spikes", "macs", "sops")} if count_ops else None
