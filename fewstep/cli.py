@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     a.add_argument("--variants", required=True, help="comma-separated variants, each tokens joined by '+', e.g. "
                    "tet,tet+rcs,tet+str (tokens: ce, tet, rcs, str, tebn, trt, qcfs, rcs_ann); LABEL=TOKENS names a variant, to run "
                    "the same tokens under several --variant-set settings")
-    a.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,7); default 3")
+    a.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,7; seed 4 alone: 4,); default 3")
     a.add_argument("--out", required=True, help="ablation folder; run the same command again to resume")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every variant (repeatable)")

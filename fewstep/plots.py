@@ -87,15 +87,20 @@ def _colors(n: int):
     return [cycle[i % len(cycle)] for i in range(n)]
 
 
-def ablation_accuracy(curves: dict[str, list[dict]], path, title: str) -> Path:
-    """Mean accuracy per timestep with a ±std band, one line per variant (``{"mean", "std"}`` per step)."""
+def ablation_accuracy(curves: dict[str, list[dict]], path, title: str,
+                      xlabel: str = "timestep t (prediction = argmax of running mean)",
+                      ylabel: str = "test accuracy (%)", log_x: bool = True) -> Path:
+    """Mean accuracy per timestep (or per epoch) with a ±std band, one line per variant (``{"mean", "std"}``
+    per point; a point without a mean is left out). Beyond 16 points the x axis is logarithmic with ``log_x``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
     lo = 100.0
     for (name, pts), color in zip(curves.items(), _colors(len(curves))):
-        t = list(range(1, len(pts) + 1))
-        m = [100 * p["mean"] for p in pts]
-        s = [100 * (p["std"] or 0.0) for p in pts]
+        t = [i for i, p in enumerate(pts, 1) if p.get("mean") is not None]
+        if not t:
+            continue
+        m = [100 * pts[i - 1]["mean"] for i in t]
+        s = [100 * (pts[i - 1]["std"] or 0.0) for i in t]
         ax.plot(t, m, marker="o" if len(pts) <= 16 else None, color=color, label=name)
         ax.fill_between(t, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.18)
         lo = min(lo, min(a - b for a, b in zip(m, s)))
@@ -103,11 +108,11 @@ def ablation_accuracy(curves: dict[str, list[dict]], path, title: str) -> Path:
     T = max(len(p) for p in curves.values())
     if T <= 16:
         ax.set_xticks(range(1, T + 1))
-    else:  # long runs (converted networks): log scale, ticks at powers of two
+    elif log_x:  # long runs (converted networks): log scale, ticks at powers of two
         ax.set_xscale("log", base=2)
         ticks = [2 ** i for i in range(T.bit_length()) if 2 ** i <= T]
         ax.set_xticks(ticks, [str(k) for k in ticks])
-    _style(ax, "timestep t (prediction = argmax of running mean)", "test accuracy (%)", title, title_size=10)
+    _style(ax, xlabel, ylabel, title, title_size=10)
     return _save(fig, path)
 
 

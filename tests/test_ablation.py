@@ -1,5 +1,6 @@
 """``fewstep ablate``: variants, paired seeds, resume after an interruption, the report."""
 
+import csv
 import json
 
 import pytest
@@ -25,7 +26,9 @@ def test_variant_tokens_seeds_and_variant_sets():
     assert base["train"]["seed"] == 0 and "regularizer" in base  # the base is not modified
     with pytest.raises(ValueError, match=r"unknown ablation token\(s\) \['l1'\].*valid tokens: ce .*rcs"):
         A.tokens("tet+l1")
-    assert A.parse_seeds(3) == [0, 1, 2] and A.parse_seeds("0,5,7") == [0, 5, 7]
+    assert A.parse_seeds(3) == [0, 1, 2] and A.parse_seeds("0,5,7") == [0, 5, 7] and A.parse_seeds("4,") == [4]
+    with pytest.raises(ValueError, match="one seed: 0,"):
+        A.parse_seeds("0")
     for bad in ("0", "1,1", "-1,2", "x"):
         with pytest.raises(ValueError, match="--seeds"):
             A.parse_seeds(bad)
@@ -91,8 +94,18 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
     assert summary["variants"]["tet+rcs"]["paired_diff"]["final_accuracy"]["n"] == 2
     md = (out / "results.md").read_text()
     assert "| tet+rcs |" in md and "Paired differences from tet" in md and "--variant-set" in md
-    for png in ("accuracy_per_step.png", "tradeoff.png", "speedup.png"):
+    for png in ("accuracy_per_step.png", "learning_curves.png", "tradeoff.png", "speedup.png"):
         assert (out / png).stat().st_size > 5000
+    # learning curves: the mean over seeds of the validation accuracy each run logged after each epoch
+    for v in ("tet", "tet+rcs"):
+        logged = [[float(r["val_acc"]) for r in csv.DictReader((out / v / f"seed{k}" / "log.csv").open())]
+                  for k in (0, 1)]
+        curve = summary["variants"][v]["val_per_epoch"]
+        assert len(curve) == 3  # the interrupted run's log kept its first epoch across the resume
+        assert [c["values"] for c in curve] == [list(per_epoch) for per_epoch in zip(*logged)]
+    section = md.split("## Validation accuracy per epoch (%)")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| tet+rcs |"))
+    assert row.count("±") == 3 and f"{100 * summary['variants']['tet+rcs']['val_per_epoch'][2]['mean']:.2f}" in row
 
 
 def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, capsys):

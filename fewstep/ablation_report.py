@@ -1,0 +1,231 @@
+"""The report of ``fewstep ablate``: per-run analyses aggregated over seeds, as tables and plots.
+
+:func:`aggregate` turns ``{variant: {seed: analysis}}`` (:mod:`fewstep.ablation` writes one
+``analysis.json`` per run, plus the validation accuracy of every training epoch) into mean ± sample
+standard deviation per variant and the paired difference of each variant from the first (same
+seed). :func:`markdown` writes the tables of ``results.md``; :func:`plot_summary` the plots
+``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png`` and ``speedup.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+DROPS = (0.006, 0.01)  # accuracy drops (fractions) at which the calibrated exit is reported
+POLICIES = ("softmax", "topk")
+
+
+def _ms(values: list[float]) -> dict:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "values": vals}
+
+
+def _scalars(a: dict) -> dict:
+    """The per-run numbers that are compared across variants (accuracies as fractions)."""
+    s = {"final_accuracy": a["test_accuracy_per_step"][-1], "val_accuracy": a["val_accuracy_per_step"][-1],
+         "firing_rate": a["firing_rate"], "energy_uj_full": a["energy_uj_full"],
+         "spikes_per_sample": a["spikes_per_sample"], "oct_mean_exit": a["oct"]["mean_exit_step"],
+         "train_time_s": a.get("train_time_s"), "ann_accuracy": a.get("ann_test_accuracy"),
+         "images_per_s": a.get("images_per_s"), "n_params": a.get("n_params")}
+    for t, acc in enumerate(a["test_accuracy_per_step"], 1):
+        s[f"acc_t{t}"] = acc
+    for name in POLICIES:
+        for drop in DROPS:
+            c = a["calibrated"][name][str(drop)]
+            for k in ("speedup", "mean_exit_step", "test_drop", "energy_uj"):
+                s[f"{name}@{drop}:{k}"] = c[k]
+            s[f"{name}@{drop}:test_curve_speedup"] = a["test_curve"][name][str(drop)]["speedup"]
+    return s
+
+
+def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dict:
+    """Mean ± std per variant, paired differences from the first variant, and mean trade-off curves."""
+    threads = sorted({a.get("train_threads") for runs in results.values() for a in runs.values()} - {None})
+    devices = sorted({a.get("train_device") for runs in results.values() for a in runs.values()} - {None})
+    trained = (f"trained on {'/'.join(devices) or 'cpu'} with "
+               f"{'/'.join(map(str, threads)) if threads else 'unrecorded'} torch threads")
+    out = {"spec": spec, "variants": {}, "baseline": variants[0] if variants else None,
+           "machine": f"{platform.machine()}, {trained}, torch {torch.__version__}"}
+    base_scalars = {k: _scalars(a) for k, a in results.get(variants[0], {}).items()} if variants else {}
+    for v in variants:
+        runs = results.get(v, {})
+        if not runs:
+            continue
+        sc = {k: _scalars(a) for k, a in runs.items()}
+        keys = next(iter(sc.values())).keys()
+        entry = {"seeds": sorted(runs), "stats": {key: _ms([s[key] for s in sc.values()]) for key in keys}}
+        paired = [k for k in runs if k in base_scalars]
+        entry["paired_diff"] = {key: _ms([sc[k][key] - base_scalars[k][key] for k in paired
+                                          if sc[k][key] is not None and base_scalars[k].get(key) is not None])
+                                for key in keys}
+        any_run = next(iter(runs.values()))
+        entry["T"] = any_run["T"]
+        entry["n_test"], entry["n_val"] = any_run["n_test"], any_run["n_val"]
+        entry["acc_per_step"] = {
+            "test": [_ms([a["test_accuracy_per_step"][t] for a in runs.values()]) for t in range(any_run["T"])],
+            "val": [_ms([a["val_accuracy_per_step"][t] for a in runs.values()]) for t in range(any_run["T"])]}
+        curves = {}
+        for name in POLICIES:
+            per_seed = [a["curves"][name] for a in runs.values()]
+            n_pts = min(len(c) for c in per_seed)
+            curves[name] = [{"epsilon": per_seed[0][i].get("epsilon"),
+                             "accuracy": statistics.fmean(c[i]["accuracy"] for c in per_seed),
+                             "mean_exit_step": statistics.fmean(c[i]["mean_exit_step"] for c in per_seed)}
+                            for i in range(n_pts)]
+        entry["curves"] = curves
+        histories = [a.get("val_per_epoch") or [] for a in runs.values()]
+        n_ep = min(len(h) for h in histories)
+        entry["val_per_epoch"] = [_ms([h[e] for h in histories]) for e in range(n_ep)]
+        entry["oct"] = {"accuracy": statistics.fmean(a["oct"]["accuracy"] for a in runs.values()),
+                        "mean_exit_step": statistics.fmean(a["oct"]["mean_exit_step"] for a in runs.values())}
+        entry["epsilons"] = {name: {str(d): [a["calibrated"][name][str(d)]["setting"] for a in runs.values()]
+                                    for d in DROPS} for name in POLICIES}
+        out["variants"][v] = entry
+    return out
+
+
+def _fmt(st: dict, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± std`` of a :func:`_ms` entry (just the mean for one seed; "–" for none)."""
+    if not st or st.get("mean") is None:
+        return "–"
+    mean = f"{st['mean'] * scale:{'+' if signed else ''}.{digits}f}"
+    return mean if st["n"] < 2 else f"{mean} ± {st['std'] * scale:.{digits}f}"
+
+
+def _fmt_diff(st: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return _fmt(st, scale, digits, signed=True)
+
+
+def shown_steps(T: int) -> list[int]:
+    """Every step up to T = 12; beyond, powers of two and T (a 64-step table would not be read)."""
+    if T <= 12:
+        return list(range(1, T + 1))
+    return sorted({2 ** i for i in range(T.bit_length()) if 2 ** i <= T} | {T})
+
+
+def learning_table(vs: dict) -> list[str]:
+    """Validation accuracy after each epoch (%), as the runs logged it: does a gap close with more training?"""
+    n = max((len(e.get("val_per_epoch") or []) for e in vs.values()), default=0)
+    if n < 2:
+        return []
+    shown = shown_steps(n)
+    L = ["", "## Validation accuracy per epoch (%)", "",
+         "Logged during training (validation split, the network as trained, at its full T; a QCFS variant's figures "
+         "are its ANN's). Learning curves: `learning_curves.png`.", "",
+         "| variant | " + " | ".join(f"ep {e}" for e in shown) + " |", "|---|" + "---|" * len(shown)]
+    for v, e in vs.items():
+        h = e.get("val_per_epoch") or []
+        L.append(f"| {v} | " + " | ".join(_fmt(h[k - 1], 100) if k <= len(h) else "–" for k in shown) + " |")
+    return L
+
+
+def markdown(summary: dict) -> str:
+    """The ablation as markdown tables (accuracies in %, drops in points)."""
+    spec, vs = summary["spec"], summary["variants"]
+    if not vs:
+        return "# Ablation\n\nNo finished runs yet.\n"
+    base = spec["base"]
+    first = next(iter(vs.values()))
+    tr, dt, md = base["train"], base["data"], base["model"]
+    seeds = ", ".join(str(s) for s in spec["seeds"])
+    times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}
+    Ts = " / ".join(str(t) for t in sorted({e["T"] for e in vs.values()}))
+    L = [f"# Ablation: {dt['name']}, {md['name']}, T = {Ts}", "",
+         f"Reproduce: `{spec['command']}`", "",
+         f"- Budget per run: {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']:g} "
+         f"({tr['schedule']}), loss {tr['loss']} unless the variant says otherwise; the same for every variant.",
+         f"- Seeds {seeds} (paired: a seed fixes the initial weights, the validation split and the data order). "
+         f"Validation: {first['n_val']} samples carved from training; test: {first['n_test']} samples, used only "
+         "for the figures below.",
+         f"- Machine: {summary['machine']}. Training time per run (s): "
+         + "; ".join(f"{v} {_fmt(st, 1, 0)}" for v, st in times.items()) + ".",
+         "- Mean ± sample standard deviation over seeds. Cutoff thresholds are always fitted on validation.", ""]
+    steps = shown_steps(max(e["T"] for e in vs.values()))
+    L += ["## Accuracy per timestep (test, %)", "",
+          "| variant | " + " | ".join(f"t={t}" for t in steps) + " |",
+          "|---|" + "---|" * len(steps)]
+    for v, e in vs.items():
+        acc = e["acc_per_step"]["test"]
+        L.append(f"| {v} | " + " | ".join(_fmt(acc[t - 1], 100) if t <= len(acc) else "–" for t in steps) + " |")
+    converted = {v: e for v, e in vs.items() if e["stats"].get("ann_accuracy", {}).get("n")}
+    if converted:
+        L += ["", "## ANN→SNN conversion (test, %)", "",
+              "QCFS variants are trained as ANNs (T = 1) and analysed as the SNN they convert to; every figure "
+              "above and below is the converted SNN's.", "",
+              "| variant | ANN acc | SNN steps | SNN acc at T | SNN − ANN (pt) |", "|---|---|---|---|---|"]
+        for v, e in converted.items():
+            gap = _ms([f - a for f, a in zip(e["stats"]["final_accuracy"]["values"], e["stats"]["ann_accuracy"]["values"])])
+            L.append(f"| {v} | {_fmt(e['stats']['ann_accuracy'], 100)} | {e['T']} | "
+                     f"{_fmt(e['stats']['final_accuracy'], 100)} | {_fmt_diff(gap, 100)} |")
+    L += learning_table(vs)
+    L += ["", "## Calibrated early exit (test)", "",
+          "For each policy and tolerated drop d, the fastest threshold whose accuracy on **validation** is within d "
+          "of running to T, then measured on test: timestep speed-up T / mean exit step, the realised test drop "
+          "(pt) and the energy per sample at exit (µJ, METHODS §8).", "",
+          "| variant | policy | d | speed-up | mean exit | test drop (pt) | energy (µJ) |",
+          "|---|---|---|---|---|---|---|"]
+    for v, e in vs.items():
+        st = e["stats"]
+        for name in POLICIES:
+            for d in DROPS:
+                k = f"{name}@{d}:"
+                L.append(f"| {v} | {name} | {100 * d:g} pt | {_fmt(st[k + 'speedup'])}× | "
+                         f"{_fmt(st[k + 'mean_exit_step'])} | {_fmt(st[k + 'test_drop'], 100)} | "
+                         f"{_fmt(st[k + 'energy_uj'], 1, 3)} |")
+    L += ["", "## Full-T cost and the oracle (test)", "",
+          "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
+          "OCT mean exit | images/s (full T) |", "|---|---|---|---|---|---|---|---|"]
+    for v, e in vs.items():
+        st = e["stats"]
+        L.append(f"| {v} | {_fmt(st['final_accuracy'], 100)} | {_fmt(st['val_accuracy'], 100)} | "
+                 f"{_fmt(st['firing_rate'], 1, 4)} | {_fmt(st['spikes_per_sample'], 1, 0)} | "
+                 f"{_fmt(st['energy_uj_full'], 1, 3)} | {_fmt(st['oct_mean_exit'])} | "
+                 f"{_fmt(st.get('images_per_s'), 1, 0)} |")
+    base_v = summary["baseline"]
+    others = [v for v in vs if v != base_v]
+    if others:
+        L += ["", f"## Paired differences from {base_v} (same seed; mean ± std over seeds)", "",
+              "| variant | acc t=1 (pt) | final acc (pt) | softmax speed-up @0.6 | topk speed-up @0.6 | "
+              "softmax @1 | topk @1 | firing rate |", "|---|---|---|---|---|---|---|---|"]
+        for v in others:
+            pd = vs[v]["paired_diff"]
+            L.append(f"| {v} | {_fmt_diff(pd['acc_t1'], 100)} | {_fmt_diff(pd['final_accuracy'], 100)} | "
+                     f"{_fmt_diff(pd['softmax@0.006:speedup'])} | {_fmt_diff(pd['topk@0.006:speedup'])} | "
+                     f"{_fmt_diff(pd['softmax@0.01:speedup'])} | {_fmt_diff(pd['topk@0.01:speedup'])} | "
+                     f"{_fmt_diff(pd['firing_rate'], 1, 4)} |")
+    L += ["", "## For comparison with the papers: speed-up read off the test curve", "",
+          "The papers report the fastest point of the trade-off curve within d of full-T accuracy *on the test "
+          "set*; that selects on test, so it is shown only for comparison, never as a calibrated result.", "",
+          "| variant | softmax @0.6 | topk @0.6 | softmax @1 | topk @1 |", "|---|---|---|---|---|"]
+    for v, e in vs.items():
+        st = e["stats"]
+        L.append(f"| {v} | " + " | ".join(f"{_fmt(st[f'{n}@{d}:test_curve_speedup'])}×"
+                                            for d in DROPS for n in POLICIES) + " |")
+    L += ["", "Plots: `accuracy_per_step.png`, `learning_curves.png`, `tradeoff.png`, `speedup.png`. Per run: `<variant>/seed<k>/` "
+          "(config.yaml, log.csv, metrics.json, analysis.json).", ""]
+    return "\n".join(L)
+
+
+def plot_summary(summary: dict, out: Path) -> None:
+    from . import plots
+
+    vs = summary["variants"]
+    if not vs:
+        return
+    plots.ablation_accuracy({v: e["acc_per_step"]["test"] for v, e in vs.items()}, out / "accuracy_per_step.png",
+                            "Accuracy per timestep (test, mean ± std over seeds)")
+    curves = {v: e["val_per_epoch"] for v, e in vs.items() if len(e.get("val_per_epoch") or []) >= 2}
+    if curves:
+        plots.ablation_accuracy(curves, out / "learning_curves.png", "Validation accuracy per epoch (mean ± std over seeds)",
+                                xlabel="epoch", ylabel="validation accuracy (%)", log_x=False)
+    plots.ablation_tradeoff({v: e["curves"] for v, e in vs.items()}, {v: e["oct"] for v, e in vs.items()},
+                            out / "tradeoff.png")
+    plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, POLICIES, DROPS, out / "speedup.png")
