@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run  # noqa: E402  (bench/common.py)
+from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
 from fewstep import cutoff as cf  # noqa: E402
 from fewstep.reports import cutoff_report  # noqa: E402
 
@@ -47,12 +47,13 @@ def main():
     p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
                    help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
     args = p.parse_args()
+    malloc = tune_allocator(args.device)
 
     run = Path(args.run)
     model, cfg, bundle, Yv, yv = nmnist_run(run, args.data)
     T = cfg.data.T
     print(f"\n{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {len(bundle.test)}, batch {args.batch_size}, "
-          f"torch {torch.__version__}, {_where(args.device)}, graphs={args.graphs}")
+          f"torch {torch.__version__}, {_where(args.device)}, graphs={args.graphs}, {malloc}")
     print(f"threshold per policy: fastest setting within {100 * args.max_drop:.1f} pt of full-T accuracy on validation\n")
     head = (f"{'policy':9s} {'setting':>12s} {'acc':>7s} {'drop':>6s} {'exit':>5s} {'steps x':>7s} "
             f"{'wall x':>7s} {'ratio':>6s} {'wall x':>7s} {'ratio':>6s}")
@@ -83,7 +84,7 @@ def main():
               f"{row['wallclock_speedup_per_batch']:6.2f}x {row['ratio_per_batch']:6.2f}")
     out = run / "bench_anytime.json"
     out.write_text(json.dumps({"T": T, "batch_size": args.batch_size, "device": _where(args.device),
-                               "graphs": args.graphs, "rows": rows}, indent=2))
+                               "graphs": args.graphs, "malloc": malloc, "rows": rows}, indent=2))
     print(f"\n(drop in accuracy points on test; 'steps x' = T / mean exit step; 'wall x' = full-T time / early-exit "
           f"time, same runner, split and batch size, median of {args.repeats}; ratio = wall x / steps x)\nwrote {out}")
 

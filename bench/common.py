@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT))
 
 from fewstep import anytime as at  # noqa: E402
 from fewstep import config as C  # noqa: E402
+from fewstep import runtime  # noqa: E402
 from fewstep.train import Trainer, load_run  # noqa: E402
 
 
@@ -25,3 +26,10 @@ def nmnist_run(run, data):
     model, cfg, bundle = load_run(run)
     Yv, yv = at.calibration_outputs(model, bundle.val, cfg.data.T, bundle.kind, cfg.data.encoding)
     return model, cfg, bundle, Yv, yv
+
+
+def tune_allocator(device) -> str:
+    """Tune glibc's allocator for a CPU run, as the CLI's inference commands do (``FEWSTEP_TUNE_MALLOC=0``
+    keeps glibc's defaults, for comparison); returns the line the benchmarks print."""
+    runtime.tune_for_device(device)
+    return runtime.allocator_status()

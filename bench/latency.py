@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run  # noqa: E402  (bench/common.py)
+from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
 
@@ -82,6 +82,7 @@ def main():
     p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
                    help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
     args = p.parse_args()
+    malloc = tune_allocator(args.device)
 
     run = Path(args.run)
     model, cfg, bundle, Yv, yv = nmnist_run(run, args.data)
@@ -94,7 +95,7 @@ def main():
              else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{cfg.model.name} on {cfg.data.name}, T = {T}, {x.shape[1]} test recordings x {args.rounds} rounds, "
           f"policy {args.policy} ({', '.join(f'{k}={v:g}' for k, v in policy.params().items() if k in ('epsilon', 't'))}), torch "
-          f"{torch.__version__}, {where}, graphs={args.graphs}\n")
+          f"{torch.__version__}, {where}, graphs={args.graphs}, {malloc}\n")
     print(f"{'mode':22s} {'policy':>8s} {'exit':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'step p50':>9s} {'step p99':>9s} "
           f"{'decisions/s':>12s}")
     rows = []
@@ -114,7 +115,7 @@ def main():
               f"{step} {r['decisions_per_s']:12.1f}")
     out = run / "bench_latency.json"
     out.write_text(json.dumps({"T": T, "policy": args.policy, "rounds": args.rounds, "device": where,
-                               "graphs": args.graphs, "rows": rows}, indent=2))
+                               "graphs": args.graphs, "malloc": malloc, "rows": rows}, indent=2))
     print(f"\n(compute latency per decision: frames ready, no sensor time; step = one AnytimeStream.push)\nwrote {out}")
 
 

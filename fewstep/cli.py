@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 from . import config as _config
+from .runtime import tune_for_device
+
+# commands that run a trained network (on --device, else the CPU): glibc's allocator is tuned for them
+INFERENCE_COMMANDS = ("eval", "cutoff", "tradeoff", "stream", "energy")
 
 
 def _int_at_least(lo: int):
@@ -380,6 +384,8 @@ def main(argv=None) -> int:
 
     args = p.parse_args(argv)
     try:
+        if args.cmd in INFERENCE_COMMANDS:  # training tunes it in the Trainer (train.tune_malloc)
+            tune_for_device(getattr(args, "device", "cpu"))
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"fewstep {args.cmd}: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Process-level settings for CPU training (opt-in).
+"""Process-level settings for CPU training and inference.
 
 :func:`tune_cpu_allocator`. A multi-step SNN folds time into the batch, so its activations are
 ``T·N·C·H·W`` floats: 32 and 64 MiB for the widest layers of the issue-4 CNN (T = 4, batch 32),
@@ -12,14 +12,22 @@ gain is modest. Measured with ``bench/train_step.py`` on a 2-core CPU (fewstep, 
 =================================  =========  ============
 malloc                              s / step   peak RSS MB
 =================================  =========  ============
-glibc defaults (fewstep's default)    0.68         689
+glibc defaults                        0.68         689
 this function (64 MiB threshold)      0.64         894
 =================================  =========  ============
 
+(On the CIFAR-10 VGG of ``configs/cifar10_vgg_cpu.yaml`` the gain was 1.69×, docs/performance.md.)
+Streaming inference suffers more: early exit changes the batch size from step to step, and with
+glibc's defaults the heap is trimmed and mapped again over and over (about 27,000 page faults per
+pass of the N-MNIST benchmark, docs/anytime.md). :func:`tune_for_device` applies the tuning when
+the device is the CPU.
+
 It trades memory for time: a heap fragments, and memory freed after the peak stays with the
-process. fewstep never calls it itself; call it at the start of a CPU training script.
-``FEWSTEP_TUNE_MALLOC=0`` makes it a no-op and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` sets the threshold.
-It does nothing where the C library is not glibc.
+process. The Trainer calls it when it trains on the CPU (``train.tune_malloc``), and so do the
+inference commands of the CLI (``eval``, ``cutoff``, ``tradeoff``, ``stream``, ``energy``) and the
+benchmarks; a library caller decides for its own process. ``FEWSTEP_TUNE_MALLOC=0`` makes it a
+no-op everywhere and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` sets the threshold. It does nothing where the
+C library is not glibc.
 """
 
 from __future__ import annotations
@@ -62,6 +70,13 @@ def tune_cpu_allocator(mmap_threshold_mb: "int | None" = None) -> bool:
     _applied.clear()
     _applied[mmap_threshold_mb] = ok
     return ok
+
+
+def tune_for_device(device) -> bool:
+    """:func:`tune_cpu_allocator` when ``device`` (a name such as ``"cpu"`` or ``"cuda:0"``, or a
+    ``torch.device``) is the CPU; False, and nothing changed, for any other device."""
+    kind = device.type if hasattr(device, "type") else str(device or "cpu").split(":")[0].strip().lower()
+    return tune_cpu_allocator() if kind == "cpu" else False
 
 
 def allocator_status() -> str:

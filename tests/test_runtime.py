@@ -100,3 +100,13 @@ def test_tune_cpu_allocator_keeps_freed_large_buffers_for_reuse(monkeypatch):
         pytest.skip("not glibc: nothing to tune")
     assert mapped == "True", "with tuning, a freed 40 MiB buffer stays in malloc's pool"
     assert probe("0") == ["False", "False"], "by default glibc unmaps it (this is what the tuning changes)"
+
+
+def test_tune_for_device_tunes_for_the_cpu_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda *a, **k: calls.append(a) or True)
+    assert runtime.tune_for_device("cuda:0") is False and runtime.tune_for_device(torch.device("meta")) is False
+    assert calls == []
+    assert runtime.tune_for_device("cpu") is True and runtime.tune_for_device(torch.device("cpu")) is True
+    assert runtime.tune_for_device(None) is True  # no device given: the CPU
+    assert len(calls) == 3
