@@ -28,7 +28,6 @@ itself lives in :mod:`fewstep.ablation_report`.
 from __future__ import annotations
 
 import json
-import csv
 import math
 import time
 from pathlib import Path
@@ -251,22 +250,6 @@ def images_per_second(model, cfg, bundle, n: int = 2000, repeats: int = 3) -> fl
 
 
 # ------------------------------------------------------------------------------------------ the command
-def val_per_epoch(run_dir) -> list[float]:
-    """The validation accuracy after every training epoch, from the run's ``log.csv`` (empty when it has none)."""
-    path = Path(run_dir) / "log.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for r in rows:
-        try:
-            out.append(float(r.get("val_acc") or "nan"))
-        except ValueError:
-            out.append(math.nan)
-    return out
-
-
 class Ablation:
     """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
 
@@ -358,7 +341,8 @@ class Ablation:
                 trainer.resume()  # refuses a folder trained with another config
                 self.log(f"{tag}: finished earlier ({trainer.epoch} epochs), kept")
                 metrics = json.loads((rd / "metrics.json").read_text())
-            results[v][k] = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_per_epoch(rd))
+            val_curve = [row.get("val_acc") for row in trainer.history]  # one row per epoch, kept by the checkpoint
+            results[v][k] = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_curve)
         summary = aggregate(results, self.variants, self.base, self._spec())
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "results.md").write_text(markdown(summary))
