@@ -183,6 +183,21 @@ def test_energy_counts_macs_for_real_valued_layers_and_sops_for_spikes():
         ops2.start_step(4, "cpu")
         lstm(x)
     assert (ops2.macs > want).all()
+    # direct (analog) mixer inputs: the cells' first convolutions become MACs, exactly their dense count
+    direct = models.create("general12_cnn", num_classes=5, encoding="direct", **TINY).eval()
+    direct.load_state_dict(net.state_dict())
+    fewstep.set_step_mode(direct, "s")
+    with torch.no_grad(), OpCounter(direct) as ops3:
+        ops3.start_step(4, "cpu")
+        direct(x)
+    extra = 0
+    for stage, t in zip(direct.stages, tokens):
+        for blk in stage:
+            conv = blk.mixer.cell.conv1
+            windows = len(G.window_boxes(int(t ** 0.5), int(t ** 0.5), blk.mixer.kind))
+            side = int(t ** 0.5) // 2 if blk.mixer.kind == "plain" else 3 * int(t ** 0.5) // 4
+            extra += windows * side * side * conv.out_channels * conv.in_channels * 9
+    torch.testing.assert_close(ops3.macs, torch.full((4,), float(want + extra), dtype=torch.float64))
 
 
 def test_the_ablation_token_and_configs_build_the_model():

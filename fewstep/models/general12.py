@@ -182,6 +182,7 @@ class ConvCell(_CellBase):
         super().__init__(**kw)
         self.conv1 = nn.Conv2d(cin, hid, 3, padding=1)
         self.conv2 = nn.Conv2d(hid, hid, 3, padding=1)
+        self.conv1.analog_input = self.encoding == "direct"  # analog tokens: MACs, not SOPs (METHODS §8)
         self.fire1, self.fire2 = Fire(*self._fire), Fire(*self._fire)
 
     def forward(self, parts, mems=None):
