@@ -143,6 +143,17 @@ def variant_dict(base: dict, variant: str, seed: int, variant_sets: "list[str] |
     return d
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (nested dicts only; lists stay values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def parse_seeds(spec) -> list[int]:
     """``3`` → ``[0, 1, 2]``; ``"0,5,7"`` → ``[0, 5, 7]``; ``"4,"`` → ``[4]`` (a lone number is a count)."""
     s = str(spec).strip()
@@ -293,10 +304,22 @@ class Ablation:
     def converts(self) -> bool:
         return any(c.model.neuron == "qcfs" for c in self.configs.values())
 
+    def differences(self) -> dict[str, list[str]]:
+        """Per variant, every resolved setting in which it differs from the base config (``KEY=VALUE``, the seed
+        aside): what its tokens and ``--variant-set`` changed, so a report never calls a budget shared that is not."""
+        flat_base = flatten(self.base)
+        out = {}
+        for v in self.variants:
+            d = flatten(self.configs[(v, self.seeds[0])].to_dict())
+            out[v] = [f"{k}={json.dumps(val)}" for k, val in d.items()
+                      if k != "train.seed" and flat_base.get(k, object()) != val]
+            out[v] += [f"{k} unset" for k in flat_base if k not in d]  # e.g. model.options a new model resets
+        return out
+
     def _spec(self) -> dict:
         return {"command": self.command(), "config": self.config_path, "base": self.base, "variants": self.variants,
                 "seeds": self.seeds, "overrides": self.overrides, "variant_sets": self.raw_variant_sets,
-                "convert_T": self.convert_T if self.converts() else None}
+                "differences": self.differences(), "convert_T": self.convert_T if self.converts() else None}
 
     def run(self, analyse_only: bool = False) -> dict:
         from .train import Trainer, load_data

@@ -9,6 +9,7 @@ seed). :func:`markdown` writes the tables of ``results.md``; :func:`plot_summary
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import statistics
@@ -127,6 +128,13 @@ def learning_table(vs: dict) -> list[str]:
     return L
 
 
+def _model_of(differences: list[str], base_model: str) -> str:
+    for d in differences:
+        if d.startswith("model.name="):
+            return json.loads(d.split("=", 1)[1])
+    return base_model
+
+
 def markdown(summary: dict) -> str:
     """The ablation as markdown tables (accuracies in %, drops in points)."""
     spec, vs = summary["spec"], summary["variants"]
@@ -138,16 +146,25 @@ def markdown(summary: dict) -> str:
     seeds = ", ".join(str(s) for s in spec["seeds"])
     times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}
     Ts = " / ".join(str(t) for t in sorted({e["T"] for e in vs.values()}))
-    L = [f"# Ablation: {dt['name']}, {md['name']}, T = {Ts}", "",
+    diffs = spec.get("differences")  # absent from the ablation.json of older versions
+    models = [md["name"]] if diffs is None else list(dict.fromkeys(_model_of(diffs.get(v, []), md["name"]) for v in vs))
+    L = [f"# Ablation: {dt['name']}, {' / '.join(models)}, T = {Ts}", "",
          f"Reproduce: `{spec['command']}`", "",
          f"- Budget per run: {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']:g} "
-         f"({tr['schedule']}), loss {tr['loss']} unless the variant says otherwise; the same for every variant.",
+         f"({tr['schedule']}), loss {tr['loss']} unless the variant says otherwise; the same for every variant"
+         + (" except where listed below." if diffs and any(diffs.get(v) for v in vs) else "."),
          f"- Seeds {seeds} (paired: a seed fixes the initial weights, the validation split and the data order). "
          f"Validation: {first['n_val']} samples carved from training; test: {first['n_test']} samples, used only "
          "for the figures below.",
          f"- Machine: {summary['machine']}. Training time per run (s): "
          + "; ".join(f"{v} {_fmt(st, 1, 0)}" for v, st in times.items()) + ".",
-         "- Mean ± sample standard deviation over seeds. Cutoff thresholds are always fitted on validation.", ""]
+         "- Mean ± sample standard deviation over seeds. Cutoff thresholds are always fitted on validation."]
+    if diffs:
+        listed = [(v, diffs[v]) for v in vs if diffs.get(v)]
+        if listed:
+            L.append("- Where each variant differs from the base config (its tokens and `--variant-set`):")
+            L += [f"  - {v}: " + ", ".join(f"`{d}`" for d in ds) for v, ds in listed]
+    L.append("")
     steps = shown_steps(max(e["T"] for e in vs.values()))
     L += ["## Accuracy per timestep (test, %)", "",
           "| variant | " + " | ".join(f"t={t}" for t in steps) + " |",

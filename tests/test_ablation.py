@@ -36,6 +36,8 @@ def test_variant_tokens_seeds_and_variant_sets():
         A.parse_variant_sets(["tet+str:regularizer.str_weight=1"], ["tet", "tet+rcs"])
     with pytest.raises(ValueError, match="VARIANT:KEY=VALUE"):
         A.parse_variant_sets(["tet+rcs"], ["tet", "tet+rcs"])
+    assert A.flatten({"train": {"lr": 0.1, "betas": [1, 2]}, "model": {"options": {}}}) == {
+        "train.lr": 0.1, "train.betas": [1, 2], "model.options": {}}
 
 
 def write_config(tmp_path):
@@ -94,6 +96,11 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
     assert summary["variants"]["tet+rcs"]["paired_diff"]["final_accuracy"]["n"] == 2
     md = (out / "results.md").read_text()
     assert "| tet+rcs |" in md and "Paired differences from tet" in md and "--variant-set" in md
+    # what each variant changed is listed, so the report never calls a budget shared that is not
+    assert summary["spec"]["differences"] == {"tet": [], "tet+rcs": ['regularizer.name="rcs"',
+                                                                      "regularizer.rcs_weight=0.01"]}
+    assert "except where listed below" in md
+    assert '  - tet+rcs: `regularizer.name="rcs"`, `regularizer.rcs_weight=0.01`' in md
     for png in ("accuracy_per_step.png", "learning_curves.png", "tradeoff.png", "speedup.png"):
         assert (out / png).stat().st_size > 5000
     # learning curves: the mean over seeds of the validation accuracy each run logged after each epoch
