@@ -304,17 +304,13 @@ class Ablation:
     def converts(self) -> bool:
         return any(c.model.neuron == "qcfs" for c in self.configs.values())
 
-    def differences(self) -> dict[str, list[str]]:
-        """Per variant, every resolved setting in which it differs from the base config (``KEY=VALUE``, the seed
-        aside): what its tokens and ``--variant-set`` changed, so a report never calls a budget shared that is not."""
+    def differences(self) -> dict[str, dict]:
+        """Per variant, ``{KEY: value}`` of every resolved setting in which it differs from the base config (the
+        seed aside): what its tokens and ``--variant-set`` changed, so a report never calls a budget shared that is not."""
         flat_base = flatten(self.base)
-        out = {}
-        for v in self.variants:
-            d = flatten(self.configs[(v, self.seeds[0])].to_dict())
-            out[v] = [f"{k}={json.dumps(val)}" for k, val in d.items()
-                      if k != "train.seed" and flat_base.get(k, object()) != val]
-            out[v] += [f"{k} unset" for k in flat_base if k not in d]  # e.g. model.options a new model resets
-        return out
+        return {v: {k: val for k, val in flatten(self.configs[(v, self.seeds[0])].to_dict()).items()
+                    if k != "train.seed" and flat_base.get(k, object()) != val}
+                for v in self.variants}
 
     def _spec(self) -> dict:
         return {"command": self.command(), "config": self.config_path, "base": self.base, "variants": self.variants,

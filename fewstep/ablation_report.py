@@ -128,13 +128,6 @@ def learning_table(vs: dict) -> list[str]:
     return L
 
 
-def _model_of(differences: list[str], base_model: str) -> str:
-    for d in differences:
-        if d.startswith("model.name="):
-            return json.loads(d.split("=", 1)[1])
-    return base_model
-
-
 def markdown(summary: dict) -> str:
     """The ablation as markdown tables (accuracies in %, drops in points)."""
     spec, vs = summary["spec"], summary["variants"]
@@ -147,7 +140,7 @@ def markdown(summary: dict) -> str:
     times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}
     Ts = " / ".join(str(t) for t in sorted({e["T"] for e in vs.values()}))
     diffs = spec.get("differences")  # absent from the ablation.json of older versions
-    models = [md["name"]] if diffs is None else list(dict.fromkeys(_model_of(diffs.get(v, []), md["name"]) for v in vs))
+    models = list(dict.fromkeys((diffs or {}).get(v, {}).get("model.name", md["name"]) for v in vs))
     L = [f"# Ablation: {dt['name']}, {' / '.join(models)}, T = {Ts}", "",
          f"Reproduce: `{spec['command']}`", "",
          f"- Budget per run: {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']:g} "
@@ -163,7 +156,7 @@ def markdown(summary: dict) -> str:
         listed = [(v, diffs[v]) for v in vs if diffs.get(v)]
         if listed:
             L.append("- Where each variant differs from the base config (its tokens and `--variant-set`):")
-            L += [f"  - {v}: " + ", ".join(f"`{d}`" for d in ds) for v, ds in listed]
+            L += [f"  - {v}: " + ", ".join(f"`{k}={json.dumps(val)}`" for k, val in ds.items()) for v, ds in listed]
     L.append("")
     steps = shown_steps(max(e["T"] for e in vs.values()))
     L += ["## Accuracy per timestep (test, %)", "",

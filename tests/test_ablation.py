@@ -97,8 +97,8 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
     md = (out / "results.md").read_text()
     assert "| tet+rcs |" in md and "Paired differences from tet" in md and "--variant-set" in md
     # what each variant changed is listed, so the report never calls a budget shared that is not
-    assert summary["spec"]["differences"] == {"tet": [], "tet+rcs": ['regularizer.name="rcs"',
-                                                                      "regularizer.rcs_weight=0.01"]}
+    assert summary["spec"]["differences"] == {"tet": {}, "tet+rcs": {"regularizer.name": "rcs",
+                                                                      "regularizer.rcs_weight": 0.01}}
     assert "except where listed below" in md
     assert '  - tet+rcs: `regularizer.name="rcs"`, `regularizer.rcs_weight=0.01`' in md
     for png in ("accuracy_per_step.png", "learning_curves.png", "tradeoff.png", "speedup.png"):
