@@ -4,7 +4,10 @@ For each cutoff policy, the threshold is chosen on the validation split (the fas
 validation accuracy is within --max-drop of full T); the test split is then run for real, step by
 step, at --batch-size, and timed against the same runner without early exit. Prints the accuracy
 drop, timestep speed-up, wall-clock speed-up and their ratio, with continuous batching (freed slots
-refilled) and with plain per-batch early exit.
+refilled) and with plain per-batch early exit. ``--stream-passes K`` also times continuous batching on a
+stream of the test recordings played K times over (the same decisions, repeated), which separates the
+cost of a short stream's tail (the hard samples stepping alone once the stream runs dry) from the
+runner's steady state.
 
     python bench/anytime.py                    # trains runs/bench-nmnist first if it is not there (~1.5 min)
     python bench/anytime.py --run DIR          # any run folder
@@ -26,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
+from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
+from fewstep.train import load_run  # noqa: E402
 from fewstep.reports import cutoff_report  # noqa: E402
 
 
@@ -44,6 +49,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--stream-passes", type=int, default=4,
+                   help="also time continuous batching on the test split played this many times over (1: off)")
     p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
                    help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
     args = p.parse_args()
@@ -55,10 +62,17 @@ def main():
     print(f"\n{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {len(bundle.test)}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {_where(args.device)}, graphs={args.graphs}, {malloc}")
     print(f"threshold per policy: fastest setting within {100 * args.max_drop:.1f} pt of full-T accuracy on validation\n")
+    K = args.stream_passes
+    if K < 1:
+        raise SystemExit(f"--stream-passes must be >= 1, got {K}")
     head = (f"{'policy':9s} {'setting':>12s} {'acc':>7s} {'drop':>6s} {'exit':>5s} {'steps x':>7s} "
-            f"{'wall x':>7s} {'ratio':>6s} {'wall x':>7s} {'ratio':>6s}")
-    print(f"{'':52s}{'continuous':>15s} {'per-batch':>15s}")
+            f"{'wall x':>7s} {'ratio':>6s} {'wall x':>7s} {'ratio':>6s}" + (f" {'wall x':>7s} {'ratio':>6s}" if K > 1 else ""))
+    print(f"{'':52s}{'continuous':>15s} {'per-batch':>15s}" + (f" {f'{K}x stream':>15s}" if K > 1 else ""))
     print(head)
+    if K > 1:  # the test recordings played K times over, as one stream
+        dmodel = load_run(run, device=args.device)[0]
+        chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, args.batch_size, args.device)
+        stream = chunks * K
     rows = []
     for name in ("timestep", "softmax", "topk", "spikecp"):
         pol, _ = cf.fastest_within(name, Yv, yv, args.max_drop)
@@ -74,19 +88,27 @@ def main():
                "drop_pt": 100 * a["accuracy_drop"], "mean_exit_step": a["mean_exit_step"],
                "timestep_speedup": a["timestep_speedup"],
                "wallclock_speedup_continuous": a["wallclock_speedup"],
+               "ms_full_continuous": 1e3 * a["seconds_full"], "ms_early_exit_continuous": 1e3 * a["seconds_early_exit"],
                "ratio_continuous": a["wallclock_speedup"] / a["timestep_speedup"],
                "wallclock_speedup_per_batch": r[False]["wallclock_speedup"],
                "ratio_per_batch": r[False]["wallclock_speedup"] / a["timestep_speedup"],
                "matches_simulation": a["matches_simulation"] and r[False]["matches_simulation"]}
+        extra = ""
+        if K > 1:
+            tf, te = at.speedup(dmodel, stream, pol, T, args.batch_size, True, args.repeats, graphs=args.graphs)
+            row.update(stream_passes=K, wallclock_speedup_stream=tf / te, ratio_stream=tf / te / a["timestep_speedup"])
+            extra = f" {row['wallclock_speedup_stream']:6.2f}x {row['ratio_stream']:6.2f}"
         rows.append(row)
         print(f"{name:9s} {setting:>12s} {100 * a['accuracy']:6.1f}% {row['drop_pt']:+5.1f} {a['mean_exit_step']:5.2f} "
               f"{a['timestep_speedup']:6.2f}x {row['wallclock_speedup_continuous']:6.2f}x {row['ratio_continuous']:6.2f} "
-              f"{row['wallclock_speedup_per_batch']:6.2f}x {row['ratio_per_batch']:6.2f}")
+              f"{row['wallclock_speedup_per_batch']:6.2f}x {row['ratio_per_batch']:6.2f}" + extra)
     out = run / "bench_anytime.json"
     out.write_text(json.dumps({"T": T, "batch_size": args.batch_size, "device": _where(args.device),
                                "graphs": args.graphs, "malloc": malloc, "rows": rows}, indent=2))
     print(f"\n(drop in accuracy points on test; 'steps x' = T / mean exit step; 'wall x' = full-T time / early-exit "
-          f"time, same runner, split and batch size, median of {args.repeats}; ratio = wall x / steps x)\nwrote {out}")
+          f"time, same runner, split and batch size, median of {args.repeats}; ratio = wall x / steps x"
+          + (f"; '{K}x stream': continuous batching over the test split played {K} times, same decisions" if K > 1 else "")
+          + f")\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Time-first tensors ``[T, N, ...]``; every model returns per-step logits ``[T, N,
 """
 
 from . import layers, losses, neurons, runtime, surrogate  # noqa: F401
-from .neurons import IF, LIF, LIFParameters, LIFState, compact, if_step, lif_multi_step, lif_step, reset, set_step_mode  # noqa: F401
+from .neurons import (IF, LIF, LIFParameters, LIFState, compact, if_step, lif_multi_step, lif_step,  # noqa: F401
+                      refill, reset, set_step_mode, shrink)
 from .record import Recorder, record  # noqa: F401
 from . import models  # noqa: F401
 

@@ -78,10 +78,19 @@ class Decision:
         return self.exit_step.float().mean().item()
 
 
+_TABLES: dict = {}  # (values, dtype, device) -> the values as a tensor (early exit asks at every step)
+
+
 def per_step(values: list[float], t, like: torch.Tensor):
     """``values[t - 1]`` for an int step or a tensor of per-sample steps."""
     if isinstance(t, torch.Tensor):
-        return torch.tensor(values, dtype=like.dtype, device=like.device)[t.to(like.device) - 1]
+        key = (tuple(values), like.dtype, like.device)
+        table = _TABLES.get(key)
+        if table is None:
+            if len(_TABLES) > 64:
+                _TABLES.clear()
+            table = _TABLES[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+        return table[t.to(like.device) - 1]
     return values[t - 1]
 
 

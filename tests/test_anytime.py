@@ -51,6 +51,27 @@ def test_real_early_exit_equals_simulation_for_every_model(name):
     assert net.current_step_mode() == "m"  # the runner restores the step mode
 
 
+def test_leaving_samples_hand_their_rows_to_the_last_ones_and_decisions_stay(monkeypatch):
+    # the batch shrinks by moving the last survivors into freed rows (fewstep.shrink): no full compaction
+    net = warmed("cnn")
+    x = torch.rand(5, 16, *net.input_shape) * 2
+    with torch.no_grad():
+        Y = cf.running(net(x))
+    pol = spread_policy(Y)
+    sim = cf.simulate(pol, Y)
+    moved, real_shrink = [], at.shrink
+    monkeypatch.setattr(at, "shrink", lambda m, dst, src, k: (moved.append((dst.tolist(), src.tolist(), k)),
+                                                               real_shrink(m, dst, src, k))[1])
+    for cap in (None, 5):
+        moved.clear()
+        real = at.early_exit(net, x, pol, max_batch=cap)
+        assert real.exit_step.tolist() == sim.exit_step.tolist()
+        assert real.prediction.tolist() == sim.prediction.tolist()
+        assert any(dst for dst, _, _ in moved)  # rows really moved
+        for dst, src, k in moved:
+            assert len(dst) == len(src) and all(d < k <= s for d, s in zip(dst, src))
+
+
 def test_ops_counted_up_to_exit_hand_checked():
     torch.manual_seed(0)
     net = models.create("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(16,)).eval()

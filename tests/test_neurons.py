@@ -183,3 +183,86 @@ def test_inference_fast_path_is_bit_identical(reset):
     assert torch.equal(ref, fast)
     for f in ("u", "v"):
         assert torch.equal(getattr(rec, f)[rec.layers[0]], getattr(rec2, f)[rec2.layers[0]])
+
+
+@pytest.mark.parametrize("reset,tau,theta,v0,learn", [("hard", 0.5, 1.0, 0.0, False), ("soft", 0.7, 0.8, 0.0, False),
+                                                      ("hard", 0.3, 1.2, 0.4, False), ("soft", 1.0, 2.0, 1.0, True)])
+def test_inference_step_without_recorder_equals_the_autograd_step_and_keeps_channels_last(reset, tau, theta, v0, learn):
+    # no recorder: the reset happens in place on u; every spike and membrane must still equal the autograd step
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4, 7, 7) * 1.5
+    ref = LIF(tau, theta, v0, reset, learn_theta=learn)
+    fast = LIF(tau, theta, v0, reset, learn_theta=learn)
+    y_ref = ref(x)  # grad mode
+    with torch.no_grad():
+        y_m = fast(x)
+    assert torch.equal(y_ref, y_m.detach())
+    fewstep.set_step_mode(ref, "s")
+    fewstep.set_step_mode(fast, "s")
+    for t in range(6):
+        frame = x[t].contiguous(memory_format=torch.channels_last)
+        s_ref = ref(frame)
+        with torch.no_grad():
+            s = fast(frame)
+        assert torch.equal(s_ref, s) and torch.equal(s, y_ref[t])
+        assert torch.equal(ref.v, fast.v)
+        assert s.is_contiguous(memory_format=torch.channels_last)
+        assert fast.v.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # multi-step on a channels-last [T·N] input unflattened to [T, N, ...]
+        flat = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (6, 5))
+        fewstep.set_step_mode(fast, "m")
+        out = fast(flat)
+    assert torch.equal(out, y_ref.detach()) and out[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_shrink_moves_the_last_rows_into_the_freed_ones():
+    from fewstep.neurons import shrink
+
+    n = LIF(tau=0.5, theta=100.0, step_mode="s")
+    with torch.no_grad():
+        n(torch.arange(6, dtype=torch.float32).view(6, 1).repeat(1, 3))  # row i holds i
+    shrink(n, torch.tensor([1]), torch.tensor([4]), 4)  # rows 1 and 5 leave: row 4 moves into row 1
+    assert n.v[:, 0].tolist() == [0.0, 4.0, 2.0, 3.0]
+    shrink(n, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3)  # the last row leaves
+    assert n.v[:, 0].tolist() == [0.0, 4.0, 2.0]
+    m = LIF(tau=0.5, theta=100.0, step_mode="s")  # more than 16 rows take the indexed copy
+    with torch.no_grad():
+        m(torch.arange(40, dtype=torch.float32).view(40, 1))
+    shrink(m, torch.arange(20), torch.arange(20, 40), 20)
+    assert m.v[:, 0].tolist() == [float(i) for i in range(20, 40)]
+
+
+def test_grown_and_refilled_rows_keep_the_state_layout_and_fresh_value():
+    n = LIF(tau=0.5, theta=100.0, v0=0.25, step_mode="s")
+    with torch.no_grad():
+        n(torch.ones(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    n.compact(torch.tensor([0, 3]))
+    n.grow(2)  # torch.cat of a channels-last state and NCHW rows would give NCHW
+    assert n.v.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(n.v[2:], torch.full((2, 3, 5, 5), 0.25))
+    n.v[2:] = 7.0
+    fewstep.refill(n, torch.tensor([3]))
+    assert torch.equal(n.v[3], torch.full((3, 5, 5), 0.25)) and torch.equal(n.v[2], torch.full((3, 5, 5), 7.0))
+    n.v[:] = 7.0
+    fewstep.refill(n, torch.tensor([3, 0, 1]))  # runs of adjacent rows, in any order
+    assert n.v[:, 0, 0, 0].tolist() == [0.25, 0.25, 7.0, 0.25]
+
+
+def test_refill_honours_a_fresh_override():
+    # a neuron whose fresh state is not one constant keeps its own `fresh` on refill (the documented hook)
+    from fewstep.neurons import StatefulModule
+
+    class Ramp(StatefulModule):
+        _state_names = ("v",)
+
+        def fresh(self, name, like):
+            return torch.arange(like.shape[-1], dtype=like.dtype).expand_as(like).clone()
+
+        def forward(self, x):
+            self.v = x.clone() if self.v is None else self.v + x
+            return self.v
+
+    r = Ramp(step_mode="s")
+    r(torch.full((3, 4), 9.0))
+    fewstep.refill(r, torch.tensor([1]))
+    assert r.v[1].tolist() == [0.0, 1.0, 2.0, 3.0] and r.v[0].tolist() == [9.0] * 4
