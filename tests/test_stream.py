@@ -53,10 +53,11 @@ def test_stream_decides_like_the_batched_early_exit_on_a_real_recording(nmnist_r
         assert r["frame_ms"] == pytest.approx(t / 6 / 1e3)
         assert r["sensor_ms"] == pytest.approx(r["exit_step"] * r["frame_ms"])
         assert len(r["compute_ms_per_step"]) == r["exit_step"] == len(r["trace"])
+        assert r["warmup_ms"] > 0  # the blank warm-up frames ran, untimed, and left no state behind (decision above)
     # the command line: text and JSON
     assert main(["stream", str(out), "--events", path]) == 0
     text = capsys.readouterr().out
-    assert "decision: class" in text and "ms recording" in text and "ms per step" in text
+    assert "decision: class" in text and "ms recording" in text and "ms per step" in text and "warm-up" in text
     assert main(["stream", str(out), "--events", path, "--json"]) == 0
     j = json.loads(capsys.readouterr().out)
     assert j["exit_step"] == r["exit_step"] and j["prediction"] == r["prediction"]
