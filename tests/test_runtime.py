@@ -69,6 +69,27 @@ def test_channels_last_model_matches_nchw(monkeypatch):
     assert seen[0].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_inference_convolution_reads_a_channels_last_weight_that_follows_the_parameter():
+    torch.manual_seed(0)
+    conv = layers.Conv2d(3, 8, 3, padding=1)
+    conv.step_mode = "s"
+    x = torch.rand(4, 3, 9, 9)
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias,
+                                         padding=1)
+        y = conv(x)
+        assert torch.equal(y, ref)  # the same numbers as the NCHW weight
+        assert conv._channels_last_weight().is_contiguous(memory_format=torch.channels_last)
+        assert "_cl_weight" not in str(list(conv.state_dict()))
+        conv.weight.mul_(2.0)  # an in-place update (as an optimiser step makes): the cache must follow
+        assert torch.allclose(conv(x), 2 * (y - conv.bias.view(1, -1, 1, 1)) + conv.bias.view(1, -1, 1, 1), atol=1e-5)
+        conv.load_state_dict({"weight": torch.zeros_like(conv.weight), "bias": conv.bias.clone()})
+        assert torch.equal(conv(x), conv.bias.view(1, -1, 1, 1).expand(4, -1, 9, 9))
+    conv.weight.requires_grad_(True)
+    conv(x).sum().backward()  # with autograd the parameter itself is used: its gradient arrives
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 PROBE = """
 import sys, torch
 from fewstep import runtime
