@@ -59,7 +59,7 @@ class Conv2d(StepModeMixin, nn.Conv2d):
         outside ``state_dict`` and refreshed whenever the weight changes (its storage or version). Not on
         CUDA, where a captured graph must read the parameter itself."""
         w = self.weight
-        if w.is_contiguous(memory_format=torch.channels_last):
+        if w.is_contiguous(memory_format=torch.channels_last) or w.is_inference():  # (no version counter)
             return w
         key = (w.data_ptr(), w._version, w.dtype)
         cached = self.__dict__.get("_cl_weight")

@@ -88,6 +88,10 @@ def test_inference_convolution_reads_a_channels_last_weight_that_follows_the_par
     conv.weight.requires_grad_(True)
     conv(x).sum().backward()  # with autograd the parameter itself is used: its gradient arrives
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    with torch.inference_mode():  # a layer built in inference mode has weights without a version counter
+        made = layers.Conv2d(3, 8, 3, padding=1)
+        made.step_mode = "s"
+        assert made(x).shape == (4, 8, 9, 9)
 
 
 PROBE = """
