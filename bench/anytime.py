@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
-from fewstep.train import load_run  # noqa: E402
 from fewstep.reports import cutoff_report  # noqa: E402
 
 
@@ -70,7 +69,7 @@ def main():
     print(f"{'':52s}{'continuous':>15s} {'per-batch':>15s}" + (f" {f'{K}x stream':>15s}" if K > 1 else ""))
     print(head)
     if K > 1:  # the test recordings played K times over, as one stream
-        dmodel = load_run(run, device=args.device)[0]
+        dmodel = model.to(args.device)  # (its validation outputs are already taken)
         chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, args.batch_size, args.device)
         stream = chunks * K
     rows = []

@@ -27,6 +27,7 @@ outputs; :mod:`fewstep.anytime` applies the same ``fire`` while really running s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -78,19 +79,15 @@ class Decision:
         return self.exit_step.float().mean().item()
 
 
-_TABLES: dict = {}  # (values, dtype, device) -> the values as a tensor (early exit asks at every step)
+@functools.lru_cache(maxsize=64)
+def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)  # early exit asks at every step: made once
 
 
 def per_step(values: list[float], t, like: torch.Tensor):
     """``values[t - 1]`` for an int step or a tensor of per-sample steps."""
     if isinstance(t, torch.Tensor):
-        key = (tuple(values), like.dtype, like.device)
-        table = _TABLES.get(key)
-        if table is None:
-            if len(_TABLES) > 64:
-                _TABLES.clear()
-            table = _TABLES[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
-        return table[t.to(like.device) - 1]
+        return _table(tuple(values), like.dtype, like.device)[t.to(like.device) - 1]
     return values[t - 1]
 
 

@@ -280,8 +280,7 @@ class LIF(StatefulModule):
                     f"{tuple(self.v.shape)} but the input frame has shape {tuple(x.shape)}; "
                     "call fewstep.reset(net) before feeding a new batch"
                 )
-            v = self.v if self.v is not None or not torch.is_grad_enabled() else torch.full_like(x, self.v0)
-            s, u, self.v = lif_update(x, v, p, need_u=rec is not None)
+            s, u, self.v = lif_update(x, self.v, p, need_u=rec is not None)  # (None: fresh, v0)
             if rec is not None:
                 rec.add(self, s.unsqueeze(0), u.unsqueeze(0), self.v.unsqueeze(0))
             return s
