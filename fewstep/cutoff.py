@@ -6,7 +6,8 @@ triggers exits at T. Steps are counted from 1.
 
 - ``timestep``: everyone exits at a fixed step ``t``.
 - ``softmax`` (arXiv 2405.00699): exit at the first t with ``max softmax(Y(t)) > 1 − ε``, evaluated as
-  ``log(1 − max softmax) < log ε`` in log space (a float32 softmax rounds to 1.0 once the top-2 gap
+  ``log(1 − max softmax) < log ε`` in log space, as ``L < log(ε / (1 − ε))`` with ``L`` the log-sum-exp of
+  the other classes' ``Y − max Y`` (a float32 softmax rounds to 1.0 once the top-2 gap
   passes ~17, as it does in converted networks, so every small ε would fire at once); its sweep adds
   ε down to 1e-30 for such networks.
 - ``topk`` (arXiv 2301.09522): gap ``g(t) = top1(Y(t)) − top2(Y(t))``; exit at the first t with
@@ -162,11 +163,12 @@ class Softmax(Policy):
     def fire(self, Yt, t):
         if self.epsilon <= 0.0:
             return torch.zeros(Yt.shape[:-1], dtype=torch.bool, device=Yt.device)
+        # With z = Y − max Y and L = logsumexp of z over the other classes, 1 − p_max = e^L / (1 + e^L) = σ(L)
+        # (no rounding to 1), so p_max > 1 − ε ⟺ σ(L) < ε ⟺ L < log(ε / (1 − ε)): one logsumexp in float64.
         z = Yt.double()
-        z = z - z.max(-1, keepdim=True).values
-        top = z.argmax(-1, keepdim=True)
-        others = z.scatter(-1, top, float("-inf"))  # log(1 − p_max) = lse(others) − lse(all), no rounding to 1
-        return torch.logsumexp(others, -1) - torch.logsumexp(z, -1) < math.log(self.epsilon)
+        top = z.max(-1, keepdim=True)
+        others = (z - top.values).scatter_(-1, top.indices, float("-inf"))
+        return torch.logsumexp(others, -1) < math.log(self.epsilon) - math.log1p(-self.epsilon)
 
     def params(self):
         return {"epsilon": self.epsilon}

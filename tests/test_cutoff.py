@@ -38,6 +38,17 @@ def test_softmax_does_not_saturate_on_large_logit_gaps():
     assert min(e for e in eps if e > 0) <= 1e-30 and 1e-30 not in [p.epsilon for p in cf.candidates("topk", 2)]
 
 
+def test_softmax_fires_just_past_one_minus_epsilon():
+    # logits (ln 8, 0, 0): p_max = 0.8, so 1 - p_max = 0.2 exactly; (ln 3, ln 3, 0): a tie, p_max = 3/7
+    # (so 1 - p_max = 4/7), and three equal logits: 1 - p_max = 2/3
+    Y = torch.tensor([[math.log(8.0), 0.0, 0.0], [math.log(3.0), math.log(3.0), 0.0], [0.0, 0.0, 0.0]],
+                     dtype=torch.float64)
+    for eps, want in ((0.2 + 1e-9, [True, False, False]), (0.2 - 1e-9, [False, False, False]),
+                      (4 / 7 + 1e-9, [True, True, False]), (4 / 7 - 1e-9, [True, False, False]),
+                      (2 / 3 + 1e-9, [True, True, True]), (2 / 3 - 1e-9, [True, True, False])):
+        assert cf.Softmax(eps).fire(Y, 1).tolist() == want, eps
+
+
 def test_topk_fire_strict_and_never_triggered():
     Y = Y_from([
         [[1, 0], [1.6, 1.0], [3, 0]],        # gap 1.0 (not > 1.0), then 0.6 > 0.5
