@@ -232,7 +232,8 @@ def convert_run(run_dir, out_dir, T: int = 64, weights: str = "best", overwrite:
     info = {"converted_from": str(run_dir.resolve()), "weights": weights, "T": int(T), "levels": cfg.model.levels,
             "ann_epoch": ckpt["epoch"], "ann_best_epoch": ckpt["best_epoch"], "ann_best_val": ckpt["best_val"],
             "lambdas": {n: float(m.theta.detach()) for n, m in snn.named_modules() if isinstance(m, ConvertedIF)}}
-    _train._atomic_save({"format": _train.CHECKPOINT_FORMAT, "config": new_cfg.to_dict(), "epoch": ckpt["epoch"],
+    _train._atomic_save({"format": _train.CHECKPOINT_FORMAT, "config": new_cfg.to_dict(),
+                         "data": _train.data_meta(bundle), "epoch": ckpt["epoch"],
                          "model": rebuilt.state_dict(), "best_model": None, "best_val": ckpt["best_val"],
                          "best_epoch": ckpt["best_epoch"], "history": list(ckpt.get("history", [])),
                          "conversion": {k: v for k, v in info.items() if k != "lambdas"}},

@@ -11,7 +11,8 @@ its last event would have been recorded), so the wall-clock latency is the senso
 compute.
 
 Decisions equal those of the batched early exit (:func:`fewstep.anytime.early_exit`) on the same
-sample (tested on a real N-MNIST recording).
+sample (tested on real N-MNIST recordings and on the ten DVS128 Gesture clips). The network is rebuilt
+from its checkpoint alone (:func:`fewstep.train.load_network`); the dataset is read only to calibrate.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ SOURCES = {
     "dvs_gesture": ("aedat31", (128, 128)),
     "cifar10_dvs": ("cifar10dvs", (128, 128)),
 }
+# file suffix -> event reader, whatever the dataset (e.g. DVS128 Gesture clips saved in N-MNIST's binary format)
+SUFFIX_READERS = {".bin": "nmnist", ".bs2": "nmnist"}
 
 
 @dataclass
@@ -53,7 +56,9 @@ def framing_of(cfg):
 
 
 def read_recording(cfg, path, start_us: "float | None" = None, end_us: "float | None" = None) -> Recording:
-    """Read and frame one recording the way the run's dataset frames its samples."""
+    """Read and frame one recording the way the run's dataset frames its samples. The file is decoded by its
+    suffix where that names a format (``.bin``/``.bs2``: N-MNIST's binary events), else by the dataset's own
+    reader (AEDAT 3.1 for DVS Gesture, AEDAT 2.0 for CIFAR10-DVS); events must lie on the run's sensor."""
     from .data.event_datasets import READERS, frame_events
 
     name = cfg.data.name
@@ -61,6 +66,7 @@ def read_recording(cfg, path, start_us: "float | None" = None, end_us: "float | 
         raise ValueError(f"fewstep stream reads event recordings; this run was trained on {name!r}, which is not "
                          f"one of the event datasets {', '.join(sorted(SOURCES))}")
     reader, sensor = SOURCES[name]
+    reader = SUFFIX_READERS.get(Path(path).suffix.lower(), reader)
     path = str(path)
     try:
         ev = READERS[reader](path, sensor)
@@ -152,9 +158,12 @@ def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=Non
     if calibration:
         raise FileNotFoundError(f"no calibration file at {path}")
     from .reports import calibrate
+    from .train import load_data
 
     log(f"{run_dir} has no saved calibration for policy {policy!r}: calibrating on its validation split first "
         f"(the same as 'fewstep cutoff {run_dir} --policy {policy}'; written to {path})")
+    if bundle is None or not hasattr(bundle, "val"):  # (the network was rebuilt without its data)
+        bundle = load_data(cfg)
     pol, _ = calibrate(run_dir, policy, model=model, cfg=cfg, bundle=bundle)
     return pol
 
@@ -162,17 +171,17 @@ def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=Non
 def stream_report(run_dir, events, policy: str = "topk", calibration=None, start_us=None, end_us=None,
                   realtime: bool = False, device: str = "cpu", log=print) -> dict:
     """Everything ``fewstep stream`` prints (and writes with ``--json``)."""
-    from .train import load_run
+    from .train import load_network
 
-    model, cfg, bundle = load_run(run_dir, device=device)
+    model, cfg, meta = load_network(run_dir, device=device)  # (the dataset is read only to calibrate)
     rec = read_recording(cfg, events, start_us, end_us)
-    want = tuple(bundle.input_shape)
+    want = tuple(meta.input_shape)
     if tuple(rec.frames.shape[1:]) != want:
         raise ValueError(f"{events}: framed into {list(rec.frames.shape[1:])}, but the run's network takes "
                          f"{list(want)}")
-    pol = policy_for(run_dir, policy, cfg, calibration, log, model, bundle)
+    pol = policy_for(run_dir, policy, cfg, calibration, log, model, meta)
     out = decide(model, rec, pol, realtime, device)
-    classes = getattr(bundle, "classes", None)
+    classes = getattr(meta, "classes", None)
     out.update(run=str(run_dir), events=str(events), n_events=rec.n_events, policy=pol.to_dict(),
                label=(classes[out["prediction"]] if classes else str(out["prediction"])))
     return out

@@ -22,7 +22,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -200,7 +200,8 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def state(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": self.epoch,
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "data": data_meta(self.bundle),
+                "epoch": self.epoch,
                 "model": self.model.state_dict(), "best_model": self.best_state, "best_val": self.best_val,
                 "best_epoch": self.best_epoch, "optimizer": self.opt.state_dict(),
                 "regularizers": {n: r.state_dict() for n, r in self.reg_modules.items()},
@@ -435,19 +436,57 @@ def train(cfg: _config.Config, out_dir, **kwargs) -> dict:
     return Trainer(cfg, out_dir, **kwargs).fit()
 
 
-def load_run(run_dir, weights: str = "best", device: str = "cpu"):
-    """Rebuild ``(model, cfg, bundle)`` of a finished or interrupted run folder.
+class DataMeta(NamedTuple):
+    """What rebuilding a run's network and naming its classes needs of its data (stored in the checkpoint)."""
 
-    ``weights`` is ``"best"`` (best on validation) or ``"last"``.
-    """
+    input_shape: tuple
+    num_classes: int
+    kind: str
+    classes: list
+
+
+def data_meta(bundle) -> dict:
+    """The checkpoint's ``"data"`` entry for ``bundle`` (plain lists and strings: loads with weights_only)."""
+    return {"input_shape": [int(s) for s in bundle.input_shape], "num_classes": int(bundle.num_classes),
+            "kind": str(bundle.kind), "classes": [str(c) for c in (bundle.classes or [])]}
+
+
+def _open_run(run_dir, weights: str):
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
         raise FileNotFoundError(f"{run_dir} is not a fewstep run folder (no checkpoint.pt); train one with "
                                 "'fewstep train CONFIG --out DIR'")
+    if weights not in ("best", "last"):
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = _config.from_dict(ckpt["config"])
-    bundle = load_data(cfg)
-    model = build_model(cfg, bundle)
     state = ckpt["best_model"] if weights == "best" and ckpt["best_model"] is not None else ckpt["model"]
+    return ckpt, _config.from_dict(ckpt["config"]), state
+
+
+def _rebuild(cfg, shapes, state, device):
+    model = build_model(cfg, shapes)
     model.load_state_dict(state)
-    return model.to(resolve_device(device)).eval(), cfg, bundle
+    return model.to(resolve_device(device)).eval()
+
+
+def load_run(run_dir, weights: str = "best", device: str = "cpu"):
+    """Rebuild ``(model, cfg, bundle)`` of a finished or interrupted run folder (reads its dataset).
+
+    ``weights`` is ``"best"`` (best on validation) or ``"last"``.
+    """
+    _, cfg, state = _open_run(run_dir, weights)
+    bundle = load_data(cfg)
+    return _rebuild(cfg, bundle, state, device), cfg, bundle
+
+
+def load_network(run_dir, weights: str = "best", device: str = "cpu"):
+    """``(model, cfg, meta)`` of a run folder without reading its dataset: ``meta`` (:class:`DataMeta`) holds
+    the input shape, class count and names that the checkpoint stores. A checkpoint written before it stored
+    them (2026-12-02) is rebuilt from its dataset, as :func:`load_run` does, and ``meta`` is then the bundle."""
+    ckpt, cfg, state = _open_run(run_dir, weights)
+    d = ckpt.get("data")
+    if d is None:
+        bundle = load_data(cfg)
+        return _rebuild(cfg, bundle, state, device), cfg, bundle
+    meta = DataMeta(tuple(d["input_shape"]), int(d["num_classes"]), d["kind"], list(d["classes"]))
+    return _rebuild(cfg, meta, state, device), cfg, meta

@@ -95,3 +95,96 @@ def test_stream_bad_recordings_name_the_problem(nmnist_run, tmp_path, capsys):
     digits = C.from_dict({"data": {"name": "digits"}})
     with pytest.raises(ValueError, match="not one of the event datasets"):
         S.read_recording(digits, path)
+
+
+def _gesture_run(tmp_path, clips, T=8):
+    """A DVS Gesture run folder built by hand, without the dataset (its folder does not exist): a `cnn` at
+    32x32 fitted for a few steps to the 10 real clips themselves (too few to train on, but enough for a network
+    whose outputs differ between clips), and its checkpoint, which records the input shape and classes."""
+    from fewstep.runfolder import CHECKPOINT_FORMAT, _atomic_save
+    from fewstep.train import DataMeta, build_model, data_meta
+
+    cfg = C.from_dict({"data": {"name": "dvs_gesture", "root": str(tmp_path / "no-such-folder"), "T": T,
+                                "size": [32, 32]},
+                       "model": {"name": "cnn", "options": {"channels": [8, 16], "hidden": 32}}})
+    meta = DataMeta((2, 32, 32), 11, "frames", [f"gesture {k}" for k in range(1, 12)])
+    torch.manual_seed(0)
+    model = build_model(cfg, meta)
+    x = torch.stack([S.read_recording(cfg, c).frames for c in clips], 1)
+    y = torch.arange(len(clips))  # clip k is gesture class k (index k - 1)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).mean(0), y).backward()
+        opt.step()
+    model.eval()
+    run = tmp_path / "gesture-run"
+    run.mkdir()
+    _atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "data": data_meta(meta), "epoch": 0,
+                  "model": model.state_dict(), "best_model": None, "best_val": None, "best_epoch": 0,
+                  "history": []}, run / "checkpoint.pt")
+    return run, cfg, model
+
+
+def test_stream_on_the_real_dvs_gesture_clips(tmp_path, capsys):
+    import tarfile
+
+    from .conftest import shared_archive
+
+    with tarfile.open(shared_archive("dvs-gesture-clips.tar.gz")) as tf:
+        tf.extractall(tmp_path, filter="data")
+    T = 8
+    clips = [tmp_path / "dvs-gesture-clips" / f"{k}.bs2" for k in range(1, 11)]
+    run, cfg, model = _gesture_run(tmp_path, clips, T)
+    recs = [S.read_recording(cfg, c) for c in clips]
+    x = torch.stack([r.frames for r in recs], 1)  # [T, 10, 2, 32, 32]
+    assert x.shape == (T, 10, 2, 32, 32) and all(1.3e6 < r.span_us < 1.6e6 for r in recs)
+    # per-step thresholds set by hand (no validation split) midway between the clips' 5th and 6th top-2 gaps,
+    # so exits spread over steps and no clip sits on a threshold (batch 1 and batch 10 round differently)
+    with torch.no_grad():
+        gaps = _cf.top2_gap(_cf.running(model(x))).sort(-1).values  # [T, 10]
+    betas = [float(g[4] + g[5]) / 2 for g in gaps]
+    pol = _cf.TopK(0.05, betas=betas, T=T)
+    _cf.save(pol, run / "calibration_topk.json", {"model": "cnn", "dataset": "dvs_gesture", "T": T})
+    batched = early_exit(model, x, pol)
+    assert len(set(batched.exit_step.tolist())) > 1  # the check below covers early and late exits
+    for k in range(1, 11):
+        assert main(["stream", str(run), "--events", str(clips[k - 1]), "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["exit_step"] == int(batched.exit_step[k - 1]) and r["prediction"] == int(batched.prediction[k - 1])
+        assert r["frame_ms"] == pytest.approx(recs[k - 1].span_us / T / 1e3)
+        assert r["sensor_ms"] == pytest.approx(r["exit_step"] * r["frame_ms"])
+        assert r["label"] == f"gesture {r['prediction'] + 1}" and r["n_events"] > 60_000
+    assert not (tmp_path / "no-such-folder").exists()  # the network was rebuilt from the checkpoint alone
+    # without a saved calibration it must calibrate on validation: here the dataset is missing, and it says so
+    assert main(["stream", str(run), "--events", str(clips[0]), "--policy", "spikecp"]) == 2
+    cap = capsys.readouterr()
+    assert "no saved calibration" in cap.out and "calibrating on its validation split" in cap.out
+    assert "DVS128 Gesture not found" in cap.err and "no-such-folder" in cap.err
+
+
+def test_load_network_needs_no_dataset_and_matches_load_run(nmnist_run, tmp_path):
+    from fewstep.runfolder import load_checkpoint
+    from fewstep.train import load_network, load_run
+
+    out, tr = nmnist_run
+    model, cfg, bundle = load_run(out)
+    net, cfg2, meta = load_network(out)
+    assert cfg2.to_dict() == cfg.to_dict()
+    assert (meta.input_shape, meta.num_classes, meta.kind, meta.classes) == \
+        (tuple(bundle.input_shape), bundle.num_classes, bundle.kind, [str(c) for c in bundle.classes])
+    x = torch.stack([bundle.test[k][0] for k in range(3)], 1)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+    # a checkpoint from before the data entry existed is rebuilt from its dataset (meta is then the bundle)
+    old = tmp_path / "old-run"
+    old.mkdir()
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    del ckpt["data"]
+    torch.save(ckpt, old / "checkpoint.pt")
+    net_old, _, meta_old = load_network(old)
+    assert meta_old.num_classes == bundle.num_classes and hasattr(meta_old, "test")
+    with torch.no_grad():
+        assert torch.equal(net_old(x), model(x))
+    with pytest.raises(ValueError, match="weights must be 'best' or 'last'"):
+        load_network(out, weights="newest")
