@@ -188,3 +188,19 @@ def test_load_network_needs_no_dataset_and_matches_load_run(nmnist_run, tmp_path
         assert torch.equal(net_old(x), model(x))
     with pytest.raises(ValueError, match="weights must be 'best' or 'last'"):
         load_network(out, weights="newest")
+
+
+def test_realtime_replays_at_sensor_speed(nmnist_run, capsys):
+    out, tr = nmnist_run
+    model = tr.model.eval()
+    if tr.best_state is not None:
+        model.load_state_dict(tr.best_state)
+    rec = S.read_recording(tr.cfg, _first_test_file(nmnist_run))
+    pol = _cf.Timestep(4, T=6)  # answers after 4 of 6 frames: 2/3 of the recording must have been "recorded"
+    fast, live = S.decide(model, rec, pol), S.decide(model, rec, pol, realtime=True)
+    assert (live["exit_step"], live["prediction"]) == (fast["exit_step"], fast["prediction"]) and live["exit_step"] == 4
+    # frame t is released only once its last event would have been recorded: t x frame duration of sensor time
+    assert live["wall_ms"] >= 4 * live["frame_ms"] - 1.0
+    assert fast["wall_ms"] < 4 * live["frame_ms"]  # (without --realtime nothing waits: ~1 ms per step)
+    assert main(["stream", str(out), "--events", _first_test_file(nmnist_run), "--realtime", "--policy", "timestep"]) == 0
+    assert "wall clock at sensor speed" in capsys.readouterr().out
