@@ -4,15 +4,16 @@ a checkpoint every epoch (atomic), exact resume, best-on-validation weights, and
 A run lives in one folder::
 
     config.yaml     the full resolved config
-    checkpoint.pt   weights, optimiser, scheduler, epoch, RNG states, config, best weights
+    checkpoint.pt   weights, optimiser, scheduler, epoch, RNG states, config, best weights, input shape
+                    and class names (so the network rebuilds without the dataset: load_network)
     log.csv         one row per epoch
     metrics.json    dataset, model, T, val_accuracy, accuracy_per_step (test, best weights), ...
 
 Checkpoints hold only tensors and plain Python values: ``torch.load(path, weights_only=True)``.
 Model selection uses the validation split only; the test split is evaluated once, at the end.
-Under ``torchrun`` the same Trainer runs data-parallel (DDP); see :mod:`fewstep.distributed`. Run folders and
-checkpoint I/O live in :mod:`fewstep.runfolder`, optimiser, schedule and mixup in :mod:`fewstep.optim`
-(both re-exported here).
+Under ``torchrun`` the same Trainer runs data-parallel (DDP); see :mod:`fewstep.distributed`. Run folders,
+checkpoint I/O and rebuilding a run (``load_data``, ``build_model``, ``load_run``, ``load_network``) live in
+:mod:`fewstep.runfolder`, optimiser, schedule and mixup in :mod:`fewstep.optim` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,54 +32,24 @@ from torch.utils.data import DataLoader
 from . import config as _config
 from . import distributed as _dist
 from . import losses as _losses
-from . import models as _models
 from . import regularizers as _regs
 from .data import datasets as _datasets
 from .metrics import evaluate, time_first
 from .optim import lr_factor, make_optimizer, make_scheduler, mixup  # noqa: F401  (re-exported)
 from .record import record
-from .runfolder import (CHECKPOINT_FORMAT, RUN_FILES, RUN_PATTERNS, _atomic_save, check_run_folder,  # noqa: F401
-                        clear_run_folder, is_run_file, load_checkpoint)
+from .runfolder import (CHECKPOINT_FORMAT, RUN_FILES, RUN_PATTERNS, DataMeta, _atomic_save,  # noqa: F401
+                        build_model, check_run_folder, clear_run_folder, data_meta, is_run_file, load_checkpoint,
+                        load_data, load_network, load_run, resolve_device)
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but CUDA is not available; use device: auto or cpu")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def load_data(cfg: _config.Config) -> _datasets.DataBundle:
-    d = cfg.data
-    extra = {k: getattr(d, k) for k in ("by", "polarities", "window_us", "max_shift", "flip", "event_drop")}
-    if d.size is not None:
-        extra["size"] = d.size
-    for k in ("coarse", "skip_corrupt"):  # image-only keys, passed where set (the config checks where they apply)
-        if getattr(d, k):
-            extra[k] = True
-    return _datasets.load(d.name, root=d.root, T=d.T, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                          augment=d.augment, cutout=d.cutout, binarize=d.binarize, **extra)
-
-
-def build_model(cfg: _config.Config, bundle: _datasets.DataBundle) -> torch.nn.Module:
-    m = cfg.model
-    norm = {} if m.norm == "bn" else {"norm": m.norm, "T": cfg.data.T}
-    if m.neuron in ("qcfs", "qcfs_if"):  # ANN→SNN conversion (fewstep.qcfs)
-        norm["levels"] = m.levels
-    return _models.create(m.name, input_shape=bundle.input_shape, num_classes=bundle.num_classes, neuron=m.neuron,
-                          tau=m.tau, theta=m.theta, v0=m.v0, reset=m.reset, detach_reset=m.detach_reset,
-                          surrogate=m.surrogate, learn_theta=m.learn_theta, **norm, **(m.options or {}))
 
 
 def _rng_state() -> dict:
@@ -434,59 +405,3 @@ def _tensorboard(out: Path):
 
 def train(cfg: _config.Config, out_dir, **kwargs) -> dict:
     return Trainer(cfg, out_dir, **kwargs).fit()
-
-
-class DataMeta(NamedTuple):
-    """What rebuilding a run's network and naming its classes needs of its data (stored in the checkpoint)."""
-
-    input_shape: tuple
-    num_classes: int
-    kind: str
-    classes: list
-
-
-def data_meta(bundle) -> dict:
-    """The checkpoint's ``"data"`` entry for ``bundle`` (plain lists and strings: loads with weights_only)."""
-    return {"input_shape": [int(s) for s in bundle.input_shape], "num_classes": int(bundle.num_classes),
-            "kind": str(bundle.kind), "classes": [str(c) for c in (bundle.classes or [])]}
-
-
-def _open_run(run_dir, weights: str):
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a fewstep run folder (no checkpoint.pt); train one with "
-                                "'fewstep train CONFIG --out DIR'")
-    if weights not in ("best", "last"):
-        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    state = ckpt["best_model"] if weights == "best" and ckpt["best_model"] is not None else ckpt["model"]
-    return ckpt, _config.from_dict(ckpt["config"]), state
-
-
-def _rebuild(cfg, shapes, state, device):
-    model = build_model(cfg, shapes)
-    model.load_state_dict(state)
-    return model.to(resolve_device(device)).eval()
-
-
-def load_run(run_dir, weights: str = "best", device: str = "cpu"):
-    """Rebuild ``(model, cfg, bundle)`` of a finished or interrupted run folder (reads its dataset).
-
-    ``weights`` is ``"best"`` (best on validation) or ``"last"``.
-    """
-    _, cfg, state = _open_run(run_dir, weights)
-    bundle = load_data(cfg)
-    return _rebuild(cfg, bundle, state, device), cfg, bundle
-
-
-def load_network(run_dir, weights: str = "best", device: str = "cpu"):
-    """``(model, cfg, meta)`` of a run folder without reading its dataset: ``meta`` (:class:`DataMeta`) holds
-    the input shape, class count and names that the checkpoint stores. A checkpoint written before it stored
-    them (2026-12-02) is rebuilt from its dataset, as :func:`load_run` does, and ``meta`` is then the bundle."""
-    ckpt, cfg, state = _open_run(run_dir, weights)
-    d = ckpt.get("data")
-    if d is None:
-        bundle = load_data(cfg)
-        return _rebuild(cfg, bundle, state, device), cfg, bundle
-    meta = DataMeta(tuple(d["input_shape"]), int(d["num_classes"]), d["kind"], list(d["classes"]))
-    return _rebuild(cfg, meta, state, device), cfg, meta
