@@ -1,0 +1,102 @@
+"""Where an early-exit pass spends its time: the network, the policy, rows leaving, refills, the rest.
+
+Times one continuous-batching pass over the N-MNIST test split per policy (the calibrations that
+``bench/anytime.py`` saved in the run folder, and the same runner at full T for reference), with timers wrapped around the network's forward, the
+policy's ``fire``, ``fewstep.shrink`` and ``fewstep.refill`` as the runner calls them; "runner" is the
+rest of the pass (gathering inputs, running sums, bookkeeping). Also prints the batch size of every
+network call, so a short stream's tail (the last samples stepping alone) shows. Means over ``--passes``
+passes after a warm-up, in one process; the timers themselves add a few microseconds per call.
+
+    python bench/anytime.py                    # first: trains the run and saves its calibrations
+    python bench/anytime_parts.py [--run DIR] [--passes 40] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
+from fewstep import anytime as at  # noqa: E402
+from fewstep import cutoff as cf  # noqa: E402
+
+PARTS = ("network", "fire", "shrink", "refill")
+
+
+class Timers:
+    def __init__(self):
+        self.total = collections.Counter()
+        self.batches = []
+
+    def wrap(self, fn, part):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[part] += time.perf_counter() - t0
+        return timed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--passes", type=int, default=40)
+    args = p.parse_args()
+    tune_allocator("cpu")
+    run = Path(args.run)
+    model, cfg, bundle, _, _ = nmnist_run(run, args.data)
+    T = cfg.data.T
+    chunks, _ = at.prepare(bundle.test, T, bundle.kind, cfg.data.encoding, args.batch_size)
+    x = torch.cat(chunks, 1)
+    print(f"{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {x.shape[1]}, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads; ms per pass, mean of {args.passes}\n")
+    print(f"{'policy':9s} {'pass':>6s} {'network':>8s} {'fire':>6s} {'shrink':>7s} {'refill':>7s} {'runner':>7s}"
+          f" {'µs/sample-step':>14s}  batch size of each network call")
+    timers = Timers()
+    forward = model.forward
+
+    def counted(xt):
+        timers.batches.append(xt.shape[0])
+        return forward(xt)
+
+    model.forward = timers.wrap(counted, "network")
+    orig = at.shrink, at.refill
+    at.shrink, at.refill = timers.wrap(at.shrink, "shrink"), timers.wrap(at.refill, "refill")
+    try:
+        for name in ("full T", "timestep", "softmax", "topk", "spikecp"):
+            path = run / f"bench_calibration_{name}.json"
+            if name != "full T" and not path.is_file():
+                raise SystemExit(f"{path} not found: run bench/anytime.py first (it calibrates on validation)")
+            pol = cf.Timestep(T, T=T) if name == "full T" else cf.load(path)
+            pol.fire = timers.wrap(pol.fire, "fire")
+            for _ in range(5):
+                at.early_exit(model, x, pol, args.batch_size)
+            timers.total.clear()
+            t0 = time.perf_counter()
+            for _ in range(args.passes):
+                timers.batches = []
+                at.early_exit(model, x, pol, args.batch_size)
+            per = {k: 1e3 * v / args.passes for k, v in timers.total.items()}
+            whole = 1e3 * (time.perf_counter() - t0) / args.passes
+            rest = whole - sum(per.get(k, 0.0) for k in PARTS)
+            print(f"{name:9s} {whole:6.1f} {per.get('network', 0):8.1f} {per.get('fire', 0):6.2f} "
+                  f"{per.get('shrink', 0):7.2f} {per.get('refill', 0):7.2f} {rest:7.2f} "
+                  f"{1e3 * whole / sum(timers.batches):14.0f}  {', '.join(map(str, timers.batches))}")
+    finally:
+        at.shrink, at.refill = orig
+        model.forward = forward
+
+
+if __name__ == "__main__":
+    main()
