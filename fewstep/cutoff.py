@@ -6,8 +6,8 @@ triggers exits at T. Steps are counted from 1.
 
 - ``timestep``: everyone exits at a fixed step ``t``.
 - ``softmax`` (arXiv 2405.00699): exit at the first t with ``max softmax(Y(t)) > 1 − ε``, evaluated as
-  ``log(1 − max softmax) < log ε`` in log space, as ``L < log(ε / (1 − ε))`` with ``L`` the log-sum-exp of
-  the other classes' ``Y − max Y`` (a float32 softmax rounds to 1.0 once the top-2 gap
+  ``S < ε / (1 − ε)`` in float64, with ``S`` the sum of ``exp(Y − max Y)`` over the other classes, so
+  ``1 − max softmax = S / (1 + S)`` never rounds to 0 (a float32 softmax rounds to 1.0 once the top-2 gap
   passes ~17, as it does in converted networks, so every small ε would fire at once); its sweep adds
   ε down to 1e-30 for such networks.
 - ``topk`` (arXiv 2301.09522): gap ``g(t) = top1(Y(t)) − top2(Y(t))``; exit at the first t with
@@ -163,12 +163,13 @@ class Softmax(Policy):
     def fire(self, Yt, t):
         if self.epsilon <= 0.0:
             return torch.zeros(Yt.shape[:-1], dtype=torch.bool, device=Yt.device)
-        # With z = Y − max Y and L = logsumexp of z over the other classes, 1 − p_max = e^L / (1 + e^L) = σ(L)
-        # (no rounding to 1), so p_max > 1 − ε ⟺ σ(L) < ε ⟺ L < log(ε / (1 − ε)): one logsumexp in float64.
+        # With S = Σ over the other classes of exp(Y − max Y), 1 − p_max = S / (1 + S) (no rounding to 1: S is
+        # summed without the top class's 1), so p_max > 1 − ε ⟺ S < ε / (1 − ε). Float64, a handful of
+        # simple kernels: early exit calls this after every step, when the CPU's caches are cold.
         z = Yt.double()
         top = z.max(-1, keepdim=True)
-        others = (z - top.values).scatter_(-1, top.indices, float("-inf"))
-        return torch.logsumexp(others, -1) < math.log(self.epsilon) - math.log1p(-self.epsilon)
+        others = (z - top.values).exp_().scatter_(-1, top.indices, 0.0)
+        return others.sum(-1) < self.epsilon / (1.0 - self.epsilon)
 
     def params(self):
         return {"epsilon": self.epsilon}
