@@ -127,65 +127,79 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     if to_eval:
         model.eval()
     set_step_mode(model, "s")
-    exit_step = torch.full((N,), T, dtype=torch.long, device=dev)
-    pred = torch.zeros(N, dtype=torch.long, device=dev)
+    # Bookkeeping (sample per slot, steps done, exits) lives in Python lists: after a network step the CPU's
+    # caches are cold and every small tensor op costs tens of µs (bench/anytime_parts.py), so the loop
+    # issues as few as it can: one gather, one running sum, the policy, one transfer of its verdict.
+    exit_step, pred = [T] * N, [0] * N
     totals = {k: torch.zeros(N, dtype=torch.float64, device=dev) for k in ("spikes", "macs", "sops")} if count_ops else None
     counter = OpCounter(model) if count_ops else None
-    active = torch.arange(min(cap, N), device=dev)  # sample ids in the batch
-    steps = torch.zeros(len(active), dtype=torch.long, device=dev)  # steps done per slot
+    active = list(range(min(cap, N)))  # sample id per slot
+    steps = [0] * len(active)  # steps done per slot
     waiting = len(active)  # next sample id to admit
+    same = cap >= N  # one batch from the start: nobody is admitted later, every row is at the same step
     clock = time.perf_counter
-    joined = torch.full((N,), clock(), dtype=torch.float64) if latency else None
-    decided = torch.zeros(N, dtype=torch.float64) if latency else None
+    joined = [clock()] * N if latency else None
+    decided = [0.0] * N if latency else None
     Y = None
     flat = x.flatten(0, 1) if x.is_contiguous() else None  # a view: frame (t, n) is row t·N + n
+    rows_of = lambda idx: torch.tensor(idx, dtype=torch.long, device=dev)  # noqa: E731
     try:
         if counter:
             counter.__enter__()
-        while active.numel():
+        while active:
+            n = len(active)
             if counter:
-                counter.start_step(active.numel(), dev)
-            if waiting == len(active) and cap >= N:  # the plain case: one batch, all at the same step
-                xt = x[int(steps[0])] if active.numel() == N else x[int(steps[0])].index_select(0, active)
+                counter.start_step(n, dev)
+            if same:  # x[step] is a view; its rows once samples have left
+                xt = x[steps[0]] if n == N else x[steps[0]].index_select(0, rows_of(active))
+            elif n == 1:  # one sample left: a view of its frame
+                xt = x[steps[0], active[0]:active[0] + 1]
             elif flat is not None:  # one row copy per sample (advanced indexing x[steps, active] is ~4x slower)
-                xt = flat.index_select(0, steps * N + active)
+                xt = flat.index_select(0, rows_of([s * N + a for s, a in zip(steps, active)]))
             else:
-                xt = x[steps, active]
+                xt = x[rows_of(steps), rows_of(active)]
             out = model(xt).float()
             Y = out.clone() if Y is None else Y + out  # Y is refilled in place below
-            steps += 1
+            steps = [s + 1 for s in steps]
             if counter:
                 for k in totals:
-                    totals[k].index_add_(0, active, getattr(counter, k))
-            fire = (steps >= T) | policy.fire(Y, steps).to(dev)
-            slots = fire.nonzero().squeeze(1)  # the slots that decided, ascending (waits for the step on CUDA)
-            n_fired = len(slots)
-            if not n_fired:
+                    totals[k].index_add_(0, rows_of(active), getattr(counter, k))
+            aligned = same or steps.count(steps[0]) == n  # every row at the same step: the policy takes an int
+            verdict = policy.fire(Y, steps[0] if aligned else rows_of(steps)).tolist()  # (waits for the step on CUDA)
+            slots = [i for i in range(n) if verdict[i] or steps[i] >= T]  # the slots that decided, ascending
+            if not slots:
                 continue
-            done = active[slots]
+            top = Y.argmax(-1).tolist()
+            for i in slots:
+                exit_step[active[i]], pred[active[i]] = steps[i], top[i]
+            n_new = min(len(slots), N - waiting)
             if latency:
                 now = clock()
-                decided[done.cpu()] = now
-                joined[waiting:waiting + min(n_fired, N - waiting)] = now
-            exit_step[done] = steps[slots]
-            pred[done] = Y[slots].argmax(-1)
-            n_new = min(n_fired, N - waiting)
+                for i in slots:
+                    decided[active[i]] = now
+                joined[waiting:waiting + n_new] = [now] * n_new
             if n_new:  # the lowest freed slots go to waiting samples: fresh state in place
                 ref = slots[:n_new]
-                active[ref], steps[ref], Y[ref] = torch.arange(waiting, waiting + n_new, device=dev), 0, 0.0
-                refill(model, ref)
+                for j, i in enumerate(ref):
+                    active[i], steps[i] = waiting + j, 0
+                ref_t = rows_of(ref)
+                Y.index_fill_(0, ref_t, 0.0)
+                refill(model, ref_t)
                 waiting += n_new
-            if n_new == n_fired:
+            if n_new == len(slots):
                 continue
             # the other freed slots leave the batch: the survivors above the new size k move into those below it
-            n, k = len(active), len(active) - (n_fired - n_new)
-            holes = slots[n_new:].tolist()
+            holes = slots[n_new:]
+            k = n - len(holes)
             gone = set(holes)
-            dst = torch.tensor([h for h in holes if h < k], dtype=torch.long, device=dev)
-            src = torch.tensor([i for i in range(k, n) if i not in gone], dtype=torch.long, device=dev)
-            if dst.numel():
-                active[dst], steps[dst], Y[dst] = active[src], steps[src], Y[src]
-            active, steps, Y = active[:k], steps[:k], Y[:k]
+            dst = [h for h in holes if h < k]
+            src = [i for i in range(k, n) if i not in gone]
+            for d, r in zip(dst, src):
+                active[d], steps[d] = active[r], steps[r]
+            del active[k:], steps[k:]
+            if dst:
+                Y.index_copy_(0, rows_of(dst), Y.index_select(0, rows_of(src)))
+            Y = Y[:k]
             shrink(model, dst, src, k)
     finally:
         if counter:
@@ -193,7 +207,8 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
         set_step_mode(model, prev)
         if to_eval:
             model.train(was_training)
-    res = ExitResult(exit_step.cpu(), pred.cpu(), latency_s=(decided - joined) if latency else None)
+    lat = torch.tensor(decided, dtype=torch.float64) - torch.tensor(joined, dtype=torch.float64) if latency else None
+    res = ExitResult(torch.tensor(exit_step, dtype=torch.long), torch.tensor(pred, dtype=torch.long), latency_s=lat)
     if count_ops:
         res.spikes, res.macs, res.sops = (totals[k].cpu() for k in ("spikes", "macs", "sops"))
     return res

@@ -82,13 +82,14 @@ class Decision:
 
 @functools.lru_cache(maxsize=64)
 def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)  # early exit asks at every step: made once
+    """``[nan, values...]``: entry t is step t's value (early exit asks at every step: made once)."""
+    return torch.tensor((math.nan, *values), dtype=dtype, device=device)
 
 
 def per_step(values: list[float], t, like: torch.Tensor):
-    """``values[t - 1]`` for an int step or a tensor of per-sample steps."""
+    """``values[t - 1]`` for an int step or a tensor of per-sample steps (t >= 1)."""
     if isinstance(t, torch.Tensor):
-        return _table(tuple(values), like.dtype, like.device)[t.to(like.device) - 1]
+        return _table(tuple(values), like.dtype, like.device)[t if t.device == like.device else t.to(like.device)]
     return values[t - 1]
 
 

@@ -60,7 +60,7 @@ def test_leaving_samples_hand_their_rows_to_the_last_ones_and_decisions_stay(mon
     pol = spread_policy(Y)
     sim = cf.simulate(pol, Y)
     moved, real_shrink = [], at.shrink
-    monkeypatch.setattr(at, "shrink", lambda m, dst, src, k: (moved.append((dst.tolist(), src.tolist(), k)),
+    monkeypatch.setattr(at, "shrink", lambda m, dst, src, k: (moved.append((list(dst), list(src), k)),
                                                                real_shrink(m, dst, src, k))[1])
     for cap in (None, 5):
         moved.clear()
