@@ -162,8 +162,9 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
             Y = out.clone() if Y is None else Y + out  # Y is refilled in place below
             steps = [s + 1 for s in steps]
             if counter:
+                ids = rows_of(active)
                 for k in totals:
-                    totals[k].index_add_(0, rows_of(active), getattr(counter, k))
+                    totals[k].index_add_(0, ids, getattr(counter, k))
             aligned = same or steps.count(steps[0]) == n  # every row at the same step: the policy takes an int
             verdict = policy.fire(Y, steps[0] if aligned else rows_of(steps)).tolist()  # (waits for the step on CUDA)
             slots = [i for i in range(n) if verdict[i] or steps[i] >= T]  # the slots that decided, ascending

@@ -89,7 +89,7 @@ def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Ten
 def per_step(values: list[float], t, like: torch.Tensor):
     """``values[t - 1]`` for an int step or a tensor of per-sample steps (t >= 1)."""
     if isinstance(t, torch.Tensor):
-        return _table(tuple(values), like.dtype, like.device)[t if t.device == like.device else t.to(like.device)]
+        return _table(tuple(values), like.dtype, like.device)[t.to(like.device)]
     return values[t - 1]
 
 

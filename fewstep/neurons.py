@@ -182,7 +182,7 @@ class StatefulModule(nn.Module):
         src = src.tolist() if isinstance(src, torch.Tensor) else list(src)
         # a few rows: one contiguous copy per row beats the indexed kernels (3-4x on a 2-core CPU)
         pairs = list(zip(dst, src)) if len(dst) <= SHRINK_ROW_COPIES else None
-        index = {}
+        index = None
         for name in self._state_names:
             value = getattr(self, name)
             if value is not None:
@@ -190,11 +190,9 @@ class StatefulModule(nn.Module):
                     for d, s in pairs:
                         value[d].copy_(value[s])
                 elif dst:
-                    if value.device not in index:
-                        index[value.device] = (torch.tensor(dst, device=value.device),
-                                               torch.tensor(src, device=value.device))
-                    d, s = index[value.device]
-                    value.index_copy_(0, d, value.index_select(0, s))
+                    if index is None:  # (a module's states share a device)
+                        index = [torch.tensor(r, dtype=torch.long, device=value.device) for r in (dst, src)]
+                    value.index_copy_(0, index[0], value.index_select(0, index[1]))
                 setattr(self, name, value[:n])
 
     def fresh_value(self, name: str) -> float:
