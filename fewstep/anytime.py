@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import cutoff as _cutoff
 from . import graphs as _graphs
 from .metrics import time_first
-from .neurons import refill, set_step_mode, shrink, step_mode_of
+from .neurons import refill, set_step_mode, shrink, stateful_modules, step_mode_of
 from .ops import E_MAC_PJ, E_SOP_PJ, NOT_PRICED, OpCounter, ops_at_exit, ops_per_step  # noqa: F401  (re-exported)
 
 
@@ -56,17 +56,17 @@ def _use_graphs(model: nn.Module, dev: torch.device, graphs: str, count_ops: boo
         if graphs == "auto":
             return None
         raise ValueError(f"graphs={graphs!r} replays no hooks, so it cannot count operations (count_ops)")
-    why = _graphs.unsupported(model)
     if graphs == "emulate":
         return False
+    if graphs == "cuda" and dev.type != "cuda":
+        raise ValueError(f"graphs='cuda' needs the input on a CUDA device, got {dev}")
+    if dev.type != "cuda":  # "auto" off CUDA: step eagerly (without walking the modules)
+        return None
+    why = _graphs.unsupported(model)
     if graphs == "cuda":
-        if dev.type != "cuda":
-            raise ValueError(f"graphs='cuda' needs the input on a CUDA device, got {dev}")
         if why:
             raise ValueError(f"graphs='cuda' but the network cannot be replayed from a graph: {why}")
         return True
-    if dev.type != "cuda":
-        return None
     if why:
         _graphs.warn_once(model, why)
         return None
@@ -133,6 +133,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     exit_step, pred = [T] * N, [0] * N
     totals = {k: torch.zeros(N, dtype=torch.float64, device=dev) for k in ("spikes", "macs", "sops")} if count_ops else None
     counter = OpCounter(model) if count_ops else None
+    states = stateful_modules(model)  # collected once for the refills and shrinks below
     active = list(range(min(cap, N)))  # sample id per slot
     steps = [0] * len(active)  # steps done per slot
     waiting = len(active)  # next sample id to admit
@@ -185,7 +186,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
                     active[i], steps[i] = waiting + j, 0
                 ref_t = rows_of(ref)
                 Y.index_fill_(0, ref_t, 0.0)
-                refill(model, ref_t)
+                refill(states, ref_t)
                 waiting += n_new
             if n_new == len(slots):
                 continue
@@ -201,7 +202,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
             if dst:
                 Y.index_copy_(0, rows_of(dst), Y.index_select(0, rows_of(src)))
             Y = Y[:k]
-            shrink(model, dst, src, k)
+            shrink(states, dst, src, k)
     finally:
         if counter:
             counter.__exit__()

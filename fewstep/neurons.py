@@ -16,6 +16,7 @@ or ``"s"`` (streaming: one ``[N, ...]`` frame per call, state kept until :func:`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -75,10 +76,23 @@ def lif_update(x: torch.Tensor, v: "torch.Tensor | None", p: LIFParameters, need
 
 
 def _charge(x: torch.Tensor, v: "torch.Tensor | None", p: LIFParameters) -> torch.Tensor:
-    """``u = τ·v + x``; ``v=None`` is the fresh state ``v0``."""
-    if v is None and p.v0 == 0 and not torch.is_grad_enabled():
-        return x + 0.0  # τ·0 + x in one pass instead of a fill, a product and a sum
+    """``u = τ·v + x``; ``v=None`` is the fresh state ``v0``.
+
+    Without autograd and with τ a power of two (0.5, 0.25, 1 for IF) it is one fused pass,
+    ``torch.add(x, v, alpha=τ)``: τ·v is then exact, so the fused multiply-add rounds as the product and
+    the sum do (other τ keep the two passes, whose rounding the fused kernel would change).
+    """
+    if not torch.is_grad_enabled():
+        if v is None and p.v0 == 0:
+            return x + 0.0  # τ·0 + x in one pass instead of a fill, a product and a sum
+        if v is not None and _exact_scale(p.tau):
+            return torch.add(x, v, alpha=p.tau)
     return p.tau * (torch.full_like(x, float(p.v0)) if v is None else v) + x
+
+
+def _exact_scale(tau) -> bool:
+    """Whether ``τ·v`` is exact for every float ``v`` (bar underflow): τ a Python float power of two."""
+    return type(tau) is float and tau > 0 and math.frexp(tau)[0] == 0.5
 
 
 def _lif_infer(u: torch.Tensor, p: LIFParameters, need_u: bool, s_out: "torch.Tensor | None" = None):
@@ -377,7 +391,11 @@ def make_neuron(kind: str = "lif", **kwargs) -> StatefulModule:
     return NEURONS[key](**kwargs)
 
 
-def stateful_modules(net: nn.Module):
+def stateful_modules(net: "nn.Module | list[StatefulModule]"):
+    """The stateful modules of ``net`` (a list of them, as this returns, is passed through: a loop that
+    calls :func:`shrink` or :func:`refill` at every step collects them once)."""
+    if isinstance(net, list):
+        return net
     return [m for m in net.modules() if isinstance(m, StatefulModule)]
 
 
@@ -397,10 +415,14 @@ def set_step_mode(net: nn.Module, mode: str) -> nn.Module:
     """Switch every module of ``net`` with a ``step_mode`` to ``"m"`` or ``"s"`` and reset its state."""
     if mode not in STEP_MODES:
         raise ValueError(f"step_mode must be 'm' (multi-step) or 's' (single-step), got {mode!r}")
-    for m in net.modules():
-        if hasattr(m, "step_mode"):
+    for m in net.modules():  # one walk (early exit switches at every call); a module already in the mode is left as is
+        if isinstance(m, StatefulModule):
+            if m.step_mode != mode:
+                m.step_mode = mode
+            m.reset()
+        elif getattr(m, "step_mode", mode) != mode:
             m.step_mode = mode
-    return reset(net)
+    return net
 
 
 def compact(net: nn.Module, index: torch.Tensor, grow: int = 0) -> nn.Module:
@@ -414,11 +436,13 @@ def compact(net: nn.Module, index: torch.Tensor, grow: int = 0) -> nn.Module:
     return net
 
 
-def shrink(net: nn.Module, dst: "torch.Tensor | list[int]", src: "torch.Tensor | list[int]", n: int) -> nn.Module:
+def shrink(net: "nn.Module | list[StatefulModule]", dst: "torch.Tensor | list[int]", src: "torch.Tensor | list[int]",
+           n: int) -> nn.Module:
     """Drop batch rows from every carried state by moving the survivors past row ``n`` (rows ``src``) into
     the freed rows below it (rows ``dst``) and keeping rows ``[0, n)``: the copy is as large as the rows
     moved, where :func:`compact` copies every surviving row. Row order changes; each sample keeps its state.
-    Rows are tensors or lists of ints (lists spare each module a transfer)."""
+    Rows are tensors or lists of ints (lists spare each module a transfer); ``net`` may be the list that
+    :func:`stateful_modules` returns."""
     if isinstance(dst, torch.Tensor):
         dst, src = dst.tolist(), src.tolist()
     for m in stateful_modules(net):
@@ -426,9 +450,10 @@ def shrink(net: nn.Module, dst: "torch.Tensor | list[int]", src: "torch.Tensor |
     return net
 
 
-def refill(net: nn.Module, rows: torch.Tensor) -> nn.Module:
+def refill(net: "nn.Module | list[StatefulModule]", rows: torch.Tensor) -> nn.Module:
     """Fresh state in batch rows ``rows`` of every carried state, in place: continuous batching hands a
-    finished sample's slot to the next one without moving the other rows."""
+    finished sample's slot to the next one without moving the other rows. ``net`` may be the list that
+    :func:`stateful_modules` returns."""
     for m in stateful_modules(net):
         m.refill(rows)
     return net

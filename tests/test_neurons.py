@@ -215,6 +215,19 @@ def test_inference_step_without_recorder_equals_the_autograd_step_and_keeps_chan
     assert torch.equal(out, y_ref.detach()) and out[0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.25, 1.0, 2.0 ** -7, 0.4, 0.9])
+def test_inference_charge_rounds_like_the_product_and_the_sum(tau):
+    # the fused add (powers of two) and the two passes (others) both give exactly fl(fl(τ·v) + x)
+    from fewstep.neurons import LIFParameters, _charge
+
+    torch.manual_seed(1)
+    x = torch.randn(200_003) * torch.logspace(-6, 6, 200_003)  # magnitudes where a fused multiply-add differs
+    v = torch.randn(200_003) * torch.logspace(6, -6, 200_003)
+    with torch.no_grad():
+        u = _charge(x, v, LIFParameters(tau=tau))
+    assert torch.equal(u, tau * v + x)
+
+
 def test_shrink_moves_the_last_rows_into_the_freed_ones():
     from fewstep.neurons import shrink
 
