@@ -14,6 +14,7 @@ TEBN's per-step scale to the joint BatchNorm.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .neurons import STEP_MODES, StatefulModule
@@ -47,10 +48,13 @@ class StepModeMixin:
 
 class Conv2d(StepModeMixin, nn.Conv2d):
     def forward_frame(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.device.type in CHANNELS_LAST_DEVICES:
-            x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first layer
-            if x.device.type == "cpu" and not torch.is_grad_enabled():
-                return self._conv_forward(x, self._channels_last_weight(), self.bias)
+        if x.dim() == 4:
+            device = x.device.type
+            if device in CHANNELS_LAST_DEVICES:
+                x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first layer
+                if device == "cpu" and not torch.is_grad_enabled() and self.padding_mode == "zeros":
+                    return F.conv2d(x, self._channels_last_weight(), self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
         return nn.Conv2d.forward(self, x)
 
     def _channels_last_weight(self) -> torch.Tensor:

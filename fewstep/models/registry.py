@@ -107,8 +107,8 @@ class SNN(nn.Module):
 
     def current_step_mode(self) -> str:
         """``"m"`` or ``"s"``, as set by :func:`fewstep.set_step_mode`."""
-        for m in self.modules():
-            if hasattr(m, "step_mode"):
+        for m in self.modules():  # (a class attribute or property, else an instance attribute: no __getattr__ miss)
+            if hasattr(type(m), "step_mode") or "step_mode" in m.__dict__:
                 return m.step_mode
         return "m"
 
