@@ -109,6 +109,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
     T, N = x.shape[:2]
     if policy.T is not None and policy.T != T:
         raise ValueError(f"T mismatch: the policy was calibrated for T = {policy.T} but the input has T = {T}")
+    _cutoff.check_horizon(policy, T)
     cap = N if max_batch is None else int(max_batch)
     if cap < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -341,6 +342,7 @@ class AnytimeStream:
         self.model, self.policy, self.T = model, policy, int(T)
         if policy.T is not None and policy.T != self.T:
             raise ValueError(f"T mismatch: the policy was calibrated for T = {policy.T}, the stream has T = {T}")
+        _cutoff.check_horizon(policy, self.T)
         if graphs not in _graphs.MODES:
             raise ValueError(f"graphs must be one of {_graphs.MODES}, got {graphs!r}")
         self.graphs, self._graph = graphs, None

@@ -86,15 +86,33 @@ def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor((math.nan, *values), dtype=dtype, device=device)
 
 
-def per_step(values: list[float], t, like: torch.Tensor):
-    """``values[t - 1]`` for an int step or a tensor of per-sample steps (t >= 1)."""
+def per_step(values: list[float], t, like: torch.Tensor, name: str = "the policy"):
+    """``values[t - 1]`` for an int step or a tensor of per-sample steps (t >= 1).
+
+    A step past the table is an error naming both. For a tensor of steps it is caught by the lookup itself,
+    not by reading the largest step back (on CUDA that read would wait for the device at every step): on
+    the CPU the lookup raises; on CUDA an out-of-range index would stop the device, so the early-exit runners
+    check :meth:`Policy.horizon` against their T before the first step.
+    """
     if isinstance(t, torch.Tensor):
-        return _table(tuple(values), like.dtype, like.device)[t.to(like.device)]
+        table = _table(tuple(values), like.dtype, like.device)
+        t = t.to(like.device)
+        if t.device.type != "cpu":
+            return table[t]
+        try:
+            return table[t]
+        except IndexError:
+            raise ValueError(f"{name} was calibrated for T = {len(values)} but asked about step {int(t.max())}") from None
+    if t > len(values):
+        raise ValueError(f"{name} was calibrated for T = {len(values)} but asked about step {t}")
     return values[t - 1]
 
 
-def max_step(t) -> int:
-    return int(t.max()) if isinstance(t, torch.Tensor) else int(t)
+def check_horizon(policy: "Policy", T: int) -> None:
+    """Refuse to run ``policy`` for ``T`` steps when its per-step calibration covers fewer."""
+    h = policy.horizon()
+    if h is not None and h < T:
+        raise ValueError(f"T mismatch: {policy.name} was calibrated for T = {h} steps but the input has T = {T}")
 
 
 def top2_gap(Yt: torch.Tensor) -> torch.Tensor:
@@ -115,6 +133,10 @@ class Policy:
 
     def fire(self, Yt: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def horizon(self) -> "int | None":
+        """The last step the calibration covers (``None``: any step)."""
+        return None
 
     def calibrate(self, Y: torch.Tensor, y: torch.Tensor) -> "Policy":
         check_Y(Y)
@@ -208,10 +230,11 @@ class TopK(Policy):
     def fire(self, Yt, t):
         if self.betas is None:
             raise RuntimeError("topk policy is not calibrated: call calibrate(Y_val, y_val) on validation data")
-        if max_step(t) > len(self.betas):
-            raise ValueError(f"topk was calibrated for T = {len(self.betas)} but asked about step {max_step(t)}")
         g = top2_gap(Yt.float())
-        return g > per_step(self.betas, t, g)
+        return g > per_step(self.betas, t, g, "topk")
+
+    def horizon(self):
+        return None if self.betas is None else len(self.betas)
 
     def params(self):
         return {"epsilon": self.epsilon, "betas": self.betas}
@@ -241,15 +264,16 @@ class SpikeCP(Policy):
 
     def set_size(self, Yt, t):
         nll = -Yt.float().log_softmax(-1)
-        q = per_step(self.quantiles, t, nll)
+        q = per_step(self.quantiles, t, nll, "spikecp")
         return (nll <= (q.unsqueeze(-1) if isinstance(q, torch.Tensor) else q)).sum(-1)
 
     def fire(self, Yt, t):
         if self.quantiles is None:
             raise RuntimeError("spikecp policy is not calibrated: call calibrate(Y_val, y_val) on validation data")
-        if max_step(t) > len(self.quantiles):
-            raise ValueError(f"spikecp was calibrated for T = {len(self.quantiles)} but asked about step {max_step(t)}")
         return self.set_size(Yt, t) == 1
+
+    def horizon(self):
+        return None if self.quantiles is None else len(self.quantiles)
 
     def params(self):
         return {"epsilon": self.epsilon, "quantiles": self.quantiles}

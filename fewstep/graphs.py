@@ -10,7 +10,8 @@ layer, and early exit makes the batches smaller still. Here the single-step netw
 - A finished sample's slot is refilled in place with the next waiting sample (:func:`fewstep.refill`);
   when no sample waits, freed slots become padding (fresh state, input ignored, never decide), and once
   the samples still running fit in a smaller bucket they move there (their state rows copied over).
-- The exit decision (the policy on the running logits) stays eager: a handful of small kernels.
+- The exit decision (the policy on the running logits) stays eager: a handful of small kernels, and one
+  wait for the device per step (reading which samples decided; the policies' step checks never read back).
 
 Decisions equal the eager runner's (:func:`fewstep.anytime.early_exit` with ``graphs="off"``); every
 capture is checked against two eager steps from fresh state before it is used, and a network that cannot be
@@ -215,9 +216,9 @@ def run(model: nn.Module, x: torch.Tensor, policy, cap: int, latency: bool, capt
         Y = out.clone() if Y is None else Y.add_(out)
         steps += 1
         fire = valid & ((steps >= T) | policy.fire(Y, torch.where(valid, steps, torch.ones_like(steps))).to(dev))
-        if not bool(fire.any()):
+        slots = fire.nonzero().squeeze(1)  # the one wait for the device per step
+        if not len(slots):
             continue
-        slots = fire.nonzero().squeeze(1)
         done = active[slots]
         if latency:
             now = clock()

@@ -130,6 +130,25 @@ def test_bad_input_errors(tmp_path):
         cf.load(path, expect={"model": "mlp"})
 
 
+def test_a_step_past_the_calibration_is_an_error_naming_both():
+    from fewstep.anytime import AnytimeStream, early_exit
+    from fewstep.models import create
+
+    Y = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    for pol in (cf.TopK(betas=[1.0, 2.0]), cf.SpikeCP(quantiles=[0.5, 0.5])):
+        assert pol.horizon() == 2 and pol.fire(Y, 2).shape == (2,)
+        with pytest.raises(ValueError, match=f"{pol.name} was calibrated for T = 2 but asked about step 3"):
+            pol.fire(Y, 3)
+        with pytest.raises(ValueError, match=f"{pol.name} was calibrated for T = 2 but asked about step 3"):
+            pol.fire(Y, torch.tensor([1, 3]))  # per-sample steps (continuous batching)
+        net = create("mlp", input_shape=(1, 4, 4), num_classes=3, hidden=(8,))
+        with pytest.raises(ValueError, match=f"T mismatch: {pol.name} was calibrated for T = 2 steps but the input has T = 3"):
+            early_exit(net, torch.rand(3, 5, 1, 4, 4), pol, max_batch=2)  # refused before the first step
+        with pytest.raises(ValueError, match="calibrated for T = 2 steps but the input has T = 4"):
+            AnytimeStream(net, pol, T=4)
+    assert cf.Softmax(0.1).horizon() is None and cf.TopK(0.1).horizon() is None  # any step / not calibrated
+
+
 def synthetic_geometric(n, T=10, gen=None):
     """Label 0 always right at T; each sample right from step c on, P(c > t) = 0.5**t (c capped at T)."""
     u = torch.rand(n, generator=gen)
