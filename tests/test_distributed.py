@@ -48,7 +48,14 @@ def _worker(rank, world, port, cfg_dict, out, stop_after):
 
 
 def _train_ddp(world: int, cfg: C.Config, out: Path, stop_after=None) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), str(out), stop_after), nprocs=world, join=True)
+    # The port is free when chosen but may be taken before rank 0 binds it: then (only then) try another.
+    for attempt in range(3):
+        try:
+            mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), str(out), stop_after), nprocs=world, join=True)
+            return
+        except Exception as e:  # noqa: BLE001  mp.spawn re-raises a worker's error as ProcessRaisedException
+            if attempt == 2 or "address already in use" not in str(e).lower():
+                raise
 
 
 def _weights(out: Path) -> dict:
