@@ -80,9 +80,10 @@ class Decision:
         return self.exit_step.float().mean().item()
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[nan, values...]``: entry t is step t's value (early exit asks at every step: made once)."""
+    """``[nan, values...]``: entry t is step t's value (early exit asks at every step: made once). Never evicted:
+    a captured decision (:class:`fewstep.graphs.DecisionGraph`) reads the table's memory at every replay."""
     return torch.tensor((math.nan, *values), dtype=dtype, device=device)
 
 

@@ -10,8 +10,10 @@ layer, and early exit makes the batches smaller still. Here the single-step netw
 - A finished sample's slot is refilled in place with the next waiting sample (:func:`fewstep.refill`);
   when no sample waits, freed slots become padding (fresh state, input ignored, never decide), and once
   the samples still running fit in a smaller bucket they move there (their state rows copied over).
-- The exit decision (the policy on the running logits) stays eager: a handful of small kernels, and one
-  wait for the device per step (reading which samples decided; the policies' step checks never read back).
+- The exit decision (the running sum, the step count and the policy) is a second graph per bucket and
+  policy (:class:`DecisionGraph`), replayed after the network's; the runner then waits for the device
+  once per step, to read which samples decided. A policy that cannot be captured (a host sync in its
+  ``fire``) decides eagerly on the same static buffers, with one logged warning.
 
 Decisions equal the eager runner's (:func:`fewstep.anytime.early_exit` with ``graphs="off"``); every
 capture is checked against two eager steps from fresh state before it is used, and a network that cannot be
@@ -80,8 +82,9 @@ class StepGraph:
         self.x = torch.zeros((self.batch, *frame.shape[1:]), dtype=frame.dtype, device=frame.device)
         self.graph, self.out = None, None
         reset(model)
+        self.decisions: dict = {}  # policy key -> DecisionGraph (captured graphs only; see decision_for)
         if not self.capture:
-            model(self.x)  # allocates the states
+            self.classes = model(self.x).shape[-1]  # (the call allocates the states)
             self._take_states(model)
             return
         try:
@@ -89,7 +92,7 @@ class StepGraph:
             side.wait_stream(torch.cuda.current_stream(frame.device))
             with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
                 for _ in range(2):
-                    model(self.x)
+                    self.classes = model(self.x).shape[-1]
             torch.cuda.current_stream(frame.device).wait_stream(side)
             self._take_states(model)
             self.graph = torch.cuda.CUDAGraph()
@@ -161,6 +164,108 @@ class StepGraph:
                                    f"{float((a - b).abs().max()):.3g}; its step keeps state the graph cannot see")
 
 
+class DecisionGraph:
+    """The exit decision after a step of a bucket of ``batch`` rows, on static buffers: ``Y += out``,
+    ``steps += 1``, then ``fire = valid & (steps >= T | policy.fire(Y, steps))`` (padding rows ask about step
+    1 and never decide). With ``capture`` it is a CUDA graph reading the step graph's static output, replayed
+    after it; otherwise (the emulated schedule, or a policy that cannot be captured) the same body runs eagerly
+    on the given output. The policy is held, so the tensors its replay reads (its per-step tables) stay alive."""
+
+    def __init__(self, step: StepGraph, policy, T: int, capture: bool):
+        dev = step.x.device
+        self.batch, self.policy, self.T, self.capture = step.batch, policy, int(T), bool(capture)
+        self.Y = torch.zeros(self.batch, step.classes, dtype=torch.float32, device=dev)  # (the step's output .float())
+        self.steps = torch.zeros(self.batch, dtype=torch.long, device=dev)
+        self.valid = torch.ones(self.batch, dtype=torch.bool, device=dev)
+        self._one = torch.ones(self.batch, dtype=torch.long, device=dev)
+        self.graph, self.fire = None, None
+        if not self.capture:
+            return
+        self._out = step.out
+        try:
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up off the capture stream (the policy's tables are made here)
+                for _ in range(2):
+                    self._body(self._out)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.fire = self._body(self._out)
+        except Exception as e:  # a host sync in the policy ...
+            raise CaptureError(f"capturing the {getattr(policy, 'name', type(policy).__name__)} decision at batch "
+                               f"{self.batch} failed: {type(e).__name__}: {e}") from e
+        self._check()
+
+    def _body(self, out: torch.Tensor) -> torch.Tensor:
+        self.Y.add_(out)
+        self.steps.add_(1)
+        t = torch.where(self.valid, self.steps, self._one)
+        return self.valid & ((self.steps >= self.T) | self.policy.fire(self.Y, t).to(self.Y.device))
+
+    def reset(self) -> None:
+        """Every row a fresh, valid sample."""
+        self.Y.zero_()
+        self.steps.zero_()
+        self.valid.fill_(True)
+
+    def step(self, out: torch.Tensor) -> torch.Tensor:
+        """The decision after the step whose output is ``out``; ``fire[batch]`` is overwritten by the next replay."""
+        if self.graph is None:
+            return self._body(out)
+        self.graph.replay()  # reads the step graph's static output, which is ``out``
+        return self.fire
+
+    def _check(self) -> None:
+        """A replay from random buffers against the eager body on copies of them: same sums, steps, decisions."""
+        g = torch.Generator(device=self.Y.device).manual_seed(0)
+        dev, B = self.Y.device, self.batch
+        Y0 = torch.randn(self.Y.shape, generator=g, device=dev) * 3
+        s0 = torch.randint(0, self.T, (B,), generator=g, device=dev)
+        v0 = torch.rand(B, generator=g, device=dev) < 0.75
+        out = torch.randn(self.Y.shape, generator=g, device=dev)
+        Y1, s1 = Y0 + out, s0 + 1
+        want = v0 & ((s1 >= self.T) | self.policy.fire(Y1, torch.where(v0, s1, self._one)).to(dev))
+        self._out.copy_(out)  # (the step graph's next replay overwrites it)
+        self.Y.copy_(Y0)
+        self.steps.copy_(s0)
+        self.valid.copy_(v0)
+        got = self.step(self._out)
+        if not (torch.equal(got, want) and torch.equal(self.Y, Y1) and torch.equal(self.steps, s1)):
+            raise CaptureError(f"a replayed {getattr(self.policy, 'name', type(self.policy).__name__)} decision "
+                               "differs from the eager one; its fire() keeps state the graph cannot see")
+        self.reset()
+
+
+def _policy_key(policy, T: int) -> tuple:
+    """What a captured decision depends on: the policy's class and every parameter it reports, and T."""
+    params = policy.to_dict() if hasattr(policy, "to_dict") else {}
+    return (type(policy).__module__, type(policy).__qualname__, repr(sorted(params.items())), int(T))
+
+
+def decisions_for(graphs: dict[int, StepGraph], policy, T: int, capture: bool, model: nn.Module) -> dict:
+    """A :class:`DecisionGraph` per bucket. Captured ones are cached on their step graph by :func:`_policy_key`;
+    a policy whose decision cannot be captured decides eagerly on static buffers (logged once)."""
+    if not capture:
+        return {b: DecisionGraph(g, policy, T, capture=False) for b, g in graphs.items()}
+    key = _policy_key(policy, T)
+    out, failed = {}, False
+    for b, g in graphs.items():
+        d = g.decisions.get(key)
+        if d is None:
+            if not failed:
+                try:
+                    d = DecisionGraph(g, policy, T, capture=True)
+                except CaptureError as e:  # then no bucket tries again: one warning
+                    warn_once(model, f"{e}; the decision runs eagerly", what="decision graphs")
+                    failed = True
+            if d is None:
+                d = DecisionGraph(g, policy, T, capture=False)
+            g.decisions[key] = d
+        out[b] = d
+    return out
+
+
 def _signature(model: nn.Module, frame: torch.Tensor) -> tuple:
     tensors = list(model.parameters()) + list(model.buffers())
     return (tuple(t.data_ptr() for t in tensors), tuple(frame.shape[1:]), frame.dtype, str(frame.device))
@@ -182,11 +287,14 @@ def graphs_for(model: nn.Module, batch: int, frame: torch.Tensor, capture: bool)
     return {b: cache["graphs"][b] for b in sizes}
 
 
-def warn_once(model: nn.Module, reason: str) -> None:
+def warn_once(model: nn.Module, reason: str, what: str = "") -> None:
     key = (type(model).__name__, reason)
     if key not in _WARNED:
         _WARNED.add(key)
-        log.warning("CUDA graphs off for %s: %s; stepping eagerly", type(model).__name__, reason)
+        if what:
+            log.warning("CUDA %s off for %s: %s", what, type(model).__name__, reason)
+        else:
+            log.warning("CUDA graphs off for %s: %s; stepping eagerly", type(model).__name__, reason)
 
 
 def run(model: nn.Module, x: torch.Tensor, policy, cap: int, latency: bool, capture: bool):
@@ -195,27 +303,23 @@ def run(model: nn.Module, x: torch.Tensor, policy, cap: int, latency: bool, capt
     T, N = x.shape[:2]
     dev = x.device
     graphs = graphs_for(model, min(cap, N), x[0], capture)
+    decisions = decisions_for(graphs, policy, T, capture, model)
     sizes = sorted(graphs)
-    g = graphs[sizes[-1]]
+    g, d = graphs[sizes[-1]], decisions[sizes[-1]]
     B = g.batch
     g.bind()
     refill(model, torch.arange(B, device=dev))
+    d.reset()
     exit_step = torch.full((N,), T, dtype=torch.long, device=dev)
     pred = torch.zeros(N, dtype=torch.long, device=dev)
     active = torch.arange(B, device=dev)  # sample id per slot (0 in padding slots)
-    valid = torch.ones(B, dtype=torch.bool, device=dev)
-    steps = torch.zeros(B, dtype=torch.long, device=dev)
     n_valid, waiting = B, B
     clock = time.perf_counter
     joined = torch.full((N,), clock(), dtype=torch.float64) if latency else None
     decided = torch.zeros(N, dtype=torch.float64) if latency else None
-    Y = None
     while n_valid:
-        g.x.copy_(x[steps.clamp(max=T - 1), active])
-        out = g.step()
-        Y = out.clone() if Y is None else Y.add_(out)
-        steps += 1
-        fire = valid & ((steps >= T) | policy.fire(Y, torch.where(valid, steps, torch.ones_like(steps))).to(dev))
+        g.x.copy_(x[d.steps.clamp(max=T - 1), active])
+        fire = d.step(g.step())  # steps, running sums and decisions advance on d's static buffers
         slots = fire.nonzero().squeeze(1)  # the one wait for the device per step
         if not len(slots):
             continue
@@ -223,31 +327,29 @@ def run(model: nn.Module, x: torch.Tensor, policy, cap: int, latency: bool, capt
         if latency:
             now = clock()
             decided[done.cpu()] = now
-        exit_step[done] = steps[slots]
-        pred[done] = Y[slots].argmax(-1)
+        exit_step[done] = d.steps[slots]
+        pred[done] = d.Y[slots].argmax(-1)
         n_new = min(len(slots), N - waiting)
         if latency:
             joined[waiting:waiting + n_new] = now
         new, pad = slots[:n_new], slots[n_new:]
         active[new] = torch.arange(waiting, waiting + n_new, device=dev)
-        active[pad], valid[pad] = 0, False
-        steps[slots], Y[slots] = 0, 0.0
+        active[pad], d.valid[pad] = 0, False
+        d.steps[slots], d.Y[slots] = 0, 0.0
         refill(model, slots)  # newcomers and padding start from fresh state
         waiting += n_new
         n_valid -= len(pad)
         smaller = [b for b in sizes if n_valid <= b < g.batch]
         if n_valid and waiting == N and smaller:  # move the survivors to the smallest bucket that holds them
-            keep = valid.nonzero().squeeze(1)
-            g2 = graphs[smaller[0]]
+            keep = d.valid.nonzero().squeeze(1)
+            g2, d2 = graphs[smaller[0]], decisions[smaller[0]]
             g2.bind()
             for old, buf in zip(g.buffers, g2.buffers):
                 buf[:n_valid] = old[keep]
-            b2 = g2.batch
-            refill(model, torch.arange(n_valid, b2, device=dev))
-            grow = b2 - n_valid
-            active = torch.cat([active[keep], active.new_zeros(grow)])
-            steps = torch.cat([steps[keep], steps.new_zeros(grow)])
-            Y = torch.cat([Y[keep], Y.new_zeros(grow, Y.shape[1])])
-            valid = torch.arange(b2, device=dev) < n_valid
-            g = g2
+            refill(model, torch.arange(n_valid, g2.batch, device=dev))
+            d2.reset()
+            d2.Y[:n_valid], d2.steps[:n_valid] = d.Y[keep], d.steps[keep]
+            d2.valid[n_valid:] = False
+            active = torch.cat([active[keep], active.new_zeros(g2.batch - n_valid)])
+            g, d = g2, d2
     return exit_step, pred, (decided - joined) if latency else None

@@ -144,6 +144,41 @@ def test_unsupported_names_hooks_and_recorders():
     assert G.unsupported(net) is None
 
 
+def test_decision_buffers_and_the_fallback_when_the_decision_cannot_be_captured(caplog):
+    """Off CUDA a captured decision cannot be made: each bucket then decides eagerly on its static buffers,
+    with one warning, and the early-exit loop on those buffers gives the eager runner's decisions."""
+    net = warmed("mlp")
+    x = torch.rand(4, 5, *net.input_shape) * 2
+    pol = _stream_policy(net, x)
+    from fewstep.neurons import set_step_mode
+
+    set_step_mode(net, "s")
+    try:
+        graphs = G.graphs_for(net, 5, x[0], capture=False)
+        with caplog.at_level(logging.WARNING, logger="fewstep"):
+            ds = G.decisions_for(graphs, pol, 4, capture=True, model=net)
+            G.decisions_for(graphs, pol, 4, capture=True, model=net)  # cached on the step graphs: no second try
+    finally:
+        set_step_mode(net, "m")
+    assert sorted(ds) == [1, 2, 4, 5] and all(d.graph is None and d.batch == b for b, d in ds.items())
+    assert all(graphs[b].decisions[G._policy_key(pol, 4)] is ds[b] for b in ds)
+    msgs = [r.getMessage() for r in caplog.records if "decision graphs off" in r.getMessage()]
+    assert len(msgs) == 1 and "the decision runs eagerly" in msgs[0]
+    d = ds[2]  # the body: Y += out, steps += 1, padding never decides, step T always does
+    d.reset()
+    d.valid[1] = False
+    d.steps[0] = 3
+    fire = d.step(torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0, 0.0]]))
+    assert fire.tolist() == [True, False] and d.steps.tolist() == [4, 1] and d.Y[1, 0] == 9.0
+
+
+def test_a_captured_decision_is_keyed_by_the_policy_parameters_and_T():
+    k = G._policy_key
+    assert k(cf.Softmax(0.1), 4) == k(cf.Softmax(0.1), 4)
+    assert len({k(cf.Softmax(0.1), 4), k(cf.Softmax(0.2), 4), k(cf.Softmax(0.1), 5), k(cf.Timestep(1), 4)}) == 4
+    assert k(cf.TopK(betas=[1.0, 2.0]), 2) != k(cf.TopK(betas=[1.0, 2.5]), 2)
+
+
 # --------------------------------------------------------------------------- CUDA only
 
 
@@ -191,6 +226,28 @@ def test_cuda_capture_falls_back_once_with_the_reason(caplog):
     assert len(msgs) == 1 and "differs from the eager step" in msgs[0]
     with pytest.raises(G.CaptureError):
         at.early_exit(net, x, pol, graphs="cuda")
+
+
+class SyncingPolicy(cf.Timestep):
+    """A policy whose fire() reads a value back to the host: a graph cannot capture it."""
+
+    def fire(self, Yt, t):
+        float(Yt.sum())
+        return super().fire(Yt, t)
+
+
+@CUDA
+def test_cuda_decision_that_cannot_be_captured_decides_eagerly_with_one_warning(caplog):
+    net, shape = _net("cnn")
+    net = net.cuda()
+    x = (torch.rand(4, 9, *shape) * 2).cuda()
+    pol = SyncingPolicy(3, T=4)
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        r = at.early_exit(net, x, pol, max_batch=4, graphs="cuda")
+    assert r.exit_step.tolist() == [3] * 9
+    msgs = [rec.getMessage() for rec in caplog.records if "decision graphs off" in rec.getMessage()]
+    assert len(msgs) == 1 and "capturing the timestep decision" in msgs[0]
+    assert r.exit_step.tolist() == at.early_exit(net, x, pol, max_batch=4, graphs="off").exit_step.tolist()
 
 
 @pytest.mark.parametrize("mode", ["emulate", pytest.param("cuda", marks=CUDA)])
