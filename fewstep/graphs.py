@@ -82,7 +82,7 @@ class StepGraph:
         self.x = torch.zeros((self.batch, *frame.shape[1:]), dtype=frame.dtype, device=frame.device)
         self.graph, self.out = None, None
         reset(model)
-        self.decisions: dict = {}  # policy key -> DecisionGraph (captured graphs only; see decision_for)
+        self.decisions: dict = {}  # policy key -> DecisionGraph (captured graphs only; see decisions_for)
         if not self.capture:
             self.classes = model(self.x).shape[-1]  # (the call allocates the states)
             self._take_states(model)
