@@ -96,13 +96,10 @@ def per_step(values: list[float], t, like: torch.Tensor, name: str = "the policy
     check :meth:`Policy.horizon` against their T before the first step.
     """
     if isinstance(t, torch.Tensor):
-        table = _table(tuple(values), like.dtype, like.device)
-        t = t.to(like.device)
-        if t.device.type != "cpu":
-            return table[t]
+        table, t = _table(tuple(values), like.dtype, like.device), t.to(like.device)
         try:
             return table[t]
-        except IndexError:
+        except IndexError:  # (the CPU's lookup checks its bounds)
             raise ValueError(f"{name} was calibrated for T = {len(values)} but asked about step {int(t.max())}") from None
     if t > len(values):
         raise ValueError(f"{name} was calibrated for T = {len(values)} but asked about step {t}")

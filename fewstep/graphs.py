@@ -239,8 +239,7 @@ class DecisionGraph:
 
 def _policy_key(policy, T: int) -> tuple:
     """What a captured decision depends on: the policy's class and every parameter it reports, and T."""
-    params = policy.to_dict() if hasattr(policy, "to_dict") else {}
-    return (type(policy).__module__, type(policy).__qualname__, repr(sorted(params.items())), int(T))
+    return (type(policy).__module__, type(policy).__qualname__, repr(sorted(policy.to_dict().items())), int(T))
 
 
 def decisions_for(graphs: dict[int, StepGraph], policy, T: int, capture: bool, model: nn.Module) -> dict:

@@ -406,9 +406,14 @@ def reset(net: nn.Module) -> nn.Module:
     return net
 
 
+def _has_step_mode(m: nn.Module) -> bool:
+    """A class attribute or property, else an instance attribute (no ``nn.Module.__getattr__`` miss)."""
+    return hasattr(type(m), "step_mode") or "step_mode" in m.__dict__
+
+
 def step_mode_of(net: nn.Module) -> str:
     """The step mode of ``net``'s first module that has one (``"m"`` when none has)."""
-    return next((m.step_mode for m in net.modules() if hasattr(m, "step_mode")), "m")
+    return next((m.step_mode for m in net.modules() if _has_step_mode(m)), "m")
 
 
 def set_step_mode(net: nn.Module, mode: str) -> nn.Module:
@@ -420,7 +425,7 @@ def set_step_mode(net: nn.Module, mode: str) -> nn.Module:
             if m.step_mode != mode:
                 m.step_mode = mode
             m.reset()
-        elif getattr(m, "step_mode", mode) != mode:
+        elif _has_step_mode(m) and m.step_mode != mode:
             m.step_mode = mode
     return net
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..neurons import make_neuron
+from ..neurons import make_neuron, step_mode_of
 
 MODELS: dict[str, Callable[..., "SNN"]] = {}
 
@@ -107,10 +107,7 @@ class SNN(nn.Module):
 
     def current_step_mode(self) -> str:
         """``"m"`` or ``"s"``, as set by :func:`fewstep.set_step_mode`."""
-        for m in self.modules():  # (a class attribute or property, else an instance attribute: no __getattr__ miss)
-            if hasattr(type(m), "step_mode") or "step_mode" in m.__dict__:
-                return m.step_mode
-        return "m"
+        return step_mode_of(self)
 
     def check_input(self, x: torch.Tensor) -> None:
         mode = self.current_step_mode()
