@@ -40,6 +40,10 @@ def _where(device: str) -> str:
     return f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
 
 
+def _iqr(q) -> str:
+    return f"({q[0]:.2f}-{q[1]:.2f})"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
@@ -65,8 +69,9 @@ def main():
     if K < 1:
         raise SystemExit(f"--stream-passes must be >= 1, got {K}")
     head = (f"{'policy':9s} {'setting':>12s} {'acc':>7s} {'drop':>6s} {'exit':>5s} {'steps x':>7s} "
-            f"{'wall x':>7s} {'ratio':>6s} {'wall x':>7s} {'ratio':>6s}" + (f" {'wall x':>7s} {'ratio':>6s}" if K > 1 else ""))
-    print(f"{'':52s}{'continuous':>15s} {'per-batch':>15s}" + (f" {f'{K}x stream':>15s}" if K > 1 else ""))
+            f"{'wall x':>7s} {'ratio':>6s} {'(IQR)':>11s} {'wall x':>7s} {'ratio':>6s}"
+            + (f" {'wall x':>7s} {'ratio':>6s} {'(IQR)':>11s}" if K > 1 else ""))
+    print(f"{'':52s}{'continuous':>27s} {'per-batch':>15s}" + (f" {f'{K}x stream':>27s}" if K > 1 else ""))
     print(head)
     if K > 1:  # the test recordings played K times over, as one stream
         dmodel = model.to(args.device)  # (its validation outputs are already taken)
@@ -82,30 +87,37 @@ def main():
             r[cont] = cutoff_report(run, name, calibration=path, batch_size=args.batch_size, repeats=args.repeats,
                                     continuous=cont, device=args.device, graphs=args.graphs)
         a = r[True]
+        sx = a["timestep_speedup"]
+        iqr = [q / sx for q in a["wallclock_speedup_iqr"]]  # quartiles of the per-round ratios
         setting = f"t={pol.t}" if name == "timestep" else f"eps={pol.epsilon:g}"
         row = {"policy": name, "setting": setting, "accuracy": a["accuracy"], "full_accuracy": a["full_accuracy"],
                "drop_pt": 100 * a["accuracy_drop"], "mean_exit_step": a["mean_exit_step"],
                "timestep_speedup": a["timestep_speedup"],
                "wallclock_speedup_continuous": a["wallclock_speedup"],
                "ms_full_continuous": 1e3 * a["seconds_full"], "ms_early_exit_continuous": 1e3 * a["seconds_early_exit"],
-               "ratio_continuous": a["wallclock_speedup"] / a["timestep_speedup"],
+               "ratio_continuous": a["wallclock_speedup"] / a["timestep_speedup"], "ratio_continuous_iqr": iqr,
                "wallclock_speedup_per_batch": r[False]["wallclock_speedup"],
                "ratio_per_batch": r[False]["wallclock_speedup"] / a["timestep_speedup"],
                "matches_simulation": a["matches_simulation"] and r[False]["matches_simulation"]}
         extra = ""
         if K > 1:
-            tf, te = at.speedup(dmodel, stream, pol, T, args.batch_size, True, args.repeats, graphs=args.graphs)
-            row.update(stream_passes=K, wallclock_speedup_stream=tf / te, ratio_stream=tf / te / a["timestep_speedup"])
-            extra = f" {row['wallclock_speedup_stream']:6.2f}x {row['ratio_stream']:6.2f}"
+            rounds = at.speedup_rounds(dmodel, stream, pol, T, args.batch_size, True, args.repeats, graphs=args.graphs)
+            sp = at.spread(*rounds)
+            row.update(stream_passes=K, wallclock_speedup_stream=sp["median"], ratio_stream=sp["median"] / sx,
+                       ratio_stream_iqr=[sp["q1"] / sx, sp["q3"] / sx])
+            extra = (f" {row['wallclock_speedup_stream']:6.2f}x {row['ratio_stream']:6.2f} "
+                     f"{_iqr(row['ratio_stream_iqr'])}")
         rows.append(row)
         print(f"{name:9s} {setting:>12s} {100 * a['accuracy']:6.1f}% {row['drop_pt']:+5.1f} {a['mean_exit_step']:5.2f} "
               f"{a['timestep_speedup']:6.2f}x {row['wallclock_speedup_continuous']:6.2f}x {row['ratio_continuous']:6.2f} "
+              f"{_iqr(iqr)} "
               f"{row['wallclock_speedup_per_batch']:6.2f}x {row['ratio_per_batch']:6.2f}" + extra)
     out = run / "bench_anytime.json"
     out.write_text(json.dumps({"T": T, "batch_size": args.batch_size, "device": _where(args.device),
                                "graphs": args.graphs, "malloc": malloc, "rows": rows}, indent=2))
     print(f"\n(drop in accuracy points on test; 'steps x' = T / mean exit step; 'wall x' = full-T time / early-exit "
-          f"time, same runner, split and batch size, median of {args.repeats}; ratio = wall x / steps x"
+          f"time, same runner, split and batch size: the median over {args.repeats} rounds, each timing both back to "
+          f"back; ratio = wall x / steps x; IQR: quartiles of the {args.repeats} per-round ratios"
           + (f"; '{K}x stream': continuous batching over the test split played {K} times, same decisions" if K > 1 else "")
           + f")\nwrote {out}")
 

@@ -305,12 +305,14 @@ def run_dataset(model, dataset: Dataset, policy: _cutoff.Policy, T: int, kind: s
     return RunStats(d, labels, secs, cat("spikes"), cat("macs"), cat("sops"))
 
 
-def speedup(model, chunks, policy, T: int, batch_size: int = 64, continuous: bool = True, repeats: int = 5,
-            min_seconds: float = 0.5, graphs: str = "auto") -> tuple[float, float]:
-    """Median seconds per pass over ``chunks`` for running to T and for early exit with ``policy``.
+def speedup_rounds(model, chunks, policy, T: int, batch_size: int = 64, continuous: bool = True, repeats: int = 5,
+                   min_seconds: float = 0.5, graphs: str = "auto") -> tuple[list[float], list[float]]:
+    """Seconds per pass over ``chunks`` in each of ``repeats`` interleaved rounds, running to T and with
+    early exit by ``policy``: ``(full, early_exit)``, one entry per round.
 
-    Interleaved rounds; each round repeats the pass until it lasts about ``min_seconds`` (short runs on
-    a shared machine are dominated by noise).
+    Each round repeats the full-T pass until it lasts about ``min_seconds`` (short runs on a shared machine
+    are dominated by noise), then the early-exit pass twice as often; round ``i``'s two figures are
+    measured back to back, so ``full[i] / early_exit[i]`` is one paired sample of the wall-clock speed-up.
     """
     full = _cutoff.Timestep(T, T=T)
     run = lambda pol: run_chunks(model, chunks, pol, batch_size, continuous, graphs=graphs)[1]  # noqa: E731
@@ -320,7 +322,25 @@ def speedup(model, chunks, policy, T: int, batch_size: int = 64, continuous: boo
     for _ in range(repeats):
         tf.append(sum(run(full) for _ in range(inner)) / inner)
         te.append(sum(run(policy) for _ in range(inner * 2)) / (inner * 2))
+    return tf, te
+
+
+def speedup(model, chunks, policy, T: int, batch_size: int = 64, continuous: bool = True, repeats: int = 5,
+            min_seconds: float = 0.5, graphs: str = "auto") -> tuple[float, float]:
+    """Median seconds per pass over ``chunks`` for running to T and for early exit with ``policy``
+    (the medians of :func:`speedup_rounds`)."""
+    tf, te = speedup_rounds(model, chunks, policy, T, batch_size, continuous, repeats, min_seconds, graphs)
     return statistics.median(tf), statistics.median(te)
+
+
+def spread(full: list[float], early_exit: list[float]) -> dict:
+    """The per-round wall-clock speed-ups ``full[i] / early_exit[i]`` of :func:`speedup_rounds` and their
+    quartiles: ``{"rounds", "q1", "median", "q3"}`` (with fewer than two rounds all three are the one value)."""
+    r = [a / b for a, b in zip(full, early_exit)]
+    if not r:
+        raise ValueError("spread needs at least one round")
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+    return {"rounds": r, "q1": q[0], "median": statistics.median(r), "q3": q[2]}
 
 
 class AnytimeStream:

@@ -174,7 +174,9 @@ def cmd_cutoff(args) -> int:
           f"drop {100 * r['accuracy_drop']:+.2f} pt)")
     print(f"  mean exit     {r['mean_exit_step']:.2f} of {r['T']} -> timestep speed-up {r['timestep_speedup']:.2f}x "
           f"(OCT oracle: {r['oct_mean_exit_step']:.2f})")
-    print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s = {r['wallclock_speedup']:.2f}x")
+    q1, q3 = r["wallclock_speedup_iqr"]
+    print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s per pass: {r['wallclock_speedup']:.2f}x "
+          f"(median of {len(r['wallclock_speedup_rounds'])} paired rounds, quartiles {q1:.2f}-{q3:.2f})")
     print(f"  SOPs/sample   {r['sops_per_sample']:.3g} (full T {r['sops_per_sample_full']:.3g}); "
           f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
     if "target" in r:

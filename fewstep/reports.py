@@ -8,6 +8,7 @@ the same split and batch size (median of ``repeats`` interleaved rounds of about
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -93,7 +94,9 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, continuous=continuous,
                           graphs=graphs)
     chunks, _ = _any.prepare(ds, T, bundle.kind, cfg.data.encoding, batch_size, dev)
-    t_full, t_exit = _any.speedup(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
+    rounds = _any.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
+    t_full, t_exit = (statistics.median(r) for r in rounds)
+    sp = _any.spread(*rounds)
     ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
     ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
                                 count_ops=True)
@@ -110,7 +113,8 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         "n": int(len(y)), "T": T, "batch_size": batch_size, "continuous_batching": continuous,
         "full_accuracy": full_acc, "accuracy": acc, "accuracy_drop": full_acc - acc,
         "mean_exit_step": d.mean_exit_step(), "timestep_speedup": T / d.mean_exit_step(),
-        "wallclock_speedup": t_full / t_exit, "seconds_full": t_full, "seconds_early_exit": t_exit,
+        "wallclock_speedup": sp["median"], "seconds_full": t_full, "seconds_early_exit": t_exit,
+        "wallclock_speedup_rounds": sp["rounds"], "wallclock_speedup_iqr": [sp["q1"], sp["q3"]],
         "exit_histogram": hist, "matches_simulation": bool(torch.equal(sim.exit_step, d.exit_step)
                                                            and torch.equal(sim.prediction, d.prediction)),
         "oct_mean_exit_step": oct_d.mean_exit_step(),

@@ -137,6 +137,17 @@ def test_calibration_refuses_the_test_split_and_mc_dropout(digits_run):
     assert torch.equal(Y, Y2)  # the dropout hooks are gone afterwards
 
 
+def test_spread_pairs_the_rounds_and_gives_their_quartiles():
+    # rounds of (full, early exit) seconds -> speed-ups 2, 4, 3, 5, 6; sorted 2 3 4 5 6: quartiles 3, 4, 5
+    s = at.spread([2.0, 4.0, 3.0, 5.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert s["rounds"] == [2.0, 4.0, 3.0, 5.0, 6.0] and (s["q1"], s["median"], s["q3"]) == (3.0, 4.0, 5.0)
+    s = at.spread([1.0, 3.0], [0.5, 1.0])  # speed-ups 2 and 3: the inclusive quartiles interpolate
+    assert (s["q1"], s["median"], s["q3"]) == (2.25, 2.5, 2.75)
+    assert at.spread([3.0], [2.0])["q1"] == at.spread([3.0], [2.0])["q3"] == 1.5
+    with pytest.raises(ValueError, match="at least one round"):
+        at.spread([], [])
+
+
 def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05", "--repeats", "1"]) == 0
     r = json.loads((digits_run / "cutoff_topk.json").read_text())
@@ -144,6 +155,9 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
         assert k in r, k
     assert r["matches_simulation"] and r["epsilon"] == 0.05 and r["T"] == 4
     assert r["timestep_speedup"] == pytest.approx(4 / r["mean_exit_step"])
+    assert len(r["wallclock_speedup_rounds"]) == 1  # --repeats 1: one round, whose ratio is the quartiles too
+    assert r["wallclock_speedup_iqr"] == [r["wallclock_speedup_rounds"][0]] * 2
+    assert r["wallclock_speedup"] == pytest.approx(r["wallclock_speedup_rounds"][0])
     assert sum(r["exit_histogram"]) == r["n"]
     assert r["spikes_per_sample"] <= r["spikes_per_sample_full"] + 1e-9
     cal = json.loads((digits_run / "calibration_topk.json").read_text())
