@@ -2,7 +2,8 @@
 
 Thresholds are always fitted on the validation split; the report split (``test`` by default) is
 only evaluated. Wall-clock figures time the same streaming runner with and without early exit, on
-the same split and batch size (median of ``repeats`` interleaved rounds of about half a second).
+the same split and batch size: the median of the per-round speed-ups over ``repeats`` rounds, each
+timing both back to back (about half a second each), with their quartiles (:func:`fewstep.anytime.spread`).
 """
 
 from __future__ import annotations
