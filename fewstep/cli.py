@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,7 +224,7 @@ def cmd_stream(args) -> int:
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     r = _stream.stream_report(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
-                              args.realtime, args.device, log=log)
+                              args.realtime, args.device, log=log, plot=args.plot)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -359,6 +360,8 @@ def main(argv=None) -> int:
     st.add_argument("--end-us", type=float, help="use only events before this sensor time (µs)")
     st.add_argument("--realtime", action="store_true", help="release frames at sensor speed")
     st.add_argument("--json", action="store_true", help="print the report as JSON (for programs)")
+    st.add_argument("--plot", metavar="PNG", help="also draw the recording stepped to T: events per frame, class "
+                    "probabilities and the policy's statistic against its threshold, with the decision marked")
     st.add_argument("--device", default="cpu")
     st.set_defaults(fn=cmd_stream)
 
@@ -395,6 +398,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``fewstep ... | head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so exiting does not flush into it)
+        return 0
 
 
 if __name__ == "__main__":

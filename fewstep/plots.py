@@ -155,3 +155,55 @@ def ablation_speedup(stats: dict[str, dict], policies, drops, path) -> Path:
     _style(ax, "", "timestep speed-up (T / mean exit)", "Calibrated early exit (thresholds from validation; test)",
            title_size=10)
     return _save(fig, path)
+
+
+def stream_trace(counts, probs, exit_step: int, prediction: int, frame_ms: float, statistic, path, title: str,
+                 classes=None, count_label: str = "events per frame", top: int = 3) -> Path:
+    """One recording stepped to T (``fewstep stream --plot``): ``counts`` per frame (bars), the running class
+    probabilities ``probs[T, C]`` of the ``top`` classes at T and the predicted one, and ``statistic``
+    (:func:`fewstep.stream.policy_statistic`, or ``None``) against its threshold; the decision's step is
+    marked and the frames after it are shaded (not needed for the answer). The x axis is sensor time at
+    the end of each frame when frames have a duration (``frame_ms``), else the step."""
+    import numpy as np
+
+    plt = _plt()
+    T = len(counts)
+    timed = frame_ms == frame_ms  # NaN: frames of equal event counts have no duration
+    x = np.arange(1, T + 1) * (frame_ms if timed else 1.0)
+    width = (frame_ms if timed else 1.0) * 0.85
+    x_exit = exit_step * (frame_ms if timed else 1.0)
+    rows = 3 if statistic is not None else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(6.4, 2.0 + 1.6 * rows), dpi=120, sharex=True)
+    ax = axes[0]
+    ax.bar(x - width / 2, counts, width, color=["tab:blue" if t < exit_step else "lightgray" for t in range(T)])
+    ax.set_ylabel(count_label, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax = axes[1]
+    probs = np.asarray(probs)
+    keep = list(dict.fromkeys([prediction, *np.argsort(-probs[-1])[:top].tolist()]))
+    for c, color in zip(keep, _colors(len(keep))):
+        name = classes[c] if classes else str(c)
+        ax.plot(x, probs[:, c], marker="o", ms=3, color=color, label=f"{c}: {name}" if name != str(c) else f"class {c}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("softmax of Y(t)", fontsize=8)
+    ax.legend(fontsize=7, loc="best")
+    if statistic is not None:
+        label, values, thresholds, when, log_scale = statistic
+        ax = axes[2]
+        ax.plot(x, values, marker="o", ms=3, color="black", label=label)
+        ax.plot(x, thresholds, color="crimson", ls="--", marker="_", ms=12, label=f"threshold (fires {when})")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes:
+        ax.axvline(x_exit, color="crimson", lw=1.0)
+        if exit_step < T:  # the frames the answer did not need
+            ax.axvspan(x_exit, x[-1], color="gray", alpha=0.08)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlim(0, x[-1] + 0.02 * x[-1])
+    axes[-1].set_xlabel("sensor time at the end of the frame (ms)" if timed else "step (frames of equal event counts)")
+    axes[0].annotate(f"safe after {x_exit:.1f} ms" if timed else f"safe after step {exit_step}", (x_exit, 1.0),
+                     xycoords=("data", "axes fraction"), xytext=(4, -12), textcoords="offset points", fontsize=8,
+                     color="crimson")
+    return _save(fig, path)

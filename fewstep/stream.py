@@ -169,8 +169,9 @@ def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=Non
 
 
 def stream_report(run_dir, events, policy: str = "topk", calibration=None, start_us=None, end_us=None,
-                  realtime: bool = False, device: str = "cpu", log=print) -> dict:
-    """Everything ``fewstep stream`` prints (and writes with ``--json``)."""
+                  realtime: bool = False, device: str = "cpu", log=print, plot=None) -> dict:
+    """Everything ``fewstep stream`` prints (and writes with ``--json``); ``plot``: also draw
+    :func:`plot_trace` into that PNG file (after the decision, untimed)."""
     from .train import load_network
 
     model, cfg, meta = load_network(run_dir, device=device)  # (the dataset is read only to calibrate)
@@ -184,13 +185,71 @@ def stream_report(run_dir, events, policy: str = "topk", calibration=None, start
     classes = getattr(meta, "classes", None)
     out.update(run=str(run_dir), events=str(events), n_events=rec.n_events, policy=pol.to_dict(),
                label=(classes[out["prediction"]] if classes else str(out["prediction"])))
+    if plot:
+        out["plot"] = str(plot_trace(model, rec, out, pol, plot, classes, bool(cfg.data.binarize), device))
     return out
+
+
+@torch.no_grad()
+def running_trace(model, rec: Recording, T: "int | None" = None, device="cpu") -> torch.Tensor:
+    """Running logits ``Y[T, C]`` of the whole recording, stepped through the same per-stream API as
+    :func:`decide` but never stopping (for the plot of :func:`plot_trace`; untimed)."""
+    from .anytime import AnytimeStream
+    from .neurons import set_step_mode, step_mode_of
+
+    T = rec.frames.shape[0] if T is None else T
+    prev = step_mode_of(model)
+    stream = AnytimeStream(model, _cf.Timestep(T, T=T), T)
+    Y = []
+    try:
+        for t in range(T):
+            stream.push(rec.frames[t].to(device))
+            Y.append(stream.Y[0].float().cpu())
+    finally:
+        set_step_mode(model, prev)
+    return torch.stack(Y)
+
+
+def policy_statistic(policy: _cf.Policy, Y: torch.Tensor):
+    """What ``policy`` reads at each step of the running logits ``Y[T, C]`` and where it fires:
+    ``(label, values[T], thresholds[T], fires_when, log_scale)``, or ``None`` for a policy without a threshold
+    (``timestep``). top-k: the top-2 gap against its per-step β(t), firing above it; softmax: 1 − p_max
+    against ε, firing below it; spikecp: the size of the conformal prediction set, firing at 1."""
+    T = Y.shape[0]
+    if isinstance(policy, _cf.TopK):
+        return ("top-2 gap of Y(t)", _cf.top2_gap(Y).tolist(), list(policy.betas[:T]), "above", False)
+    if isinstance(policy, _cf.Softmax):
+        return ("1 − p_max", (1.0 - Y.double().softmax(-1).max(-1).values).clamp_min(1e-300).tolist(),
+                [policy.epsilon] * T, "below", True)
+    if isinstance(policy, _cf.SpikeCP):
+        sizes = [int(policy.set_size(Y[t:t + 1], t + 1)[0]) for t in range(T)]
+        return ("prediction-set size", sizes, [1] * T, "at", False)
+    return None
+
+
+def plot_trace(model, rec: Recording, report: dict, policy: _cf.Policy, path, classes=None, binarize=False,
+               device="cpu"):
+    """The figure of ``fewstep stream --plot``: events per frame over sensor time, the running class
+    probabilities, and (top-k, softmax, spikecp) the policy's statistic against its threshold, with the
+    decision's step marked."""
+    from .plots import stream_trace
+
+    Y = running_trace(model, rec, device=device)
+    probs = Y.double().softmax(-1)
+    counts = rec.frames.flatten(1).sum(1).tolist()
+    label = "" if report["label"] == str(report["prediction"]) else f" ({report['label']})"
+    title = (f"{Path(rec.path).name}: class {report['prediction']}{label} at step "
+             f"{report['exit_step']} of {report['T']}, policy {report['policy']['policy']}")
+    return stream_trace(counts, probs, report["exit_step"], report["prediction"], rec.frame_us / 1e3,
+                        policy_statistic(policy, Y), path, title, classes,
+                        "active pixels per frame" if binarize else "events per frame")
 
 
 def summary_lines(r: dict) -> list[str]:
     c = r["compute_ms_per_step"]
     med = float(np.median(c))
-    lines = [f"decision: class {r['prediction']} ({r['label']}) at step {r['exit_step']} of {r['T']} "
+    name = "" if r["label"] == str(r["prediction"]) else f" ({r['label']})"
+    lines = [f"decision: class {r['prediction']}{name} at step {r['exit_step']} of {r['T']} "
              f"(policy {r['policy']['policy']})"]
     if r["frame_ms"] == r["frame_ms"]:
         lines.append(f"answered after {r['sensor_ms']:.1f} ms of a {r['recording_ms']:.1f} ms recording "
@@ -201,4 +260,6 @@ def summary_lines(r: dict) -> list[str]:
     lines.append("trace:  step  prediction  p_max   top-2 gap")
     for s in r["trace"]:
         lines.append(f"        {s['step']:4d}  {s['prediction']:10d}  {s['p_max']:.3f}  {s['gap']:9.3f}")
+    if r.get("plot"):
+        lines.append(f"wrote {r['plot']} (the recording stepped on to step {r['T']}, with the decision marked)")
     return lines

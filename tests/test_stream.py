@@ -204,3 +204,53 @@ def test_realtime_replays_at_sensor_speed(nmnist_run, capsys):
     assert fast["wall_ms"] < 4 * live["frame_ms"]  # (without --realtime nothing waits: ~1 ms per step)
     assert main(["stream", str(out), "--events", _first_test_file(nmnist_run), "--realtime", "--policy", "timestep"]) == 0
     assert "wall clock at sensor speed" in capsys.readouterr().out
+
+
+def test_plot_shows_the_statistic_that_made_the_decision(nmnist_run, tmp_path, capsys):
+    """``--plot``: the statistic drawn against its threshold first fires at the decision's exit step, for every
+    policy with a threshold, on real recordings; the figure is written and named in the text and the JSON."""
+    out, tr = nmnist_run
+    model = tr.model.eval()
+    if tr.best_state is not None:
+        model.load_state_dict(tr.best_state)
+    Yv = torch.stack([S.running_trace(model, S.read_recording(tr.cfg, tr.bundle.val.source.items[int(j)].path))
+                      for j in tr.bundle.val.index[:40]], 1)
+    yv = torch.tensor([tr.bundle.val[k][1] for k in range(40)])
+    policies = [_cf.TopK(0.05).calibrate(Yv, yv), _cf.Softmax(0.3, T=6), _cf.SpikeCP(0.2).calibrate(Yv, yv)]
+    seen = set()
+    for k in range(8):
+        rec = S.read_recording(tr.cfg, tr.bundle.test.source.items[int(tr.bundle.test.index[k])].path)
+        Y = S.running_trace(model, rec)
+        assert Y.shape == (6, 10)
+        for pol in policies:
+            r = S.decide(model, rec, pol)
+            label, values, thresholds, when, _ = S.policy_statistic(pol, Y)
+            assert len(values) == len(thresholds) == 6
+            fired = [{"above": v > th, "below": v < th, "at": v == th}[when] for v, th in zip(values, thresholds)]
+            first = fired.index(True) + 1 if True in fired else 6
+            assert first == r["exit_step"], (pol.name, k, values, thresholds)
+            assert int(Y[r["exit_step"] - 1].argmax()) == r["prediction"]
+            seen.add(r["exit_step"])
+    assert len(seen) > 1  # the recordings do not all exit at the same step
+    assert S.policy_statistic(_cf.Timestep(2, T=6), Y) is None
+    png = tmp_path / "trace.png"
+    path = _first_test_file(nmnist_run)
+    assert main(["stream", str(out), "--events", path, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    png.unlink()
+    assert main(["stream", str(out), "--events", path, "--policy", "timestep", "--plot", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(png) and png.is_file()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(nmnist_run):
+    """``fewstep stream ... | head -1``: the closed pipe ends the command with status 0 and no traceback."""
+    import subprocess
+    import sys
+
+    out, _ = nmnist_run
+    cmd = [sys.executable, "-m", "fewstep", "stream", str(out), "--events", _first_test_file(nmnist_run),
+           "--policy", "timestep"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # nobody reads: the first write raises BrokenPipeError
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
