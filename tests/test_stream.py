@@ -155,6 +155,9 @@ def test_stream_on_the_real_dvs_gesture_clips(tmp_path, capsys):
         assert r["frame_ms"] == pytest.approx(recs[k - 1].span_us / T / 1e3)
         assert r["sensor_ms"] == pytest.approx(r["exit_step"] * r["frame_ms"])
         assert r["label"] == f"gesture {r['prediction'] + 1}" and r["n_events"] > 60_000
+    png = tmp_path / "gesture.png"  # the plot, with the dataset's class names, on a real clip
+    assert main(["stream", str(run), "--events", str(clips[2]), "--plot", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "no-such-folder").exists()  # the network was rebuilt from the checkpoint alone
     # without a saved calibration it must calibrate on validation: here the dataset is missing, and it says so
     assert main(["stream", str(run), "--events", str(clips[0]), "--policy", "spikecp"]) == 2
