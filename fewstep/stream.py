@@ -191,13 +191,13 @@ def stream_report(run_dir, events, policy: str = "topk", calibration=None, start
 
 
 @torch.no_grad()
-def running_trace(model, rec: Recording, T: "int | None" = None, device="cpu") -> torch.Tensor:
+def running_trace(model, rec: Recording, device="cpu") -> torch.Tensor:
     """Running logits ``Y[T, C]`` of the whole recording, stepped through the same per-stream API as
     :func:`decide` but never stopping (for the plot of :func:`plot_trace`; untimed)."""
     from .anytime import AnytimeStream
     from .neurons import set_step_mode, step_mode_of
 
-    T = rec.frames.shape[0] if T is None else T
+    T = rec.frames.shape[0]
     prev = step_mode_of(model)
     stream = AnytimeStream(model, _cf.Timestep(T, T=T), T)
     Y = []
@@ -237,19 +237,22 @@ def plot_trace(model, rec: Recording, report: dict, policy: _cf.Policy, path, cl
     Y = running_trace(model, rec, device=device)
     probs = Y.double().softmax(-1)
     counts = rec.frames.flatten(1).sum(1).tolist()
-    label = "" if report["label"] == str(report["prediction"]) else f" ({report['label']})"
-    title = (f"{Path(rec.path).name}: class {report['prediction']}{label} at step "
+    title = (f"{Path(rec.path).name}: {_decided_class(report)} at step "
              f"{report['exit_step']} of {report['T']}, policy {report['policy']['policy']}")
     return stream_trace(counts, probs, report["exit_step"], report["prediction"], rec.frame_us / 1e3,
                         policy_statistic(policy, Y), path, title, classes,
                         "active pixels per frame" if binarize else "events per frame")
 
 
+def _decided_class(r: dict) -> str:
+    """``class 3``, or ``class 2 (gesture 3)`` where the class has a name other than its index."""
+    return f"class {r['prediction']}" + ("" if r["label"] == str(r["prediction"]) else f" ({r['label']})")
+
+
 def summary_lines(r: dict) -> list[str]:
     c = r["compute_ms_per_step"]
     med = float(np.median(c))
-    name = "" if r["label"] == str(r["prediction"]) else f" ({r['label']})"
-    lines = [f"decision: class {r['prediction']}{name} at step {r['exit_step']} of {r['T']} "
+    lines = [f"decision: {_decided_class(r)} at step {r['exit_step']} of {r['T']} "
              f"(policy {r['policy']['policy']})"]
     if r["frame_ms"] == r["frame_ms"]:
         lines.append(f"answered after {r['sensor_ms']:.1f} ms of a {r['recording_ms']:.1f} ms recording "

@@ -201,7 +201,7 @@ class ImageTensors(Dataset):
         return x, self.y[j].to(device, non_blocking=True)
 
 
-def _bundle(name, arrays, classes, mean, std, val_fraction, seed, augment, cutout, pad=4, flip=True) -> DataBundle:
+def image_bundle(name, arrays, classes, mean, std, val_fraction, seed, augment, cutout, pad=4, flip=True) -> DataBundle:
     """In-memory ``uint8`` images from ``[N, H, W, C]`` arrays, normalised when read; validation carved from train."""
     def prep(x):
         return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()

@@ -27,8 +27,8 @@ import torch
 
 from .datasets import DataBundle, carve_val, register
 from .image_base import (  # noqa: F401  (Augment, batch_augment, decode_image, ImageTensors: re-exported)
-    IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, Augment, FolderDataset, ImageTensors, _bundle, _class_files,
-    _decode_members, _root, batch_augment, cached, class_index, decode_image,
+    IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, Augment, FolderDataset, ImageTensors, _class_files, _decode_members,
+    _root, batch_augment, cached, class_index, decode_image, image_bundle,
 )
 
 log = logging.getLogger("fewstep")
@@ -106,7 +106,7 @@ def cifar10(root: str = "../shared/data", val_fraction: float = 0.1, seed: int =
             cutout: int = 0, skip_corrupt: bool = False, **_ignored) -> DataBundle:
     """CIFAR-10 from pickle batches, image folders or the local JPEG archive; normalised per channel."""
     arrays, classes = _cifar_arrays(root, skip_corrupt)
-    return _bundle("cifar10", arrays, classes, CIFAR_MEAN, CIFAR_STD, val_fraction, seed, augment, cutout)
+    return image_bundle("cifar10", arrays, classes, CIFAR_MEAN, CIFAR_STD, val_fraction, seed, augment, cutout)
 
 
 @register("cifar100")
@@ -124,16 +124,16 @@ def cifar100(root: str = "../shared/data", val_fraction: float = 0.1, seed: int 
             n = 20 if coarse else 100
             classes = [c.decode() for c in names] if names else [str(i) for i in range(n)]
             arrays = {"train": (_pixels(tr), np.array(tr[key])), "test": (_pixels(te), np.array(te[key]))}
-            return _bundle("cifar100", arrays, classes, CIFAR100_MEAN, CIFAR100_STD, val_fraction, seed, augment,
-                           cutout)
+            return image_bundle("cifar100", arrays, classes, CIFAR100_MEAN, CIFAR100_STD, val_fraction, seed, augment,
+                                cutout)
     for cand in (root, root / "cifar100"):
         if (cand / "train").is_dir() and (cand / "test").is_dir():
             if coarse:
                 raise ValueError("coarse labels need the pickle layout (cifar-100-python/meta names the superclasses); "
                                  f"the image folders under {cand} carry only their class names")
             arrays, classes = _folder_arrays("cifar100", cand, skip_corrupt)
-            return _bundle("cifar100", arrays, classes, CIFAR100_MEAN, CIFAR100_STD, val_fraction, seed, augment,
-                           cutout)
+            return image_bundle("cifar100", arrays, classes, CIFAR100_MEAN, CIFAR100_STD, val_fraction, seed, augment,
+                                cutout)
     raise FileNotFoundError(f"CIFAR-100 not found under {root} (looked in {root} and {root / 'cifar-100-python'}); "
                             f"expected {CIFAR100_LAYOUT}")
 
@@ -194,8 +194,8 @@ def fashion_mnist(root: str = "../shared/data", val_fraction: float = 0.1, seed:
         if x.ndim != 3 or len(x) != len(y):
             raise ValueError(f"Fashion-MNIST {what} files in {folder} disagree: images {x.shape}, labels {y.shape}")
     arrays = {"train": (xtr[..., None], ytr.astype(np.int64)), "test": (xte[..., None], yte.astype(np.int64))}
-    return _bundle("fashion_mnist", arrays, FASHION_CLASSES, FASHION_MEAN, FASHION_STD, val_fraction, seed, augment,
-                   cutout, pad=2)
+    return image_bundle("fashion_mnist", arrays, FASHION_CLASSES, FASHION_MEAN, FASHION_STD, val_fraction, seed,
+                        augment, cutout, pad=2)
 
 
 # ------------------------------------------------------------------------------------------ Tiny-ImageNet
@@ -237,8 +237,8 @@ def tiny_imagenet(root: str = "../shared/data", val_fraction: float = 0.1, seed:
 
     arrays, classes = cached("tiny_imagenet", [folder / "wnids.txt", folder / "train", folder / "val"], build,
                              extra=f"skip={skip_corrupt}")
-    return _bundle("tiny_imagenet", arrays, classes, IMAGENET_MEAN, IMAGENET_STD, val_fraction, seed, augment, cutout,
-                   pad=8)
+    return image_bundle("tiny_imagenet", arrays, classes, IMAGENET_MEAN, IMAGENET_STD, val_fraction, seed, augment,
+                        cutout, pad=8)
 
 
 # ------------------------------------------------------------------------------------------ image folders
