@@ -226,8 +226,7 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
                 "mean_exit_step": d.mean_exit_step(), "speedup": T / d.mean_exit_step(),
                 "energy_uj": float(energy.mean()) * 1e-6,
             }
-            ok = [p for p in curve if p["accuracy"] >= full_test - drop - 1e-9]
-            best = min(ok, key=lambda p: p["mean_exit_step"]) if ok else {"mean_exit_step": float(T)}
+            best = _cf.fastest_point(curve, full_test, drop, on="test") or {"mean_exit_step": float(T)}
             out["test_curve"][name][str(drop)] = {"mean_exit_step": best["mean_exit_step"],
                                                   "speedup": T / best["mean_exit_step"]}
     return out

@@ -436,17 +436,33 @@ def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: f
 
 def sweep(name: str, Y_cal: torch.Tensor, y_cal: torch.Tensor, Y: torch.Tensor, y: torch.Tensor,
           epsilons=None) -> list[dict]:
-    """Accuracy vs mean exit step on (``Y``, ``y``) over a policy's thresholds (fitted on ``Y_cal``)."""
+    """Accuracy vs mean exit step on (``Y``, ``y``) over a policy's thresholds (fitted on ``Y_cal``).
+
+    Each point also holds ``val_accuracy`` and ``val_mean_exit_step``, the same setting on the calibration
+    data, so that a setting can be chosen there (:func:`fastest_point`) and read on (``Y``, ``y``)."""
     T = Y.shape[0]
     points = []
     for pol in candidates(name, T, epsilons):
         if pol.needs_calibration:
             pol.calibrate(Y_cal, y_cal)
         pol.T = T
-        d = simulate(pol, Y)
+        d, dv = simulate(pol, Y), simulate(pol, Y_cal)
         points.append({**{k: v for k, v in pol.params().items() if k in ("epsilon", "t")},
-                       "accuracy": d.accuracy(y), "mean_exit_step": d.mean_exit_step()})
+                       "accuracy": d.accuracy(y), "mean_exit_step": d.mean_exit_step(),
+                       "val_accuracy": dv.accuracy(y_cal), "val_mean_exit_step": dv.mean_exit_step()})
     return points
+
+
+def fastest_point(points: list[dict], full_accuracy: float, max_drop: float, on: str = "val") -> dict | None:
+    """The point of a :func:`sweep` with the lowest mean exit step on split ``on`` (``"val"``: the
+    calibration data; ``"test"``: the evaluated split, the papers' reading, for comparison only) whose
+    accuracy there is within ``max_drop`` of ``full_accuracy`` (that split's full-T accuracy); ``None`` if
+    no point is. The same choice as :func:`fastest_within` on the calibration data."""
+    if on not in ("val", "test"):
+        raise ValueError(f"on must be 'val' or 'test', got {on!r}")
+    acc, ex = ("val_accuracy", "val_mean_exit_step") if on == "val" else ("accuracy", "mean_exit_step")
+    ok = [p for p in points if p[acc] >= full_accuracy - max_drop - 1e-9]
+    return min(ok, key=lambda p: p[ex]) if ok else None
 
 
 def fastest_within(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float = 0.01) -> tuple[Policy, dict]:

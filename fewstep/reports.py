@@ -155,6 +155,7 @@ def tradeoff_report(run_dir, split: str = "test", policies=("timestep", "softmax
            "oct": {"accuracy": oct_d.accuracy(y), "mean_exit_step": oct_d.mean_exit_step()},
            "policies": curves}
     out["val_accuracy_per_step"] = (Yv.argmax(-1) == yv).float().mean(1).tolist()
+    out["val_full_accuracy"] = out["val_accuracy_per_step"][-1]
     (run_dir / "tradeoff.json").write_text(json.dumps(out, indent=2))
     plots.accuracy_per_step({"validation": out["val_accuracy_per_step"], split: out["accuracy_per_step"]},
                             run_dir / "accuracy_per_step.png", f"{cfg.model.name} on {cfg.data.name}")

@@ -193,6 +193,42 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000
 
 
+def test_tradeoff_table_chooses_each_setting_on_validation(digits_run, capsys):
+    """The table `fewstep tradeoff` and the demo print picks each policy's setting on validation (the choice
+    fastest_within makes), never off the test curve it reports."""
+    from fewstep.cli import _tradeoff_table
+    from fewstep.reports import tradeoff_report
+    from fewstep.train import load_run
+
+    model, cfg, bundle = load_run(digits_run)
+    r = tradeoff_report(digits_run, "test")
+    Yv, yv = at.calibration_outputs(model, bundle.val, 4, bundle.kind, cfg.data.encoding)
+    assert r["val_full_accuracy"] == pytest.approx((Yv[-1].argmax(-1) == yv).float().mean().item())
+    rows = {line.split()[0]: line.split() for line in _tradeoff_table(r, 0.02).splitlines()[1:]}
+    for name in ("softmax", "topk", "spikecp", "timestep"):
+        pol, val = cf.fastest_within(name, Yv, yv, 0.02)
+        p = cf.fastest_point(r["policies"][name], r["val_full_accuracy"], 0.02)
+        assert {k: p[k] for k in ("epsilon", "t") if k in p} == \
+            {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}
+        assert p["val_mean_exit_step"] == pytest.approx(val["mean_exit_step"])
+        setting = f"t={pol.t}" if name == "timestep" else f"eps={pol.epsilon:g}"
+        assert rows[name][1] == setting
+        assert float(rows[name][3].rstrip("%")) == pytest.approx(100 * p["accuracy"], abs=0.006)
+    # a hand-made sweep where validation and test disagree: the choice follows validation
+    pts = [{"epsilon": 0.1, "accuracy": 0.90, "mean_exit_step": 1.0, "val_accuracy": 0.80, "val_mean_exit_step": 1.2},
+           {"epsilon": 0.01, "accuracy": 0.95, "mean_exit_step": 2.0, "val_accuracy": 0.95, "val_mean_exit_step": 2.1}]
+    assert cf.fastest_point(pts, 0.96, 0.01)["epsilon"] == 0.01
+    assert cf.fastest_point(pts, 0.91, 0.01, on="test")["epsilon"] == 0.1
+    assert cf.fastest_point(pts, 0.99, 0.01) is None
+    made = {"split": "test", "T": 4, "full_accuracy": 0.91, "val_full_accuracy": 0.96,
+            "oct": {"accuracy": 0.91, "mean_exit_step": 1.0}, "policies": {"softmax": pts}}
+    assert _tradeoff_table(made).splitlines()[-1].split()[:4] == ["softmax", "eps=0.01", "95.00%", "95.00%"]
+    with pytest.raises(ValueError, match="on must be"):
+        cf.fastest_point(pts, 0.9, 0.01, on="train")
+    assert cli(["tradeoff", str(digits_run), "--max-drop", "0.02"]) == 0
+    assert "within 2 pt of full-T accuracy on validation, read on test" in capsys.readouterr().out
+
+
 def test_latency_runs_from_joining_the_batch_to_the_decision():
     """Each step sleeps 20 ms: a sample decided at step 2 waited ~40 ms since it joined, whenever it joined."""
     import time
