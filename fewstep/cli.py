@@ -240,7 +240,9 @@ def cmd_energy(args) -> int:
     r = _energy.energy_report(args.run, args.policy, args.split, args.calibration, args.e_mac, args.e_sop)
     print("\n".join(_energy.table_lines(r["full"], f"full T ({r['split']})")))
     if "cutoff" in r:
-        print("\n".join(_energy.table_lines(r["cutoff"], f"with the {args.policy} cutoff, up to each exit")))
+        pol = r["policy"]
+        setting = f"t={pol['t']}" if "t" in pol else f"epsilon={pol['epsilon']:g}"
+        print("\n".join(_energy.table_lines(r["cutoff"], f"with the {args.policy} cutoff ({setting}), up to each exit")))
     print(f"wrote {r['path']}")
     return 0
 

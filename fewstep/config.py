@@ -394,6 +394,16 @@ def from_dict(d: dict | None) -> Config:
     return _check(Config(**{name: _section(cls, d.get(name), name) for name, cls in SECTIONS.items()}))
 
 
+def with_absolute_root(cfg: Config) -> Config:
+    """``cfg`` with ``data.root`` made absolute against the working directory (``~`` expanded), so that a run
+    folder's config still finds its dataset when it is read from another directory (``fewstep eval RUN``)."""
+    import dataclasses
+    import os
+
+    root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    return cfg if root == cfg.data.root else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` (value parsed as YAML; ``model.options.hidden=64`` reaches inside dicts)."""
     d = {k: dict(v or {}) for k, v in d.items()}

@@ -152,8 +152,20 @@ def load_run(run_dir, weights: str = "best", device: str = "cpu"):
     ``weights`` is ``"best"`` (best on validation) or ``"last"``.
     """
     _, cfg, state = _open_run(run_dir, weights)
-    bundle = load_data(cfg)
+    bundle = _run_data(run_dir, cfg)
     return _rebuild(cfg, bundle, state, device), cfg, bundle
+
+
+def _run_data(run_dir, cfg: _config.Config) -> _datasets.DataBundle:
+    """A run's dataset; when it is missing, the error says where the run's config looked."""
+    try:
+        return load_data(cfg)
+    except FileNotFoundError as e:
+        root = cfg.data.root
+        where = (f"relative to the working directory {os.getcwd()} (runs trained before fewstep stored "
+                 "the root as an absolute path keep it as written: run from the folder it was trained in)" if not os.path.isabs(os.path.expanduser(root))
+                 else "as it was when the run was trained")
+        raise FileNotFoundError(f"{e}\n{run_dir} was trained on data.root {root!r}, read {where}") from e
 
 
 def load_network(run_dir, weights: str = "best", device: str = "cpu"):
@@ -163,7 +175,7 @@ def load_network(run_dir, weights: str = "best", device: str = "cpu"):
     ckpt, cfg, state = _open_run(run_dir, weights)
     d = ckpt.get("data")
     if d is None:
-        bundle = load_data(cfg)
+        bundle = _run_data(run_dir, cfg)
         return _rebuild(cfg, bundle, state, device), cfg, bundle
     meta = DataMeta(tuple(d["input_shape"]), int(d["num_classes"]), d["kind"], list(d["classes"]))
     return _rebuild(cfg, meta, state, device), cfg, meta

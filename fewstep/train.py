@@ -101,7 +101,7 @@ class Trainer:
 
     def __init__(self, cfg: _config.Config, out_dir, bundle: _datasets.DataBundle | None = None,
                  regularizers: list[Callable] | None = None, log: Callable[[str], None] = print):
-        self.cfg = cfg
+        self.cfg = cfg = _config.with_absolute_root(cfg)  # the run folder's config finds its data from anywhere
         self.out = Path(out_dir)
         check_run_folder(self.out)  # before any data is loaded
         self.dist = _dist.from_env(cfg.train.device)  # None: one process
@@ -188,7 +188,7 @@ class Trainer:
         if ckpt.get("conversion") is not None:
             raise ValueError(f"{self.out} holds a network converted from an ANN (fewstep convert), which has no "
                              "training state to resume; train into a new --out folder")
-        saved = _config.from_dict(ckpt["config"]).to_dict()
+        saved = _config.with_absolute_root(_config.from_dict(ckpt["config"])).to_dict()  # (a relative root: older runs)
         mine = self.cfg.to_dict()
         # The number of epochs may grow on resume; anything else must match.
         saved["train"].pop("epochs"), mine["train"].pop("epochs")

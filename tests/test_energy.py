@@ -81,5 +81,6 @@ def test_energy_command_on_a_run_with_and_without_a_cutoff(tmp_path, capsys):
     assert "features.0" in out and "total" in out and "energy_timestep.json" in out
     r = json.loads((tmp_path / "run" / "energy_timestep.json").read_text())
     assert r["cutoff"]["mean_steps"] <= r["full"]["mean_steps"] == r["full"]["T"] == 3
+    assert f"with the timestep cutoff (t={r['policy']['t']}), up to each exit" in out  # names its setting
     assert r["cutoff"]["total"]["energy_pj"] < r["full"]["total"]["energy_pj"]
     assert main(["energy", str(tmp_path / "run"), "--e-sop", "-1"]) == 2

@@ -218,3 +218,31 @@ def test_predict_slices_long_runs_without_changing_results(monkeypatch):
     assert calls == [3, 3, 3, 1]
     assert torch.allclose(whole[0], sliced[0], atol=1e-6) and torch.equal(whole[1], sliced[1])
     assert whole[2].keys() == sliced[2].keys() and all(abs(whole[2][k] - sliced[2][k]) < 1e-9 for k in whole[2])
+
+
+def test_a_run_trained_with_a_relative_data_root_is_read_from_anywhere(nmnist_root, tmp_path, monkeypatch):
+    """config.yaml and the checkpoint keep data.root absolute, so `fewstep eval RUN` finds the data from any
+    directory; resuming with the relative root as written still matches; an older run whose checkpoint kept
+    a relative root, read from elsewhere, gets an error that says where it looked and why."""
+    from fewstep.runfolder import load_checkpoint
+
+    monkeypatch.chdir(nmnist_root.parent)
+    cfg = C.from_dict({"data": {"name": "nmnist", "root": nmnist_root.name, "T": 2},
+                       "model": {"name": "mlp", "options": {"hidden": [16]}},
+                       "train": {"epochs": 1, "batch_size": 256, "progress": False}})
+    run = tmp_path / "run"
+    Trainer(cfg, run, log=lambda s: None).fit()
+    assert cfg.data.root == nmnist_root.name  # the caller's config is left as it was
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    assert saved == str(nmnist_root.resolve()) == load_checkpoint(run / "checkpoint.pt")["config"]["data"]["root"]
+    again = C.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 2}})
+    Trainer(again, run, log=lambda s: None).fit()  # resumes: the same root, written relative
+    monkeypatch.chdir(tmp_path)
+    model, rcfg, bundle = load_run(run)
+    assert len(bundle.test) == 100 and rcfg.data.root == saved
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)  # an older run: its root kept as written
+    ck["config"]["data"]["root"] = nmnist_root.name
+    torch.save(ck, run / "checkpoint.pt")
+    with pytest.raises(FileNotFoundError, match=rf"trained on data.root '{nmnist_root.name}', read relative to the "
+                                                rf"working directory {tmp_path}.*run from the folder it was trained in"):
+        load_run(run)
