@@ -184,8 +184,26 @@ def cmd_cutoff(args) -> int:
         t = r["target"]
         print(f"  target        drop <= {100 * t['max_drop']:.2f} pt at {100 * t['confidence']:.0f}% confidence: "
               f"upper bound {100 * t['bound']:.2f} pt on {t['n_test']} validation samples")
+        if not t["passed"]:
+            print(_target_missed(args.policy, t))
     print(f"wrote {Path(args.run) / ('cutoff_' + args.policy + '.json')} and the exit histogram PNG")
     return 0
+
+
+def _target_missed(policy: str, t: dict) -> str:
+    """Why ``--max-drop`` left every sample at T, and what would change it."""
+    n, asked = t["n_test"], 100 * t["max_drop"]
+    if t["smallest_bound"] > t["max_drop"]:
+        why = (f"on {n} validation samples even a setting that harms none is bounded at "
+               f"{100 * t['smallest_bound']:.2f} pt at {100 * t['confidence']:.0f}% confidence, more than the "
+               f"{asked:.2f} pt asked")
+    else:
+        first = t["tested"][0]
+        setting = ", ".join(f"{k}={v:g}" for k, v in first["params"].items())
+        why = (f"its most conservative setting ({setting}) already harms {first['harmed']} of {n} validation "
+               f"samples (bound {100 * first['bound']:.2f} pt > {asked:.2f} pt)")
+    return (f"  note          no {policy} setting met the target, so every sample runs to T: {why}. Allow a larger "
+            "--max-drop, a lower --confidence, or validate on more samples (data.val_fraction)")
 
 
 def cmd_tradeoff(args) -> int:

@@ -56,7 +56,10 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     if max_drop is not None:
         res = _cf.calibrate_to_target(policy, Yv, yv, max_drop, confidence)
         pol = res.policy
-        target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested}
+        target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested,
+                  "passed": any(t["accepted"] for t in res.tested),
+                  # the bound of a setting that harms no sample: below it no target can be met on this split
+                  "smallest_bound": _cf.harm_upper_bound(0, res.n_test, confidence) if confidence else 0.0}
     elif policy == "timestep":
         if step is not None and not 1 <= step <= T:
             raise ValueError(f"--step {step} is outside 1..T = 1..{T} for this run")

@@ -193,6 +193,24 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000
 
 
+def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
+    from fewstep.cli import _target_missed
+
+    capsys.readouterr()
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--max-drop", "0.005", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    t = json.loads((digits_run / "cutoff_topk.json").read_text())["target"]
+    assert not t["passed"] and t["smallest_bound"] == pytest.approx(1 - 0.05 ** (1 / t["n_test"]))
+    assert f"even a setting that harms none is bounded at {100 * t['smallest_bound']:.2f} pt" in out
+    assert "every sample runs to T" in out and "--max-drop" in out
+    made = {"n_test": 1000, "max_drop": 0.01, "confidence": 0.95, "smallest_bound": 0.003,
+            "tested": [{"params": {"epsilon": 0.0}, "harmed": 12, "bound": 0.019, "accepted": False}]}
+    assert "most conservative setting (epsilon=0) already harms 12 of 1000 validation samples (bound 1.90 pt" \
+        in _target_missed("softmax", made)
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.2", "--repeats", "1"]) == 0
+    assert json.loads((digits_run / "cutoff_softmax.json").read_text())["target"]["passed"]
+    assert "note" not in capsys.readouterr().out
+
 def test_tradeoff_table_chooses_each_setting_on_validation(digits_run, capsys):
     """The table `fewstep tradeoff` and the demo print picks each policy's setting on validation (the choice
     fastest_within makes), never off the test curve it reports."""
