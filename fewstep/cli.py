@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fewstep", description="Spiking networks that answer in few timesteps.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="train a small SNN on the 8x8 digits (about a minute on a CPU)")
+    d = sub.add_parser("demo", help="train a small SNN on the 8x8 digits (about 30 s on a 2-core CPU)")
     d.add_argument("--out", default="fewstep-demo", help="output folder (default: ./fewstep-demo)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--resume", action="store_true", help="continue an earlier demo run instead of starting over")

@@ -1,0 +1,37 @@
+"""The Python examples of README.md and docs/anytime.md run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_the_readme_example_runs():
+    (block,) = python_blocks(ROOT / "README.md")
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_the_anytime_example_runs_on_a_run_folder(tmp_path, monkeypatch, capsys):
+    from fewstep import config as C
+    from fewstep.train import Trainer
+
+    cfg = C.load(ROOT / "configs" / "digits.yaml", ["train.epochs=2", "train.progress=false", "data.T=4"])
+    Trainer(cfg, tmp_path / "fewstep-demo", log=lambda s: None).fit()
+    monkeypatch.chdir(tmp_path)
+    (block,) = python_blocks(ROOT / "docs" / "anytime.md")
+    exec(compile(block, "docs/anytime.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"accuracy 0\.\d+, mean exit step [\d.]+ of 4", out), out
+    assert re.search(r"sample 0: class \d after [1-4] steps", out), out
+    assert (tmp_path / "my_topk.json").is_file()
+    with pytest.raises(ValueError, match="T mismatch"):  # the saved policy knows its T
+        from fewstep import anytime, cutoff, models
+
+        anytime.AnytimeStream(models.create("cnn", input_shape=(1, 8, 8), num_classes=10),
+                              cutoff.load(tmp_path / "my_topk.json"), T=8)
