@@ -29,6 +29,28 @@ def _ms(values: list[float]) -> dict:
             "n": len(vals), "values": vals}
 
 
+def _paired(diffs: list[float]) -> dict:
+    """:func:`_ms` of paired differences plus what says whether they are beyond seed noise: the 95 %
+    confidence interval of their mean (Student's t over seeds, ``ci95``; needs two seeds) and the
+    seeds on which the variant is ahead, level or behind (``ahead``, ``level``, ``behind``).
+
+    The interval is over seeds (initial weights, validation split, data order) on a fixed test split:
+    it says whether another seed would likely reproduce the sign, not how the method fares on other data.
+    """
+    st = _ms(diffs)
+    vals = st["values"]
+    st["ahead"] = sum(v > 1e-12 for v in vals)
+    st["behind"] = sum(v < -1e-12 for v in vals)
+    st["level"] = len(vals) - st["ahead"] - st["behind"]
+    st["ci95"] = None
+    if len(vals) > 1:
+        from scipy.stats import t as student_t
+
+        half = float(student_t.ppf(0.975, len(vals) - 1)) * st["std"] / math.sqrt(len(vals))
+        st["ci95"] = [st["mean"] - half, st["mean"] + half]
+    return st
+
+
 def _scalars(a: dict) -> dict:
     """The per-run numbers that are compared across variants (accuracies as fractions)."""
     s = {"final_accuracy": a["test_accuracy_per_step"][-1], "val_accuracy": a["val_accuracy_per_step"][-1],
@@ -64,7 +86,7 @@ def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dic
         keys = next(iter(sc.values())).keys()
         entry = {"seeds": sorted(runs), "stats": {key: _ms([s[key] for s in sc.values()]) for key in keys}}
         paired = [k for k in runs if k in base_scalars]
-        entry["paired_diff"] = {key: _ms([sc[k][key] - base_scalars[k][key] for k in paired
+        entry["paired_diff"] = {key: _paired([sc[k][key] - base_scalars[k][key] for k in paired
                                           if sc[k][key] is not None and base_scalars[k].get(key) is not None])
                                 for key in keys}
         any_run = next(iter(runs.values()))
@@ -103,6 +125,18 @@ def _fmt(st: dict, scale: float = 1.0, digits: int = 2, signed: bool = False) ->
 
 def _fmt_diff(st: dict, scale: float = 1.0, digits: int = 2) -> str:
     return _fmt(st, scale, digits, signed=True)
+
+
+def _fmt_ci(st: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """``[lo, hi] (a/l/b)``: the paired mean's 95 % interval and the seeds ahead / level / behind."""
+    if not st or st.get("mean") is None:
+        return "–"
+    counts = f"{st['ahead']}/{st['level']}/{st['behind']}"
+    if not st.get("ci95"):
+        return counts
+    lo, hi = st["ci95"]
+    mark = " **beyond noise**" if lo > 0 or hi < 0 else ""
+    return f"[{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}] {counts}{mark}"
 
 
 def shown_steps(T: int) -> list[int]:
@@ -211,6 +245,16 @@ def markdown(summary: dict) -> str:
                      f"{_fmt_diff(pd['softmax@0.006:speedup'])} | {_fmt_diff(pd['topk@0.006:speedup'])} | "
                      f"{_fmt_diff(pd['softmax@0.01:speedup'])} | {_fmt_diff(pd['topk@0.01:speedup'])} | "
                      f"{_fmt_diff(pd['firing_rate'], 1, 4)} |")
+        L += ["", "Beyond seed noise? The 95 % confidence interval of each paired mean (Student's t over seeds) "
+              "and the seeds on which the variant is ahead / level / behind the baseline; **beyond noise** where "
+              "the interval excludes 0. The interval is over seeds on this one test split: with n test samples, "
+              "one sample is 100/n pt.", "",
+              "| variant | acc t=1 (pt) | final acc (pt) | softmax speed-up @0.6 | topk speed-up @0.6 |",
+              "|---|---|---|---|---|"]
+        for v in others:
+            pd = vs[v]["paired_diff"]
+            L.append(f"| {v} | {_fmt_ci(pd['acc_t1'], 100)} | {_fmt_ci(pd['final_accuracy'], 100)} | "
+                     f"{_fmt_ci(pd['softmax@0.006:speedup'])} | {_fmt_ci(pd['topk@0.006:speedup'])} |")
     L += ["", "## For comparison with the papers: speed-up read off the test curve", "",
           "The papers report the fastest point of the trade-off curve within d of full-T accuracy *on the test "
           "set*; that selects on test, so it is shown only for comparison, never as a calibrated result.", "",

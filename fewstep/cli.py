@@ -127,6 +127,8 @@ def cmd_train(args) -> int:
     finally:
         shutdown()
     if trainer.is_main:
+        print(f"accuracy per timestep with the weights of epoch {m['best_epoch']} of {m['epochs']}, "
+              f"the best on validation:")
         print(_table({"val": m["val_accuracy_per_step"], "test": m["accuracy_per_step"]}))
         print(f"wrote {out}/config.yaml, checkpoint.pt, log.csv, metrics.json")
     if trainer.dist is not None:

@@ -107,7 +107,8 @@ def _unsupported(name: str, m: nn.Module, prev) -> "str | None":
     if isinstance(m, ConvertedIF):
         return f"{name} ({kind}): IF with soft reset, initial membrane λ/2 and output λ·spike (NIR resets to v_reset)"
     if isinstance(m, QCFS):
-        return f"{name} ({kind}): a quantised ANN activation; convert the run first (fewstep convert)"
+        return (f"{name} ({kind}): a quantised ANN activation, and NIR cannot express its conversion "
+                f"(fewstep convert gives IF neurons with soft reset) either")
     if isinstance(m, L.TEBN):
         return f"{name} ({kind}): TEBN scales each timestep differently; NIR layers are time-invariant"
     if isinstance(m, LIF):

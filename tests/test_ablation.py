@@ -48,6 +48,23 @@ def write_config(tmp_path):
     return cfg
 
 
+def test_paired_differences_carry_a_t_interval_and_the_seeds_ahead():
+    from fewstep.ablation_report import _fmt_ci, _paired
+
+    # mean 0.02, std 0.01 over 3 seeds; t(0.975, 2 dof) = 4.302653 -> half-width 4.302653 * 0.01 / sqrt(3)
+    p = _paired([0.01, 0.03, 0.02])
+    assert p["mean"] == pytest.approx(0.02) and p["std"] == pytest.approx(0.01)
+    assert p["ci95"] == pytest.approx([0.02 - 0.0248414, 0.02 + 0.0248414], abs=1e-6)
+    assert (p["ahead"], p["level"], p["behind"]) == (3, 0, 0)
+    assert _fmt_ci(p, 100) == "[-0.48, +4.48] 3/0/0"  # every seed ahead, yet the interval holds 0
+    q = _paired([1.0, 1.1, 0.9, 0.0])
+    assert (q["ahead"], q["level"], q["behind"]) == (3, 1, 0)
+    r = _paired([-1.0, -1.1, -0.9])
+    assert r["ci95"][1] == pytest.approx(-1 + 0.248414, abs=1e-5) and _fmt_ci(r).endswith("0/0/3 **beyond noise**")
+    assert _paired([0.5])["ci95"] is None and _fmt_ci(_paired([0.5])) == "1/0/0"
+    assert _fmt_ci(_paired([])) == "–"
+
+
 def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     cfg, out = write_config(tmp_path), tmp_path / "abl"
     logs = []
@@ -96,6 +113,7 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
     assert summary["variants"]["tet+rcs"]["paired_diff"]["final_accuracy"]["n"] == 2
     md = (out / "results.md").read_text()
     assert "| tet+rcs |" in md and "Paired differences from tet" in md and "--variant-set" in md
+    assert "Beyond seed noise?" in md
     # what each variant changed is listed, so the report never calls a budget shared that is not
     assert summary["spec"]["differences"] == {"tet": {}, "tet+rcs": {"regularizer.name": "rcs",
                                                                       "regularizer.rcs_weight": 0.01}}

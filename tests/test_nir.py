@@ -163,7 +163,7 @@ def test_what_nir_cannot_represent_is_listed():
     with pytest.raises(ValueError, match="not a chain of layers"):
         to_nir(create("resnet20", input_shape=(3, 32, 32), num_classes=10))
     qcfs = create("cnn", input_shape=(1, 8, 8), num_classes=10, neuron="qcfs", levels=4)
-    with pytest.raises(ValueError, match="convert the run first"):
+    with pytest.raises(ValueError, match="quantised ANN activation, and NIR cannot express its conversion"):
         to_nir(qcfs)
 
 

@@ -112,6 +112,7 @@ def test_cli_train_eval_and_errors(tmp_path, capsys, monkeypatch):
     cfgfile = tmp_path / "c.yaml"
     cfgfile.write_text(yaml.safe_dump(quick(tmp_path, epochs=2).to_dict()))
     assert cli(["train", str(cfgfile), "--out", str(tmp_path / "run"), "--set", "train.epochs=1"]) == 0
+    assert "with the weights of epoch 1 of 1, the best on validation" in capsys.readouterr().out
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "checkpoint.pt", "log.csv", "metrics.json"}
     metrics = json.loads((run / "metrics.json").read_text())
