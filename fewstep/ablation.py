@@ -21,7 +21,8 @@ fitted on validation, evaluated on test) with the OCT oracle, the calibrated exi
 test), firing rates, and energy per sample at full T and at the calibrated exits (METHODS §8).
 The aggregate goes to ``OUT/results.md`` (mean ± sample std over seeds, and each variant's paired
 difference from the first), ``OUT/summary.json`` and the plots ``accuracy_per_step.png``,
-``learning_curves.png`` (validation accuracy per epoch), ``tradeoff.png`` and ``speedup.png``. The report
+``learning_curves.png`` (validation accuracy per epoch), ``tradeoff.png``, ``speedup.png`` and ``paired.png``
+(each variant's paired differences with their 95 % interval over seeds). The report
 itself lives in :mod:`fewstep.ablation_report`.
 """
 
@@ -366,7 +367,7 @@ class Ablation:
         (self.out / "results.md").write_text(markdown(summary))
         plot_summary(summary, self.out)
         self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, learning_curves.png, "
-                 "tradeoff.png, speedup.png")
+                 "tradeoff.png, speedup.png" + (", paired.png" if len(summary["variants"]) > 1 else ""))
         return summary
 
     def _judged_model(self, trainer, ann: bool):

@@ -4,7 +4,8 @@
 ``analysis.json`` per run, plus the validation accuracy of every training epoch) into mean ± sample
 standard deviation per variant and the paired difference of each variant from the first (same
 seed). :func:`markdown` writes the tables of ``results.md``; :func:`plot_summary` the plots
-``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png`` and ``speedup.png``.
+``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png``, ``speedup.png`` and, beside a
+baseline, ``paired.png``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 
 DROPS = (0.006, 0.01)  # accuracy drops (fractions) at which the calibrated exit is reported
 POLICIES = ("softmax", "topk")
+PAIRED_PLOT = [("acc_t1", "accuracy at t = 1 (pt)", 100.0), ("final_accuracy", "accuracy at T (pt)", 100.0),
+               ("softmax@0.006:speedup", "softmax speed-up @0.6 pt (×)", 1.0),
+               ("topk@0.006:speedup", "top-k speed-up @0.6 pt (×)", 1.0)]
 
 
 def _ms(values: list[float]) -> dict:
@@ -263,7 +267,7 @@ def markdown(summary: dict) -> str:
         st = e["stats"]
         L.append(f"| {v} | " + " | ".join(f"{_fmt(st[f'{n}@{d}:test_curve_speedup'])}×"
                                             for d in DROPS for n in POLICIES) + " |")
-    L += ["", "Plots: `accuracy_per_step.png`, `learning_curves.png`, `tradeoff.png`, `speedup.png`. Per run: `<variant>/seed<k>/` "
+    L += ["", "Plots: `accuracy_per_step.png`, `learning_curves.png`, `tradeoff.png`, `speedup.png`, `paired.png`. Per run: `<variant>/seed<k>/` "
           "(config.yaml, log.csv, metrics.json, analysis.json).", ""]
     return "\n".join(L)
 
@@ -283,3 +287,6 @@ def plot_summary(summary: dict, out: Path) -> None:
     plots.ablation_tradeoff({v: e["curves"] for v, e in vs.items()}, {v: e["oct"] for v, e in vs.items()},
                             out / "tradeoff.png")
     plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, POLICIES, DROPS, out / "speedup.png")
+    others = {v: e["paired_diff"] for v, e in vs.items() if v != summary["baseline"]}
+    if others:
+        plots.ablation_paired(others, PAIRED_PLOT, summary["baseline"], out / "paired.png")

@@ -157,6 +157,38 @@ def ablation_speedup(stats: dict[str, dict], policies, drops, path) -> Path:
     return _save(fig, path)
 
 
+def ablation_paired(diffs: dict[str, dict[str, dict]], metrics: list[tuple[str, str, float]], baseline: str,
+                    path) -> Path:
+    """Paired differences from the baseline, one panel per metric: each seed's difference as a dot, the mean
+    as a bar and its 95 % interval over seeds as a whisker (``diffs[variant][key]`` from the ablation report,
+    with ``values`` and ``ci95``); ``metrics`` is ``(key, label, scale)``. Where a whisker clears the zero line
+    the difference is beyond seed noise."""
+    plt = _plt()
+    variants = list(diffs)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 0.55 * len(variants) + 1.6), dpi=120,
+                             squeeze=False, sharey=True)
+    colors = _colors(len(variants))
+    for ax, (key, label, scale) in zip(axes[0], metrics):
+        for i, v in enumerate(variants):
+            st = diffs[v].get(key) or {}
+            if st.get("mean") is None:
+                continue
+            y = len(variants) - 1 - i
+            ax.plot([x * scale for x in st["values"]], [y] * len(st["values"]), "o", ms=3.5, alpha=0.5,
+                    color=colors[i])
+            ci = st.get("ci95")
+            if ci:
+                ax.plot([ci[0] * scale, ci[1] * scale], [y, y], color=colors[i], lw=2)
+            ax.plot([st["mean"] * scale], [y], "|", ms=14, mew=2.5, color=colors[i])
+        ax.axvline(0.0, color="black", lw=0.8, ls=":")
+        ax.set_yticks(range(len(variants)), list(reversed(variants)))
+        ax.set_ylim(-0.7, len(variants) - 0.3)
+        ax.set_xlabel(label, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Paired difference from {baseline} (dots: seeds; bar: mean; line: 95 % interval)", fontsize=10)
+    return _save(fig, path)
+
+
 def stream_trace(counts, probs, exit_step: int, prediction: int, frame_ms: float, statistic, path, title: str,
                  classes=None, count_label: str = "events per frame", top: int = 3) -> Path:
     """One recording stepped to T (``fewstep stream --plot``): ``counts`` per frame (bars), the running class

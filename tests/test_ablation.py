@@ -119,7 +119,7 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
                                                                       "regularizer.rcs_weight": 0.01}}
     assert "except where listed below" in md
     assert '  - tet+rcs: `regularizer.name="rcs"`, `regularizer.rcs_weight=0.01`' in md
-    for png in ("accuracy_per_step.png", "learning_curves.png", "tradeoff.png", "speedup.png"):
+    for png in ("accuracy_per_step.png", "learning_curves.png", "tradeoff.png", "speedup.png", "paired.png"):
         assert (out / png).stat().st_size > 5000
     # learning curves: the mean over seeds of the validation accuracy each run logged after each epoch
     for v in ("tet", "tet+rcs"):
