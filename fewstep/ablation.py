@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
 from . import config as _config
 from . import cutoff as _cf
@@ -265,7 +267,8 @@ class Ablation:
     """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
 
     def __init__(self, config_path, variants: list[str], seeds, out, overrides: list[str] | None = None,
-                 variant_sets: list[str] | None = None, log: Callable[[str], None] = print, convert_T: int = 64):
+                 variant_sets: list[str] | None = None, log: Callable[[str], None] = print, convert_T: int = 64,
+                 base: dict | None = None):
         if not variants:
             raise ValueError("--variants needs at least one variant, e.g. tet,tet+rcs")
         if len(set(variants)) != len(variants):
@@ -273,8 +276,11 @@ class Ablation:
         for v in variants:
             tokens(v)
         self.config_path = str(config_path) if config_path else None
-        base = _config.load(config_path, overrides or []) if config_path else _config.load(None, overrides or [])
-        self.base = base.to_dict()
+        self._base_from_folder = base is not None
+        if base is not None:  # a resolved base config (overrides applied), as an ablation folder stores it
+            self.base = _config.from_dict(base).to_dict()
+        else:  # data.root made absolute, as in the run folders, so the folder is read from anywhere
+            self.base = _config.with_absolute_root(_config.load(config_path or None, overrides or [])).to_dict()
         self.specs = {v.rpartition("=")[0] or v: v for v in variants}  # label -> LABEL=TOKENS (or TOKENS)
         if len(self.specs) != len(variants):
             raise ValueError(f"--variants lists a label twice: {variants}")
@@ -289,6 +295,32 @@ class Ablation:
         self.convert_T = int(convert_T)
         self.configs = {(v, k): _config.from_dict(variant_dict(self.base, self.specs[v], k, self.variant_sets[v]))
                         for v in self.variants for k in self.seeds}  # every config checked before any training
+
+    @classmethod
+    def from_folder(cls, out, log: Callable[[str], None] = print) -> "Ablation":
+        """The ablation an ``OUT/ablation.json`` describes (base config, variants, seeds, per-variant settings),
+        to resume or report it without repeating its command; the config file itself need not exist any more."""
+        spec_path = Path(out) / "ablation.json"
+        if not spec_path.is_file():
+            raise FileNotFoundError(f"{spec_path} not found: {out} is not an ablation folder; give the config and "
+                                    "--variants to start one")
+        spec = json.loads(spec_path.read_text())
+        specs = spec.get("variant_specs")
+        if specs is None:  # folders written before the specs were stored: the labels' tokens are in the command
+            words = shlex.split(spec.get("command", ""))
+            specs = (words[words.index("--variants") + 1].split(",") if "--variants" in words
+                     else list(spec["variants"]))
+        convert_T = spec.get("convert_T") or 64
+        base = spec["base"]
+        root = str(base.get("data", {}).get("root", ""))
+        if root and not Path(root).expanduser().is_absolute():  # older folders: the runs stored it absolute
+            for run_cfg in sorted(Path(out).glob("*/seed*/config.yaml")):
+                saved = str((yaml.safe_load(run_cfg.read_text()) or {}).get("data", {}).get("root", ""))
+                if Path(saved).is_absolute() and Path(saved).as_posix().endswith(Path(root).as_posix().lstrip("./")):
+                    base = dict(base, data=dict(base["data"], root=saved))
+                    break
+        return cls(spec.get("config"), specs, ",".join(map(str, spec["seeds"])) + ",", out, spec.get("overrides"),
+                   spec.get("variant_sets"), log=log, convert_T=convert_T, base=base)
 
     def run_dir(self, variant: str, seed: int) -> Path:
         return self.out / variant / f"seed{seed}"
@@ -314,6 +346,7 @@ class Ablation:
 
     def _spec(self) -> dict:
         return {"command": self.command(), "config": self.config_path, "base": self.base, "variants": self.variants,
+                "variant_specs": list(self.specs.values()),
                 "seeds": self.seeds, "overrides": self.overrides, "variant_sets": self.raw_variant_sets,
                 "differences": self.differences(), "convert_T": self.convert_T if self.converts() else None}
 
@@ -326,12 +359,14 @@ class Ablation:
             raise ValueError(f"{self.out} is not empty and is not an ablation folder (no ablation.json); it holds "
                              f"{', '.join(held[:8])}{' ...' if len(held) > 8 else ''}. Choose a new or empty --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        if spec_path.is_file():
+        if spec_path.is_file() and not self._base_from_folder:  # (from_folder: the base is that file's)
             old = json.loads(spec_path.read_text())
             try:  # read through today's schema, so a key added since (with its default) is no difference
                 old_base = _config.from_dict(old.get("base")).to_dict()
             except (TypeError, ValueError):
                 old_base = old.get("base")
+            if isinstance(old_base, dict):  # (older folders: a relative root)
+                old_base = _config.with_absolute_root(_config.from_dict(old_base)).to_dict()
             if old_base != self.base:
                 raise ValueError(f"{self.out} holds an ablation of a different base config (see {spec_path}); "
                                  "use a new --out folder")
@@ -345,6 +380,11 @@ class Ablation:
             done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
             if not done and analyse_only:
                 self.log(f"{tag}: not trained yet, skipped (--analyse-only)")
+                continue
+            cached = self._cached(cfg, rd) if done else None
+            if cached is not None:  # analysed since its last epoch: no data or network needed
+                self.log(f"{tag}: finished earlier ({cached[1]} epochs), kept")
+                results[v][k] = dict(cached[0], val_per_epoch=cached[2])
                 continue
             akey = (cfg.data.T, k, json.dumps(cfg.to_dict()["data"], sort_keys=True))
             if akey not in bundles:
@@ -369,6 +409,26 @@ class Ablation:
         self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, learning_curves.png, "
                  "tradeoff.png, speedup.png" + (", paired.png" if len(summary["variants"]) > 1 else ""))
         return summary
+
+    def _cached(self, cfg, rd: Path):
+        """``(analysis, epochs, validation accuracy per epoch)`` of a finished run whose ``analysis.json`` is
+        current (this version, newer than the checkpoint, at this ``--convert-T``), else None; refuses a run
+        folder trained with another config, as resuming it would."""
+        from .runfolder import load_checkpoint
+        from .train import config_differences
+
+        path, ck = rd / "analysis.json", rd / "checkpoint.pt"
+        if not path.is_file() or path.stat().st_mtime < ck.stat().st_mtime:
+            return None
+        a = json.loads(path.read_text())
+        ann = cfg.model.neuron == "qcfs"
+        if a.get("version") != ANALYSIS_VERSION or "images_per_s" not in a or (ann and a.get("T") != self.convert_T):
+            return None
+        ckpt = load_checkpoint(ck)
+        diff = config_differences(ckpt["config"], _config.with_absolute_root(cfg))
+        if diff:
+            raise ValueError(f"{rd} holds a run with a different config (differs in {diff}); use a new --out folder")
+        return a, ckpt["epoch"], [row.get("val_acc") for row in ckpt["history"]]
 
     def _judged_model(self, trainer, ann: bool):
         """The best-on-validation network and its config, as analysed (a QCFS ANN as the SNN it converts to)."""

@@ -222,8 +222,21 @@ def cmd_tradeoff(args) -> int:
 def cmd_ablate(args) -> int:
     from .ablation import Ablation
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    abl = Ablation(args.config, variants, args.seeds, args.out, args.set, args.variant_set, convert_T=args.convert_T)
+    if args.config is None and args.variants is None:  # everything else from OUT/ablation.json
+        if args.set or args.variant_set:
+            raise ValueError("--set and --variant-set change an ablation's configs: give the config and --variants "
+                             "too (or a new --out)")
+        abl = Ablation.from_folder(args.out)
+        if args.seeds is not None:  # more (or other) seeds of the same ablation
+            abl = Ablation(abl.config_path, list(abl.specs.values()), args.seeds, args.out, abl.overrides,
+                           abl.raw_variant_sets, convert_T=abl.convert_T, base=abl.base)
+    elif args.config is None or args.variants is None:
+        raise ValueError("give both the config and --variants to start an ablation, or neither to continue or "
+                         f"report the one in --out ({args.out}/ablation.json)")
+    else:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        abl = Ablation(args.config, variants, "3" if args.seeds is None else args.seeds, args.out, args.set,
+                       args.variant_set, convert_T=args.convert_T)
     summary = abl.run(analyse_only=args.analyse_only)
     print()
     print((Path(args.out) / "results.md").read_text())
@@ -358,12 +371,15 @@ def main(argv=None) -> int:
 
     a = sub.add_parser("ablate", help="train variants side by side (same data, model, budget, seeds) and compare "
                        "their accuracy per step, cutoff speed-ups and energy")
-    a.add_argument("config", help="YAML config of the base run (see configs/)")
-    a.add_argument("--variants", required=True, help="comma-separated variants, each tokens joined by '+', e.g. "
+    a.add_argument("config", nargs="?", help="YAML config of the base run (see configs/); leave it and --variants "
+                   "out to continue or report the ablation in --out as its ablation.json describes it")
+    a.add_argument("--variants", help="comma-separated variants, each tokens joined by '+', e.g. "
                    "tet,tet+rcs,tet+str (tokens: ce, tet, rcs, str, tebn, trt, qcfs, rcs_ann); LABEL=TOKENS names a variant, to run "
                    "the same tokens under several --variant-set settings")
-    a.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,5,7; seed 4 alone: 4,); default 3")
-    a.add_argument("--out", required=True, help="ablation folder; run the same command again to resume")
+    a.add_argument("--seeds", help="a count (3: seeds 0, 1, 2) or a list (0,5,7; seed 4 alone: 4,); default 3, or "
+                   "the folder's seeds when continuing one (give more to extend it)")
+    a.add_argument("--out", required=True, help="ablation folder; run the same command again, or "
+                   "'fewstep ablate --out OUT', to resume")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every variant (repeatable)")
     a.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",

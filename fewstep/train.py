@@ -86,6 +86,18 @@ class _DeviceBatches:
             yield self.ds.batch(torch.tensor(idx, dtype=torch.long), self.device, dg)
 
 
+def config_differences(saved: dict, cfg: "_config.Config") -> list[str]:
+    """The keys (``section.key``) in which a checkpoint's config differs from ``cfg`` in what is trained: the
+    number of epochs (it may grow on resume) and how batches are read or shown are no difference."""
+    saved = _config.with_absolute_root(_config.from_dict(saved)).to_dict()  # (a relative root: older runs)
+    mine = cfg.to_dict()
+    saved["train"].pop("epochs"), mine["train"].pop("epochs")
+    for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc", "sync_bn"):
+        saved["train"].pop(k), mine["train"].pop(k)
+    saved["data"].pop("loader"), mine["data"].pop("loader")  # how batches are read, not what is trained
+    return [f"{s}.{k}" for s in mine for k in mine[s] if mine[s][k] != saved[s].get(k)]
+
+
 class Trainer:
     """Train ``cfg`` into ``out_dir``; resumes automatically from ``out_dir/checkpoint.pt``.
 
@@ -188,15 +200,8 @@ class Trainer:
         if ckpt.get("conversion") is not None:
             raise ValueError(f"{self.out} holds a network converted from an ANN (fewstep convert), which has no "
                              "training state to resume; train into a new --out folder")
-        saved = _config.with_absolute_root(_config.from_dict(ckpt["config"])).to_dict()  # (a relative root: older runs)
-        mine = self.cfg.to_dict()
-        # The number of epochs may grow on resume; anything else must match.
-        saved["train"].pop("epochs"), mine["train"].pop("epochs")
-        for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc", "sync_bn"):
-            saved["train"].pop(k), mine["train"].pop(k)
-        saved["data"].pop("loader"), mine["data"].pop("loader")  # how batches are read, not what is trained
-        if saved != mine:
-            diff = [f"{s}.{k}" for s in mine for k in mine[s] if mine[s][k] != saved[s].get(k)]
+        diff = config_differences(ckpt["config"], self.cfg)
+        if diff:
             raise ValueError(f"{self.out} holds a run with a different config (differs in {diff}); "
                              "use a new --out folder")
         self.model.load_state_dict(ckpt["model"])

@@ -133,7 +133,7 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
     assert row.count("±") == 3 and f"{100 * summary['variants']['tet+rcs']['val_per_epoch'][2]['mean']:.2f}" in row
 
 
-def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, capsys):
+def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, capsys, monkeypatch):
     cfg, out = write_config(tmp_path), tmp_path / "abl"
     assert cli(["ablate", str(cfg), "--variants", "tet,tet+str", "--seeds", "1", "--out", str(out),
                 "--set", "train.epochs=2", "--analyse-only"]) == 0
@@ -149,6 +149,25 @@ def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, cap
     assert cli(["ablate", str(cfg), "--variants", "tet,tet+str", "--seeds", "1", "--out", str(out),
                 "--set", "train.epochs=2", "--analyse-only"]) == 0
     assert "finished earlier" in capsys.readouterr().out
+    # the folder alone: its ablation.json gives the config, variants and seeds, even once the config file is gone
+    moved = tmp_path / "moved.yaml"
+    cfg.rename(moved)
+    import fewstep.train
+
+    with monkeypatch.context() as m:  # analysed runs are reported from their files: the data is not read
+        m.setattr(fewstep.train, "load_data", lambda cfg: (_ for _ in ()).throw(AssertionError("data read")))
+        assert cli(["ablate", "--out", str(out), "--analyse-only"]) == 0
+    text = capsys.readouterr().out
+    assert "[1/2] tet seed 0: finished earlier" in text and "| tet+str |" in text
+    assert cli(["ablate", "--out", str(out), "--seeds", "2", "--analyse-only"]) == 0  # extended: seed 1 is missing
+    assert "[4/4] tet+str seed 1" in capsys.readouterr().out
+    assert cli(["ablate", "--out", str(out), "--set", "train.epochs=3"]) == 2
+    assert "give the config and --variants too" in capsys.readouterr().err
+    assert cli(["ablate", str(moved), "--out", str(out)]) == 2
+    assert "give both the config and --variants" in capsys.readouterr().err
+    assert cli(["ablate", "--out", str(tmp_path / "none")]) == 2
+    assert "is not an ablation folder" in capsys.readouterr().err
+    moved.rename(cfg)
     assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "1", "--out", str(out),
                 "--set", "train.epochs=3"]) == 2
     assert "different base config" in capsys.readouterr().err
@@ -161,3 +180,11 @@ def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, cap
                for v in ("tet+str", "strong")]
     assert weights == [0.1, 5.0]
     assert "| strong |" in capsys.readouterr().out
+    # a folder from before ablation.json kept each label's tokens: they are read back from its command
+    spec = json.loads((tmp_path / "lab" / "ablation.json").read_text())
+    assert spec["variant_specs"] == ["tet+str", "strong=tet+str"]
+    del spec["variant_specs"]
+    (tmp_path / "lab" / "ablation.json").write_text(json.dumps(spec))
+    assert cli(["ablate", "--out", str(tmp_path / "lab"), "--analyse-only"]) == 0
+    text = capsys.readouterr().out
+    assert "strong seed 0: finished earlier" in text and "`regularizer.str_weight=5.0`" in text
