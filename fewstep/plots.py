@@ -167,7 +167,7 @@ def ablation_paired(diffs: dict[str, dict[str, dict]], metrics: list[tuple[str, 
     variants = list(diffs)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 0.55 * len(variants) + 1.6), dpi=120,
                              squeeze=False, sharey=True)
-    colors = _colors(len(variants))
+    colors = _colors(len(variants) + 1)[1:]  # the baseline (the ablation's first variant) keeps colour 0 elsewhere
     for ax, (key, label, scale) in zip(axes[0], metrics):
         for i, v in enumerate(variants):
             st = diffs[v].get(key) or {}
