@@ -97,7 +97,8 @@ def end_worker(code: int = 0) -> "NoReturn":
     The interpreter's normal teardown races with the C++ threads of torch.distributed (torch 2.13, gloo): about
     one worker exit in twenty aborted with "terminate called without an active exception" *after* the run was
     complete, and torchrun then reported the whole job as failed. Ending the process without that teardown is
-    what ``multiprocessing`` does for its workers too (``mp.spawn`` never showed the abort)."""
+    what ``multiprocessing`` does for forked workers too; ``mp.spawn``'s spawned children exit through ``sys.exit``
+    and showed the abort once in CI, so the tests' workers end through here as well."""
     import sys
 
     for stream in (sys.stdout, sys.stderr):

@@ -45,6 +45,10 @@ def _worker(rank, world, port, cfg_dict, out, stop_after):
         Trainer(C.from_dict(cfg_dict), out, log=lambda msg: None).fit(stop_after=stop_after)
     finally:
         D.shutdown()
+    # Done and written: end without the interpreter's teardown, which races with gloo's C++ threads ("terminate
+    # called without an active exception", SIGABRT after a complete run; seen once in CI under mp.spawn, whose
+    # spawned children exit through sys.exit). A worker that raised still reaches mp.spawn's error report above.
+    D.end_worker(0)
 
 
 def _train_ddp(world: int, cfg: C.Config, out: Path, stop_after=None) -> None:
