@@ -54,8 +54,46 @@ def test_window_split_and_retiling():
     assert y[0, 1] == 1.5 and y[1, 0] == 2.0 and y[3, 2] == 3.5  # edges: two windows
     assert y[1, 1] == 2.5 and y[2, 2] == 2.5  # centre: all four
     assert G.window_boxes(4, 4, "global") == [(0, 0, 4, 4)]
-    with pytest.raises(ValueError, match="multiples of 4, got 6x6"):
-        G.window_boxes(6, 6, "dilated")
+    with pytest.raises(ValueError, match="at least 2x2, got 1x4"):
+        G.window_boxes(1, 4, "plain")
+
+
+def test_windows_and_merging_on_sides_the_paper_never_uses():
+    # odd sides: quadrants of ceil(h/2) that share the middle row and column, averaged on re-tiling
+    boxes = G.window_boxes(7, 5, "plain")
+    assert boxes == [(0, 0, 4, 3), (0, 2, 4, 3), (3, 0, 4, 3), (3, 2, 4, 3)]
+    parts = [torch.full((1, 1, 4, 3), float(k + 1)) for k in range(4)]
+    y = G.tile_windows(parts, boxes, 7, 5)[0, 0]
+    assert y[0, 0] == 1 and y[0, 4] == 2 and y[6, 0] == 3 and y[6, 4] == 4
+    assert y[3, 0] == 2.0 and y[0, 2] == 1.5 and y[3, 2] == 2.5  # shared row, shared column, both
+    x = torch.randn(2, 3, 7, 5)
+    torch.testing.assert_close(G.tile_windows(G.split_windows(x, boxes), boxes, 7, 5), x)
+    # sides not divisible by 4: dilated windows of ceil(3h/4)
+    assert G.window_boxes(6, 6, "dilated") == [(0, 0, 5, 5), (0, 1, 5, 5), (1, 0, 5, 5), (1, 1, 5, 5)]
+    assert G.window_boxes(14, 14, "dilated")[3] == (3, 3, 11, 11)
+    # patch merging pads an odd map with zero tokens at the bottom and right
+    merge = G.PatchMerging(1)
+    with torch.no_grad():
+        merge.reduction.weight.copy_(torch.tensor([[1.0, 10.0, 100.0, 1000.0], [1.0, 1.0, 1.0, 1.0]]))
+    t = torch.arange(1.0, 10.0).reshape(1, 3, 3, 1)  # [[1 2 3] [4 5 6] [7 8 9]]
+    out = merge(t)
+    assert out.shape == (1, 2, 2, 2)
+    # order of the concatenation: (0,0), (1,0), (0,1), (1,1) of each 2x2 block
+    assert out[0, 0, 0].tolist() == [1 + 40 + 200 + 5000, 12]
+    assert out[0, 0, 1].tolist() == [3 + 60 + 0 + 0, 9]  # the right column is padding
+    assert out[0, 1, 1].tolist() == [9, 9]  # only the corner token is real
+
+
+@pytest.mark.parametrize("name", ["general12_cnn", "general12_lstm"])
+def test_runs_on_fashion_mnist_and_n_mnist_sizes(name):
+    torch.manual_seed(0)
+    for shape in [(1, 28, 28), (2, 34, 34)]:  # token maps 14-7-4-2 and 17-9-5-3
+        net = models.create(name, input_shape=shape, num_classes=10, dims=[8, 16, 32, 64], depths=[1, 1, 2, 1])
+        x = torch.rand(1, 3, *shape, requires_grad=True)
+        y = net(x)
+        assert y.shape == (1, 3, 10) and torch.isfinite(y).all()
+        y.sum().backward()
+        assert x.grad.abs().sum() > 0 and net.stem.weight.grad.abs().sum() > 0
 
 
 def test_membrane_carried_between_windows_equals_a_hand_stepped_reference():
@@ -135,10 +173,14 @@ def test_two_models_and_replicas_do_not_interfere():
 
 
 def test_options_and_bad_input_name_what_is_valid():
-    with pytest.raises(ValueError, match=r"stage 2 gets a 2x2 token map.*multiples of 4.*multiples of 32"):
+    with pytest.raises(ValueError, match=r"stage 3 gets a 1x1 token map, but its windows \(plain\) need at least "
+                                         r"2x2 tokens; with patch 2 and 4 stages the input sides must be at least 18"):
         models.create("general12_cnn", input_shape=(3, 16, 16))
-    with pytest.raises(ValueError, match=r"stage 0 gets a 15x15 token map.*multiples of 32 \(e.g. 32, 64\)"):
-        models.create("general12_cnn", input_shape=(3, 30, 30))
+    with pytest.raises(ValueError, match=r"stage 2 gets a 1x1 token map, but patch merging needs.*at least 10"):
+        models.create("general12_cnn", input_shape=(3, 8, 8), windows="global")
+    models.create("general12_cnn", input_shape=(3, 18, 18))  # 9-5-3-2 tokens
+    with pytest.raises(ValueError, match=r"the stem's patch 2 does not divide the input 15x15"):
+        models.create("general12_cnn", input_shape=(3, 15, 15))
     models.create("general12_cnn", input_shape=(3, 64, 64), **{k: v for k, v in TINY.items() if k != "input_shape"})
     with pytest.raises(ValueError, match="unknown omega 'max'; valid names: omega, mean, sum"):
         models.create("general12_cnn", omega="max")

@@ -86,19 +86,20 @@ def window_boxes(h: int, w: int, kind: str) -> list[tuple[int, int, int, int]]:
     """``(top, left, height, width)`` of the windows of an h×w map, in visiting order TL, TR, BL, BR.
 
     ``plain``: the four quadrants (h/2 × w/2); ``dilated``: four corner windows of 3/4 the side,
-    overlapping in the middle; ``global``: one window, the whole map (g = 1)."""
+    overlapping in the middle; ``global``: one window, the whole map (g = 1). The paper's maps have
+    sides divisible by 4; on other sides fewstep rounds a window's side up (⌈h/2⌉, ⌈3h/4⌉), so the
+    windows still cover the map and overlap by the extra rows and columns, which re-tiling averages
+    (fewstep's extension, not the paper's)."""
     if kind == "global":
         return [(0, 0, h, w)]
-    if kind == "plain":
-        if h % 2 or w % 2:
-            raise ValueError(f"plain windows need an even token map, got {h}x{w}")
-        wh, ww = h // 2, w // 2
-    elif kind == "dilated":
-        if h % 4 or w % 4:
-            raise ValueError(f"dilated windows need a token map whose sides are multiples of 4, got {h}x{w}")
-        wh, ww = 3 * h // 4, 3 * w // 4
-    else:
+    if kind not in ("plain", "dilated"):
         raise ValueError(f"unknown window kind {kind!r}; valid names: plain, dilated, global")
+    if h < 2 or w < 2:
+        raise ValueError(f"{kind} windows need a token map of at least 2x2, got {h}x{w}")
+    if kind == "plain":
+        wh, ww = -(-h // 2), -(-w // 2)
+    else:
+        wh, ww = -(-3 * h // 4), -(-3 * w // 4)
     return [(0, 0, wh, ww), (0, w - ww, wh, ww), (h - wh, 0, wh, ww), (h - wh, w - ww, wh, ww)]
 
 
@@ -281,7 +282,8 @@ class Block(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2×2 neighbouring tokens concatenated (4C) → Linear(4C → 2C, no bias); halves H and W."""
+    """2×2 neighbouring tokens concatenated (4C) → Linear(4C → 2C, no bias); halves H and W.
+    A map with an odd side is first padded with zero tokens at the bottom/right (as Swin does)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -289,6 +291,9 @@ class PatchMerging(nn.Module):
         self.reduction.analog_input = True
 
     def forward(self, x):
+        h, w = x.shape[1], x.shape[2]
+        if h % 2 or w % 2:
+            x = nn.functional.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(x)
 
@@ -354,26 +359,32 @@ class General12(SNN):
                 kinds.append(["plain" if j % 2 == 0 else "dilated" for j in range(n)])
         return kinds
 
+    def _stage_needs(self) -> list[int]:
+        """The smallest side each stage's token map may have: 2 for quadrant or dilated windows and
+        for patch merging (which pads an odd side), 1 for a last stage with one window."""
+        last = len(self.kinds) - 1
+        return [2 if i < last or any(k != "global" for k in ks) else 1 for i, ks in enumerate(self.kinds)]
+
     def _check_tiling(self, name, h, w, patch):
-        for i, kinds in enumerate(self.kinds):
-            need = 4 if "dilated" in kinds else 2 if "plain" in kinds else 1
-            if i < len(self.kinds) - 1:
-                need = max(need, 2)  # patch merging halves the map
-            if h % need or w % need or h < need or w < need:
-                # sizes that work: every stage's need, scaled back to the input
-                unit, scale = 1, 1
-                for j, ks in enumerate(self.kinds):
-                    nd = 4 if "dilated" in ks else 2 if "plain" in ks else 1
-                    if j < len(self.kinds) - 1:
-                        nd = max(nd, 2)
-                    unit = math.lcm(unit, nd * scale)
-                    scale *= 2
-                unit *= patch
+        needs = self._stage_needs()
+
+        def fits(side):
+            for need in needs:
+                if side < need:
+                    return False
+                side = -(-side // 2)
+            return True
+
+        for i, need in enumerate(needs):
+            if h < need or w < need:
+                smallest = next(s for s in range(1, 1 << 20) if fits(s)) * patch
+                what = "patch merging needs" if all(k == "global" for k in self.kinds[i]) else \
+                    f"its windows ({', '.join(sorted(set(self.kinds[i])))}) need"
                 raise ValueError(
-                    f"{name}: stage {i} gets a {h}x{w} token map, which its windows ({', '.join(sorted(set(kinds)))}) "
-                    f"cannot tile (the sides must be multiples of {need}); with patch {patch} and these stages the "
-                    f"input sides that work are multiples of {unit} (e.g. {unit}, {2 * unit})")
-            h, w = h // 2, w // 2
+                    f"{name}: stage {i} gets a {h}x{w} token map, but {what} at least 2x2 tokens; with patch "
+                    f"{patch} and {len(needs)} stages the input sides must be at least {smallest}: use a smaller "
+                    f"patch or fewer stages")
+            h, w = -(-h // 2), -(-w // 2)
 
     def body(self, x):
         lead = x.shape[:-3]
