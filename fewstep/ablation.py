@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -268,7 +269,7 @@ class Ablation:
 
     def __init__(self, config_path, variants: list[str], seeds, out, overrides: list[str] | None = None,
                  variant_sets: list[str] | None = None, log: Callable[[str], None] = print, convert_T: int = 64,
-                 base: dict | None = None):
+                 base: dict | None = None, reuse: "list | None" = None):
         if not variants:
             raise ValueError("--variants needs at least one variant, e.g. tet,tet+rcs")
         if len(set(variants)) != len(variants):
@@ -289,6 +290,7 @@ class Ablation:
         self.raw_variant_sets = list(variant_sets or [])
         self.variant_sets = parse_variant_sets(self.raw_variant_sets, self.variants)
         self.out = Path(out)
+        self.reuse = self.reuse_dirs(reuse)
         self.log = log
         if int(convert_T) != convert_T or convert_T < 1:
             raise ValueError(f"--convert-T must be a whole number >= 1, got {convert_T!r}")
@@ -378,6 +380,12 @@ class Ablation:
             cfg, rd = self.configs[(v, k)], self.run_dir(v, k)
             tag = f"[{i}/{len(jobs)}] {v} seed {k}"
             done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
+            if not done and not (rd / "checkpoint.pt").exists() and self.reuse:
+                src = self._reusable(cfg)
+                if src is not None:
+                    shutil.copytree(src, rd, dirs_exist_ok=True)  # copy2: mtimes kept, so its analysis stays current
+                    self.log(f"{tag}: copied from {src} (a finished run with this config)")
+                    done = True
             if not done and analyse_only:
                 self.log(f"{tag}: not trained yet, skipped (--analyse-only)")
                 continue
@@ -409,6 +417,38 @@ class Ablation:
         self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, learning_curves.png, "
                  "tradeoff.png, speedup.png" + (", paired.png" if len(summary["variants"]) > 1 else ""))
         return summary
+
+    @staticmethod
+    def reuse_dirs(folders) -> list[Path]:
+        """``--reuse`` folders as paths; a missing one is an error that names it."""
+        out = [Path(r) for r in (folders or [])]
+        for r in out:
+            if not r.is_dir():
+                raise FileNotFoundError(f"--reuse {r}: no such folder (give an ablation folder or a folder of run folders)")
+        return out
+
+    def _reusable(self, cfg) -> "Path | None":
+        """A finished run folder under a ``--reuse`` folder whose config is ``cfg`` in everything it trains,
+        the number of epochs included (its seed too: the seed is in the config), or None."""
+        from .train import config_differences
+
+        mine = _config.with_absolute_root(cfg)
+        for root in self.reuse:
+            for cf in sorted(root.rglob("config.yaml")):
+                rd = cf.parent
+                if rd.resolve() == self.out.resolve() or self.out.resolve() in rd.resolve().parents:
+                    continue  # this ablation's own runs
+                if not ((rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()):
+                    continue
+                try:
+                    saved = yaml.safe_load(cf.read_text())
+                    if (saved.get("train") or {}).get("epochs") != mine.train.epochs:
+                        continue
+                    if not config_differences(saved, mine):
+                        return rd
+                except (TypeError, ValueError, AttributeError, KeyError, yaml.YAMLError):
+                    continue  # not a fewstep run config
+        return None
 
     def _cached(self, cfg, rd: Path):
         """``(analysis, epochs, validation accuracy per epoch)`` of a finished run whose ``analysis.json`` is

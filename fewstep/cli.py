@@ -227,16 +227,17 @@ def cmd_ablate(args) -> int:
             raise ValueError("--set and --variant-set change an ablation's configs: give the config and --variants "
                              "too (or a new --out)")
         abl = Ablation.from_folder(args.out)
+        abl.reuse = Ablation.reuse_dirs(args.reuse)
         if args.seeds is not None:  # more (or other) seeds of the same ablation
             abl = Ablation(abl.config_path, list(abl.specs.values()), args.seeds, args.out, abl.overrides,
-                           abl.raw_variant_sets, convert_T=abl.convert_T, base=abl.base)
+                           abl.raw_variant_sets, convert_T=abl.convert_T, base=abl.base, reuse=args.reuse)
     elif args.config is None or args.variants is None:
         raise ValueError("give both the config and --variants to start an ablation, or neither to continue or "
                          f"report the one in --out ({args.out}/ablation.json)")
     else:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         abl = Ablation(args.config, variants, "3" if args.seeds is None else args.seeds, args.out, args.set,
-                       args.variant_set, convert_T=args.convert_T)
+                       args.variant_set, convert_T=args.convert_T, reuse=args.reuse)
     summary = abl.run(analyse_only=args.analyse_only)
     print()
     print((Path(args.out) / "results.md").read_text())
@@ -385,6 +386,9 @@ def main(argv=None) -> int:
     a.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="override a key for one variant, e.g. 'tet+rcs:regularizer.rcs_weight=0.005' (repeatable)")
     a.add_argument("--analyse-only", action="store_true", help="report the finished runs without training")
+    a.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="before training a run, look under DIR (another ablation) for a finished run with exactly "
+                   "its config (seed and epochs included) and copy it instead (repeatable)")
     a.add_argument("--convert-T", type=_int_at_least(1), default=64, help="steps of the SNN a QCFS variant's ANN is "
                    "converted to for the analysis (default 64)")
     a.set_defaults(fn=cmd_ablate)

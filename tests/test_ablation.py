@@ -188,3 +188,31 @@ def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, cap
     assert cli(["ablate", "--out", str(tmp_path / "lab"), "--analyse-only"]) == 0
     text = capsys.readouterr().out
     assert "strong seed 0: finished earlier" in text and "`regularizer.str_weight=5.0`" in text
+
+
+def test_reuse_copies_a_finished_run_with_the_same_config_and_nothing_else(tmp_path, capsys, monkeypatch):
+    cfg, first, second = write_config(tmp_path), tmp_path / "first", tmp_path / "second"
+    assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "1", "--out", str(first),
+                "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    fits = []
+    real_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: fits.append(self.out) or real_fit(self))
+    # the baseline under another label: the same config, so copied; tet+str differs, so trained
+    assert cli(["ablate", str(cfg), "--variants", "base=tet,tet+str", "--seeds", "1", "--out", str(second),
+                "--set", "train.epochs=1", "--reuse", str(first)]) == 0
+    text = capsys.readouterr().out
+    assert f"[1/2] base seed 0: copied from {first / 'tet' / 'seed0'}" in text
+    assert "finished earlier (1 epochs), kept" in text and "analysing" not in text.split("[2/2]")[0]
+    assert fits == [second / "tet+str" / "seed0"]
+    a = json.loads((first / "tet" / "seed0" / "analysis.json").read_text())
+    b = json.loads((second / "base" / "seed0" / "analysis.json").read_text())
+    assert a == b
+    # another budget (2 epochs) is not the same run: trained, not copied
+    fits.clear()
+    assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "1", "--out", str(tmp_path / "third"),
+                "--set", "train.epochs=2", "--reuse", str(first)]) == 0
+    assert "copied" not in capsys.readouterr().out and fits == [tmp_path / "third" / "tet" / "seed0"]
+    assert cli(["ablate", str(cfg), "--variants", "tet", "--out", str(tmp_path / "x"), "--reuse",
+                str(tmp_path / "nowhere")]) == 2
+    assert f"--reuse {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
