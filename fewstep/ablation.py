@@ -293,6 +293,7 @@ class Ablation:
         self.variant_sets = parse_variant_sets(self.raw_variant_sets, self.variants)
         self.out = Path(out)
         self.reuse = self.reuse_dirs(reuse)
+        self._reuse_runs: "list | None" = None
         self.log = log
         if int(convert_T) != convert_T or convert_T < 1:
             raise ValueError(f"--convert-T must be a whole number >= 1, got {convert_T!r}")
@@ -434,22 +435,25 @@ class Ablation:
         the number of epochs included (its seed too: the seed is in the config), or None."""
         from .train import config_differences
 
-        mine = _config.with_absolute_root(cfg)
-        for root in self.reuse:
-            for cf in sorted(root.rglob("config.yaml")):
+        if self._reuse_runs is None:  # the finished runs under the --reuse folders, read once
+            self._reuse_runs = []
+            own = self.out.resolve()
+            for cf in (cf for root in self.reuse for cf in sorted(root.rglob("config.yaml"))):
                 rd = cf.parent
-                if rd.resolve() == self.out.resolve() or self.out.resolve() in rd.resolve().parents:
+                if rd.resolve() == own or own in rd.resolve().parents:
                     continue  # this ablation's own runs
-                if not ((rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()):
-                    continue
-                try:
-                    saved = yaml.safe_load(cf.read_text())
-                    if (saved.get("train") or {}).get("epochs") != mine.train.epochs:
+                if (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file():
+                    try:
+                        self._reuse_runs.append((rd, yaml.safe_load(cf.read_text())))
+                    except yaml.YAMLError:
                         continue
-                    if not config_differences(saved, mine):
-                        return rd
-                except (TypeError, ValueError, AttributeError, KeyError, yaml.YAMLError):
-                    continue  # not a fewstep run config
+        mine = _config.with_absolute_root(cfg)
+        for rd, saved in self._reuse_runs:
+            try:
+                if saved["train"]["epochs"] == mine.train.epochs and not config_differences(saved, mine):
+                    return rd
+            except (TypeError, ValueError, KeyError, AttributeError):
+                continue  # not a fewstep run config
         return None
 
     def _cached(self, cfg, rd: Path):

@@ -359,31 +359,21 @@ class General12(SNN):
                 kinds.append(["plain" if j % 2 == 0 else "dilated" for j in range(n)])
         return kinds
 
-    def _stage_needs(self) -> list[int]:
-        """The smallest side each stage's token map may have: 2 for quadrant or dilated windows and
-        for patch merging (which pads an odd side), 1 for a last stage with one window."""
-        last = len(self.kinds) - 1
-        return [2 if i < last or any(k != "global" for k in ks) else 1 for i, ks in enumerate(self.kinds)]
-
     def _check_tiling(self, name, h, w, patch):
-        needs = self._stage_needs()
-
-        def fits(side):
-            for need in needs:
-                if side < need:
-                    return False
-                side = -(-side // 2)
-            return True
-
+        """Quadrant and dilated windows and patch merging (which pads an odd side) need at least 2×2 tokens;
+        only a last stage with one window may get 1×1."""
+        last = len(self.kinds) - 1
+        needs = [2 if i < last or any(k != "global" for k in ks) else 1 for i, ks in enumerate(self.kinds)]
         for i, need in enumerate(needs):
             if h < need or w < need:
-                smallest = next(s for s in range(1, 1 << 20) if fits(s)) * patch
+                # stage j sees ceil(side / 2^j) tokens: the deepest stage that needs 2 sets the smallest side
+                j = max(k for k, n in enumerate(needs) if n == 2)
                 what = "patch merging needs" if all(k == "global" for k in self.kinds[i]) else \
                     f"its windows ({', '.join(sorted(set(self.kinds[i])))}) need"
                 raise ValueError(
                     f"{name}: stage {i} gets a {h}x{w} token map, but {what} at least 2x2 tokens; with patch "
-                    f"{patch} and {len(needs)} stages the input sides must be at least {smallest}: use a smaller "
-                    f"patch or fewer stages")
+                    f"{patch} and {len(needs)} stages the input sides must be at least {(2 ** j + 1) * patch}: use "
+                    f"a smaller patch or fewer stages")
             h, w = -(-h // 2), -(-w // 2)
 
     def body(self, x):
