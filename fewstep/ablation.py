@@ -21,6 +21,9 @@ accuracy per timestep (validation and test), the softmax and top-k trade-off cur
 fitted on validation, evaluated on test) with the OCT oracle, the calibrated exit at ≤ 0.6 pt and
 ≤ 1 pt accuracy drop (the fastest setting within that drop *on validation*, then measured on
 test), firing rates, and energy per sample at full T and at the calibrated exits (METHODS §8).
+Beside each calibrated exit the report puts the baseline it must beat: the fixed T a user without a
+cutoff would run (the fewest steps whose validation accuracy is within the same drop), read off the
+validation accuracy per step, and the exit's step saving over it ("vs fixed T").
 The aggregate goes to ``OUT/results.md`` (mean ± sample std over seeds, and each variant's paired
 difference from the first), ``OUT/summary.json`` and the plots ``accuracy_per_step.png``,
 ``learning_curves.png`` (validation accuracy per epoch), ``tradeoff.png``, ``speedup.png`` and ``paired.png``
@@ -219,22 +222,39 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
     for name in POLICIES:
         curve = _cf.sweep(name, Yv, yv, Yt, yt)
         out["curves"][name] = curve
-        out["calibrated"][name], out["test_curve"][name] = {}, {}
+        out["test_curve"][name] = {}
         for drop in DROPS:
-            pol, val = _cf.fastest_within(name, Yv, yv, drop)
+            best = _cf.fastest_point(curve, full_test, drop, on="test") or {"mean_exit_step": float(T)}
+            out["test_curve"][name][str(drop)] = {"mean_exit_step": best["mean_exit_step"],
+                                                  "speedup": T / best["mean_exit_step"]}
+    out["calibrated"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"])
+    out["capped"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"], cap=True)
+    return out
+
+
+def calibrated_exits(Yv, yv, Yt, yt, energy_pj=None, cap: bool = False) -> dict:
+    """``{policy: {drop: ...}}``: the fastest setting within each drop on validation (with ``cap``, the step cap
+    chosen with it: :func:`fewstep.cutoff.fastest_within`), measured on test; energy at exit when the per-step
+    energy of the test samples (``energy_pj[T, N]``) is given."""
+    T = Yt.shape[0]
+    full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
+    out: dict = {}
+    for name in POLICIES:
+        out[name] = {}
+        for drop in DROPS:
+            pol, val = _cf.fastest_within(name, Yv, yv, drop, cap=cap)
             d = _cf.simulate(pol, Yt)
-            energy = _ops.ops_at_exit(ops["energy_pj"], d.exit_step)
-            out["calibrated"][name][str(drop)] = {
-                "setting": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")},
+            setting = {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}
+            if cap:
+                setting["max_step"] = pol.max_step
+            out[name][str(drop)] = {
+                "setting": setting,
                 "val_accuracy": val["accuracy"], "val_drop": full_val - val["accuracy"],
                 "val_mean_exit_step": val["mean_exit_step"],
                 "test_accuracy": d.accuracy(yt), "test_drop": full_test - d.accuracy(yt),
                 "mean_exit_step": d.mean_exit_step(), "speedup": T / d.mean_exit_step(),
-                "energy_uj": float(energy.mean()) * 1e-6,
+                "energy_uj": None if energy_pj is None else float(_ops.ops_at_exit(energy_pj, d.exit_step).mean()) * 1e-6,
             }
-            best = _cf.fastest_point(curve, full_test, drop, on="test") or {"mean_exit_step": float(T)}
-            out["test_curve"][name][str(drop)] = {"mean_exit_step": best["mean_exit_step"],
-                                                  "speedup": T / best["mean_exit_step"]}
     return out
 
 
@@ -468,7 +488,8 @@ class Ablation:
             return None
         a = json.loads(path.read_text())
         ann = cfg.model.neuron == "qcfs"
-        if a.get("version") != ANALYSIS_VERSION or "images_per_s" not in a or (ann and a.get("T") != self.convert_T):
+        if (a.get("version") != ANALYSIS_VERSION or "images_per_s" not in a or "capped" not in a
+                or (ann and a.get("T") != self.convert_T)):
             return None
         ckpt = load_checkpoint(ck)
         diff = config_differences(ckpt["config"], _config.with_absolute_root(cfg))
@@ -488,6 +509,15 @@ class Ablation:
             model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
         return model, cfg
 
+    def _capped(self, trainer, ann: bool) -> dict:
+        from .metrics import predict
+
+        model, cfg = self._judged_model(trainer, ann)
+        b, T, bs = trainer.bundle, cfg.data.T, cfg.train.eval_batch_size
+        Ov, yv, _ = predict(model, b.val, T, b.kind, cfg.data.encoding, bs)
+        Ot, yt, _ = predict(model, b.test, T, b.kind, cfg.data.encoding, bs)
+        return calibrated_exits(_cf.running(Ov), yv, _cf.running(Ot), yt, cap=True)
+
     def _analysis(self, trainer, metrics: dict, tag: str) -> dict:
         rd = trainer.out
         path = rd / "analysis.json"
@@ -498,6 +528,10 @@ class Ablation:
             if a.get("version") == ANALYSIS_VERSION and (not ann or a.get("T") == self.convert_T):
                 if "images_per_s" not in a:  # added after version 1: measured alone, kept with the rest
                     a["images_per_s"] = images_per_second(*self._judged_model(trainer, ann), trainer.bundle)
+                    path.write_text(json.dumps(a, indent=2))
+                if "capped" not in a:  # added after version 1: the outputs again, not the energy counts
+                    self.log(f"{tag}: adding the capped exits to its analysis")
+                    a["capped"] = self._capped(trainer, ann)
                     path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"

@@ -55,6 +55,15 @@ def _paired(diffs: list[float]) -> dict:
     return st
 
 
+def fixed_step(val_accuracy_per_step: list[float], max_drop: float) -> int:
+    """The fixed T a user without a cutoff would run: the fewest steps whose *validation* accuracy is within
+    ``max_drop`` of running to T (the ``timestep`` policy of :func:`fewstep.cutoff.fastest_within`, read off the
+    per-step accuracies). The baseline a calibrated exit must beat to save anything, the comparison the RCS paper
+    makes (arXiv 2301.09522: "fewer timesteps" than the T that reaches the same accuracy)."""
+    full = val_accuracy_per_step[-1]
+    return next(t for t, acc in enumerate(val_accuracy_per_step, 1) if acc >= full - max_drop - 1e-9)
+
+
 def _scalars(a: dict) -> dict:
     """The per-run numbers that are compared across variants (accuracies as fractions)."""
     s = {"final_accuracy": a["test_accuracy_per_step"][-1], "val_accuracy": a["val_accuracy_per_step"][-1],
@@ -64,13 +73,31 @@ def _scalars(a: dict) -> dict:
          "images_per_s": a.get("images_per_s"), "n_params": a.get("n_params")}
     for t, acc in enumerate(a["test_accuracy_per_step"], 1):
         s[f"acc_t{t}"] = acc
-    for name in POLICIES:
-        for drop in DROPS:
+    test, T = a["test_accuracy_per_step"], a["T"]
+    for drop in DROPS:
+        t = fixed_step(a["val_accuracy_per_step"], drop)
+        s[f"timestep@{drop}:mean_exit_step"], s[f"timestep@{drop}:speedup"] = float(t), T / t
+        s[f"timestep@{drop}:test_drop"] = test[-1] - test[t - 1]
+        for name in POLICIES:
             c = a["calibrated"][name][str(drop)]
             for k in ("speedup", "mean_exit_step", "test_drop", "energy_uj"):
                 s[f"{name}@{drop}:{k}"] = c[k]
+            s[f"{name}@{drop}:vs_fixed"] = t / c["mean_exit_step"]
             s[f"{name}@{drop}:test_curve_speedup"] = a["test_curve"][name][str(drop)]["speedup"]
+            if "capped" in a:  # (analyses made before the step cap existed lack it)
+                c = a["capped"][name][str(drop)]
+                for k in ("speedup", "mean_exit_step", "test_drop", "energy_uj"):
+                    s[f"{name}+cap@{drop}:{k}"] = c[k]
+                s[f"{name}+cap@{drop}:vs_fixed"] = t / c["mean_exit_step"]
+                s[f"{name}+cap@{drop}:max_step"] = c["setting"]["max_step"] or T
     return s
+
+
+def exit_rules(stats: dict) -> tuple:
+    """The rows of the calibrated-exit table: the fixed T, each policy, and each policy with its step cap where
+    every run of the variant has one."""
+    capped = tuple(f"{n}+cap" for n in POLICIES if (stats.get(f"{n}+cap@{DROPS[0]}:speedup") or {}).get("n"))
+    return ("timestep",) + POLICIES + capped
 
 
 def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dict:
@@ -88,10 +115,10 @@ def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dic
             continue
         sc = {k: _scalars(a) for k, a in runs.items()}
         keys = next(iter(sc.values())).keys()
-        entry = {"seeds": sorted(runs), "stats": {key: _ms([s[key] for s in sc.values()]) for key in keys}}
+        entry = {"seeds": sorted(runs), "stats": {key: _ms([s.get(key) for s in sc.values()]) for key in keys}}
         paired = [k for k in runs if k in base_scalars]
         entry["paired_diff"] = {key: _paired([sc[k][key] - base_scalars[k][key] for k in paired
-                                          if sc[k][key] is not None and base_scalars[k].get(key) is not None])
+                                          if sc[k].get(key) is not None and base_scalars[k].get(key) is not None])
                                 for key in keys}
         any_run = next(iter(runs.values()))
         entry["T"] = any_run["T"]
@@ -217,17 +244,27 @@ def markdown(summary: dict) -> str:
     L += ["", "## Calibrated early exit (test)", "",
           "For each policy and tolerated drop d, the fastest threshold whose accuracy on **validation** is within d "
           "of running to T, then measured on test: timestep speed-up T / mean exit step, the realised test drop "
-          "(pt) and the energy per sample at exit (µJ, METHODS §8).", "",
-          "| variant | policy | d | speed-up | mean exit | test drop (pt) | energy (µJ) |",
-          "|---|---|---|---|---|---|---|"]
+          "(pt) and the energy per sample at exit (µJ, METHODS §8). **fixed T** is what a user without a cutoff "
+          "would run: the fewest steps whose validation accuracy is within d of T, for every sample; "
+          "*vs fixed T* is its step count over the policy's mean exit (above 1: the cutoff saves steps over "
+          "simply running fewer of them). **+ cap** is the policy with a step cap chosen on validation together "
+          "with its threshold (`max_step`, shown as its mean over seeds): a sample that has not fired by then "
+          "stops there.", "",
+          "| variant | policy | d | speed-up | mean exit | test drop (pt) | vs fixed T | energy (µJ) |",
+          "|---|---|---|---|---|---|---|---|"]
     for v, e in vs.items():
         st = e["stats"]
-        for name in POLICIES:
-            for d in DROPS:
+        for d in DROPS:
+            for name in exit_rules(st):
                 k = f"{name}@{d}:"
-                L.append(f"| {v} | {name} | {100 * d:g} pt | {_fmt(st[k + 'speedup'])}× | "
-                         f"{_fmt(st[k + 'mean_exit_step'])} | {_fmt(st[k + 'test_drop'], 100)} | "
-                         f"{_fmt(st[k + 'energy_uj'], 1, 3)} |")
+                label = {"timestep": "fixed T"}.get(name, name)
+                if name.endswith("+cap"):
+                    label = f"{name[:-4]} + cap {_fmt(st[k + 'max_step'], 1, 1)}"
+                L.append(f"| {v} | {label} | {100 * d:g} pt | "
+                         f"{_fmt(st[k + 'speedup'])}× | {_fmt(st[k + 'mean_exit_step'])} | "
+                         f"{_fmt(st[k + 'test_drop'], 100)} | "
+                         + ("1" if name == "timestep" else f"{_fmt(st[k + 'vs_fixed'])}×")
+                         + f" | {_fmt(st.get(k + 'energy_uj'), 1, 3)} |")
     L += ["", "## Full-T cost and the oracle (test)", "",
           "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
           "OCT mean exit | images/s (full T) |", "|---|---|---|---|---|---|---|---|"]
@@ -286,7 +323,8 @@ def plot_summary(summary: dict, out: Path) -> None:
                                 xlabel="epoch", ylabel="validation accuracy (%)", log_x=False)
     plots.ablation_tradeoff({v: e["curves"] for v, e in vs.items()}, {v: e["oct"] for v, e in vs.items()},
                             out / "tradeoff.png")
-    plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, POLICIES, DROPS, out / "speedup.png")
+    rules = min((exit_rules(e["stats"]) for e in vs.values()), key=len)  # the rows every variant has
+    plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, rules, DROPS, out / "speedup.png")
     others = {v: e["paired_diff"] for v, e in vs.items() if v != summary["baseline"]}
     if others:
         plots.ablation_paired(others, PAIRED_PLOT, summary["baseline"], out / "paired.png")

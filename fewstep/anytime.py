@@ -168,7 +168,7 @@ def early_exit(model: nn.Module, x: torch.Tensor, policy: _cutoff.Policy, max_ba
                 for k in totals:
                     totals[k].index_add_(0, ids, getattr(counter, k))
             aligned = same or steps.count(steps[0]) == n  # every row at the same step: the policy takes an int
-            verdict = policy.fire(Y, steps[0] if aligned else rows_of(steps)).tolist()  # (waits for the step on CUDA)
+            verdict = policy.stops(Y, steps[0] if aligned else rows_of(steps)).tolist()  # (waits for the step on CUDA)
             slots = [i for i in range(n) if verdict[i] or steps[i] >= T]  # the slots that decided, ascending
             if not slots:
                 continue
@@ -404,6 +404,6 @@ class AnytimeStream:
         out = self._step(x)
         self.t += 1
         self.Y = out if self.Y is None else self.Y + out
-        if self.t == self.T or bool(self.policy.fire(self.Y, self.t)[0]):
+        if self.t == self.T or bool(self.policy.stops(self.Y, self.t)[0]):
             self.answer = (int(self.Y[0].argmax()), self.t)
         return self.answer

@@ -165,13 +165,16 @@ def cmd_cutoff(args) -> int:
     if args.epsilon is not None and args.policy == "timestep":
         raise ValueError("--epsilon does not apply to the timestep policy; give --step (or --max-drop)")
     if args.calibration is not None and (args.epsilon is not None or args.max_drop is not None or args.step is not None
-                                         or args.mc_dropout):
-        raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step and --mc-dropout "
-                         "would be ignored; give one or the other")
+                                         or args.mc_dropout or args.max_step is not None):
+        raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step, --max-step and "
+                         "--mc-dropout would be ignored; give one or the other")
+    if args.max_step is not None and args.policy == "timestep":
+        raise ValueError("--max-step caps a threshold policy; the timestep policy's exit step is --step")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
                       args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
-                      device=args.device, graphs=args.graphs)
-    print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])} "
+                      device=args.device, graphs=args.graphs, max_step=args.max_step)
+    cap = "" if r.get("max_step") is None else f", max_step={r['max_step']}"
+    print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap} "
           f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
     print(f"  accuracy      {100 * r['accuracy']:.2f}% (full T: {100 * r['full_accuracy']:.2f}%, "
           f"drop {100 * r['accuracy_drop']:+.2f} pt)")
@@ -360,6 +363,8 @@ def main(argv=None) -> int:
                    help="step runner: auto replays CUDA graphs on CUDA and steps eagerly elsewhere (docs/anytime.md)")
     c.add_argument("--mc-dropout", type=_fraction(False, True), default=0.0, help="calibrate under dropout of this rate on every "
                    "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")
+    c.add_argument("--max-step", type=_int_at_least(1), help="step cap: a sample that has not exited by this step "
+                   "stops there (with --max-drop, the bound covers the capped policy); docs/anytime.md")
     c.set_defaults(fn=cmd_cutoff)
 
     tr = sub.add_parser("tradeoff", help="accuracy vs latency of every policy over its thresholds (plot + JSON)")

@@ -22,8 +22,10 @@ triggers exits at T. Steps are counted from 1.
   correct through T (wrong at T → T). The lower bound on mean latency at zero accuracy loss.
 
 A policy is one class: implement ``fire(Y_t, t)`` (a bool per sample at step t) and, when it
-learns thresholds, ``calibrate(Y, y)``. :func:`simulate` applies any policy to full-length
-outputs; :mod:`fewstep.anytime` applies the same ``fire`` while really running step by step.
+learns thresholds, ``calibrate(Y, y)``. Every policy also takes a step cap, ``max_step`` (fewstep's
+addition: a sample stops there if it has not fired; :meth:`Policy.stops` is ``fire`` or the cap).
+:func:`simulate` applies any policy to full-length outputs; :mod:`fewstep.anytime` applies the same
+``stops`` while really running step by step.
 """
 
 from __future__ import annotations
@@ -121,16 +123,39 @@ def top2_gap(Yt: torch.Tensor) -> torch.Tensor:
 class Policy:
     """Base class. ``fire(Y_t, t)`` → bool ``[n]``; ``t`` is the step (1-based) as an int, or a tensor
     with one step per sample (samples at different steps share a batch under continuous batching).
-    ``T`` is set by calibration or by the caller."""
+    ``T`` is set by calibration or by the caller.
+
+    ``max_step`` (None: off) caps every policy: a sample that has not fired by that step stops there, with
+    its prediction at that step. Runners ask :meth:`stops`, which is ``fire`` or the cap. A cap is fewstep's
+    addition to the published rules: where many samples never pass the threshold (a converted network at
+    T = 64 whose accuracy is far below 1 − ε), they run to T and cost more steps than a shorter fixed T would;
+    :func:`fastest_within` with ``cap=True`` chooses the cap with the threshold, on validation.
+    """
 
     name = "policy"
     needs_calibration = False
 
     def __init__(self, T: int | None = None):
         self.T = T
+        self.max_step: int | None = None
 
     def fire(self, Yt: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def stops(self, Yt: torch.Tensor, t) -> torch.Tensor:
+        """Bool ``[n]``: the samples that stop at step ``t`` (an int, or a tensor of per-sample steps): the
+        policy fires, or ``t`` reached ``max_step``."""
+        f = self.fire(Yt, t)
+        if self.max_step is None:
+            return f
+        return f | ((t.to(f.device) if isinstance(t, torch.Tensor) else t) >= self.max_step)
+
+    def with_max_step(self, k: "int | None") -> "Policy":
+        """Set the step cap (``None``: off); returns the policy."""
+        if k is not None and int(k) < 1:
+            raise ValueError(f"max_step must be a step >= 1 (or None for no cap), got {k}")
+        self.max_step = None if k is None else int(k)
+        return self
 
     def horizon(self) -> "int | None":
         """The last step the calibration covers (``None``: any step)."""
@@ -145,10 +170,12 @@ class Policy:
         return {}
 
     def to_dict(self) -> dict:
-        return {"policy": self.name, "T": self.T, **self.params()}
+        cap = {} if self.max_step is None else {"max_step": self.max_step}
+        return {"policy": self.name, "T": self.T, **self.params(), **cap}
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.params().items())})"
+        cap = [] if self.max_step is None else [f"max_step={self.max_step}"]
+        return f"{type(self).__name__}({', '.join([f'{k}={v}' for k, v in self.params().items()] + cap)})"
 
 
 @register
@@ -284,13 +311,21 @@ def simulate(policy: Policy, Y: torch.Tensor) -> Decision:
     exit_step = torch.full((N,), T, dtype=torch.long)
     done = torch.zeros(N, dtype=torch.bool)
     for t in range(1, T + 1):
-        f = policy.fire(Y[t - 1], t).cpu() & ~done
+        f = policy.stops(Y[t - 1], t).cpu() & ~done
         exit_step[f] = t
         done |= f
         if bool(done.all()):
             break
     pred = Y.argmax(-1).gather(0, (exit_step - 1).to(Y.device).view(1, -1))[0].cpu()
     return Decision(exit_step, pred)
+
+
+def capped(d: Decision, Y: torch.Tensor, k: int) -> Decision:
+    """The decision ``d`` (made on ``Y[T, N, C]``) with the step cap ``k``: a sample that exits after ``k``
+    stops at ``k`` with ``argmax Y(k)``. The same as :func:`simulate` of the policy with ``max_step = k``."""
+    late = d.exit_step > k
+    pred = torch.where(late, Y[k - 1].argmax(-1).cpu(), d.prediction)
+    return Decision(d.exit_step.clamp(max=k), pred)
 
 
 def oracle(Y: torch.Tensor, y: torch.Tensor) -> Decision:
@@ -341,7 +376,8 @@ def load(path, expect: dict | None = None) -> Policy:
     for key in ("betas", "quantiles"):
         if d.get(key) is not None:
             d[key] = [math.inf if v in (None, "inf") else float(v) for v in d[key]]
-    return make(name, **d)
+    max_step = d.pop("max_step", None)
+    return make(name, **d).with_max_step(max_step)
 
 
 # ------------------------------------------------------------------------ calibrate to a target
@@ -386,7 +422,8 @@ class TargetResult:
 
 
 def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float,
-                        confidence: float | None = 0.95, epsilons=None, seed: int = 0) -> TargetResult:
+                        confidence: float | None = 0.95, epsilons=None, seed: int = 0,
+                        max_step: int | None = None) -> TargetResult:
     """Pick the most aggressive policy whose upper confidence bound on the accuracy drop is ≤ ``max_drop``.
 
     Validation data only. The drop of a cutoff against running to T is at most the share of samples it
@@ -396,7 +433,8 @@ def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: f
     correction). Policies with learned thresholds (``topk``, ``spikecp``) are fitted on one half of the
     data and tested on the other half; the other policies are tested on all of it. If no candidate
     passes, the result exits everyone at T (drop 0). ``confidence=None`` uses the observed harm rate
-    instead of a bound (a plain validation choice, with no guarantee).
+    instead of a bound (a plain validation choice, with no guarantee). ``max_step`` caps every candidate
+    (:attr:`Policy.max_step`), so the bound covers the capped policy.
     """
     check_Y(Y)
     if not 0.0 <= max_drop < 1.0:
@@ -419,6 +457,8 @@ def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: f
         if fit is not None:
             pol.calibrate(Y[:, fit], y[fit])
         pol.T = T
+        if name != "timestep":
+            pol.with_max_step(max_step)
         d = simulate(pol, Yt)
         right = d.prediction.to(yt.device) == yt
         harmed = int((right_at_T & ~right).sum())
@@ -465,19 +505,28 @@ def fastest_point(points: list[dict], full_accuracy: float, max_drop: float, on:
     return min(ok, key=lambda p: p[ex]) if ok else None
 
 
-def fastest_within(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float = 0.01) -> tuple[Policy, dict]:
+def fastest_within(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float = 0.01,
+                   cap: bool = False) -> tuple[Policy, dict]:
     """The setting of policy ``name`` with the lowest mean exit step whose accuracy on (``Y``, ``y``) is within
     ``max_drop`` of full T, fitted on the same data. A plain validation choice, with no guarantee (see
-    :func:`calibrate_to_target` for one). Returns the policy and its validation ``{accuracy, mean_exit_step}``."""
+    :func:`calibrate_to_target` for one). Returns the policy and its validation ``{accuracy, mean_exit_step}``.
+
+    ``cap=True`` searches the step cap :attr:`Policy.max_step` (every step below T) jointly with the threshold;
+    a choice among T times more settings, so expect its realised drop on other data to overshoot a little more."""
     check_Y(Y)
     T = Y.shape[0]
     full = (Y[-1].argmax(-1) == y).float().mean().item()
     best = None
+    caps = range(1, T) if cap and name != "timestep" else []
     for pol in candidates(name, T):
         if pol.needs_calibration:
             pol.calibrate(Y, y)
         pol.T = T
         d = simulate(pol, Y)
-        if d.accuracy(y) >= full - max_drop - 1e-9 and (best is None or d.mean_exit_step() < best[1]["mean_exit_step"]):
-            best = (pol, {"accuracy": d.accuracy(y), "mean_exit_step": d.mean_exit_step()})
-    return best if best else (Timestep(T, T=T), {"accuracy": full, "mean_exit_step": float(T)})
+        for k, dk in [(None, d)] + [(k, capped(d, Y, k)) for k in caps if k < int(d.exit_step.max())]:
+            acc, ex = dk.accuracy(y), dk.mean_exit_step()
+            if acc >= full - max_drop - 1e-9 and (best is None or ex < best[1]["mean_exit_step"]):
+                best = (pol, {"accuracy": acc, "mean_exit_step": ex}, k)
+    if best is None:
+        return Timestep(T, T=T), {"accuracy": full, "mean_exit_step": float(T)}
+    return best[0].with_max_step(best[2]), best[1]

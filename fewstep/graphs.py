@@ -166,7 +166,7 @@ class StepGraph:
 
 class DecisionGraph:
     """The exit decision after a step of a bucket of ``batch`` rows, on static buffers: ``Y += out``,
-    ``steps += 1``, then ``fire = valid & (steps >= T | policy.fire(Y, steps))`` (padding rows ask about step
+    ``steps += 1``, then ``fire = valid & (steps >= T | policy.stops(Y, steps))`` (padding rows ask about step
     1 and never decide). With ``capture`` it is a CUDA graph reading the step graph's static output, replayed
     after it; otherwise (the emulated schedule, or a policy that cannot be captured) the same body runs eagerly
     on the given output. The policy is held, so the tensors its replay reads (its per-step tables) stay alive."""
@@ -201,7 +201,7 @@ class DecisionGraph:
         self.Y.add_(out)
         self.steps.add_(1)
         t = torch.where(self.valid, self.steps, self._one)
-        return self.valid & ((self.steps >= self.T) | self.policy.fire(self.Y, t).to(self.Y.device))
+        return self.valid & ((self.steps >= self.T) | self.policy.stops(self.Y, t).to(self.Y.device))
 
     def reset(self) -> None:
         """Every row a fresh, valid sample."""
@@ -225,7 +225,7 @@ class DecisionGraph:
         v0 = torch.rand(B, generator=g, device=dev) < 0.75
         out = torch.randn(self.Y.shape, generator=g, device=dev)
         Y1, s1 = Y0 + out, s0 + 1
-        want = v0 & ((s1 >= self.T) | self.policy.fire(Y1, torch.where(v0, s1, self._one)).to(dev))
+        want = v0 & ((s1 >= self.T) | self.policy.stops(Y1, torch.where(v0, s1, self._one)).to(dev))
         self._out.copy_(out)  # (the step graph's next replay overwrites it)
         self.Y.copy_(Y0)
         self.steps.copy_(s0)

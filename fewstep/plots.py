@@ -138,19 +138,21 @@ def ablation_tradeoff(curves: dict[str, dict[str, list[dict]]], oct_points: dict
 
 
 def ablation_speedup(stats: dict[str, dict], policies, drops, path) -> Path:
-    """Calibrated timestep speed-up per variant, policy and tolerated drop (bars: mean, whiskers: std)."""
+    """Calibrated timestep speed-up per variant, policy and tolerated drop (bars: mean, whiskers: std); policy
+    ``timestep`` is drawn as "fixed T", the fewest steps chosen on validation that every sample runs; ``NAME+cap``
+    is policy NAME with its step cap."""
     plt = _plt()
     groups = [(p, d) for d in drops for p in policies]
     variants = list(stats)
     width = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.0 * len(groups)), 3.8), dpi=120)
     for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
         means = [stats[v][f"{p}@{d}:speedup"]["mean"] or 0.0 for p, d in groups]
         stds = [stats[v][f"{p}@{d}:speedup"]["std"] or 0.0 for p, d in groups]
         xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, color=color, label=v)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{p}\n≤{100 * d:g} pt" for p, d in groups])
+    ax.set_xticklabels([f"{'fixed T' if p == 'timestep' else p}\n≤{100 * d:g} pt" for p, d in groups])
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     _style(ax, "", "timestep speed-up (T / mean exit)", "Calibrated early exit (thresholds from validation; test)",
            title_size=10)

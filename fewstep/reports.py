@@ -40,8 +40,9 @@ def _meta(run_dir: Path, cfg) -> dict:
 
 def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | None = None,
               max_drop: float | None = None, confidence: float = 0.95, mc_dropout: float = 0.0, mc_samples: int = 4,
-              model=None, cfg=None, bundle=None):
-    """Fit ``policy`` on the validation split of a run; returns ``(policy, target_info_or_None)``."""
+              model=None, cfg=None, bundle=None, max_step: int | None = None):
+    """Fit ``policy`` on the validation split of a run; returns ``(policy, target_info_or_None)``. ``max_step``
+    caps the policy (:attr:`fewstep.cutoff.Policy.max_step`); with ``max_drop`` the bound covers the capped policy."""
     run_dir = Path(run_dir)
     if model is None:
         model, cfg, bundle = load_run(run_dir)
@@ -53,8 +54,10 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     if policy == "oct":
         raise ValueError("'oct' is the oracle (it needs the labels); it appears in 'fewstep tradeoff', "
                          "not as a deployable policy")
+    if max_step is not None and not 1 <= max_step <= T:
+        raise ValueError(f"--max-step {max_step} is outside 1..T = 1..{T} for this run")
     if max_drop is not None:
-        res = _cf.calibrate_to_target(policy, Yv, yv, max_drop, confidence)
+        res = _cf.calibrate_to_target(policy, Yv, yv, max_drop, confidence, max_step=max_step)
         pol = res.policy
         target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested,
                   "passed": any(t["accepted"] for t in res.tested),
@@ -68,6 +71,7 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
         pol = _cf.make(policy, epsilon=0.01 if epsilon is None else epsilon)
         if pol.needs_calibration:
             pol.calibrate(Yv, yv)
+        pol.with_max_step(max_step)
     pol.T = T
     _cf.save(pol, run_dir / f"calibration_{policy}.json", {**_meta(run_dir, cfg), "n_val": int(len(yv)),
                                                           "mc_dropout": mc_dropout,
@@ -78,7 +82,7 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
 
 def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
                   batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
-                  continuous: bool = True, device: str = "cpu", graphs: str = "auto") -> dict:
+                  continuous: bool = True, device: str = "cpu", graphs: str = "auto", max_step: int | None = None) -> dict:
     """Calibrate (or load) ``policy``, run early exit on ``split`` for real on ``device`` (``graphs``: see
     :func:`fewstep.anytime.early_exit`), time it against full T, count operations; writes cutoff_POLICY.json."""
     run_dir = Path(run_dir)
@@ -92,7 +96,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         target = None
     else:
         pol, target = calibrate(run_dir, policy, epsilon, step, max_drop, confidence, mc_dropout,
-                                model=model, cfg=cfg, bundle=bundle)
+                                model=model, cfg=cfg, bundle=bundle, max_step=max_step)
     ds = bundle.split(split)
     full_pol = _cf.Timestep(T, T=T)
     ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, continuous=continuous,
@@ -113,7 +117,8 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     oct_d = _cf.oracle(Y, y)
     per = lambda v: float(v.mean())  # noqa: E731
     out = {
-        "policy": pol.name, "params": pol.params(), "epsilon": getattr(pol, "epsilon", None), "split": split,
+        "policy": pol.name, "params": pol.params(), "epsilon": getattr(pol, "epsilon", None),
+        "max_step": pol.max_step, "split": split,
         "n": int(len(y)), "T": T, "batch_size": batch_size, "continuous_batching": continuous,
         "full_accuracy": full_acc, "accuracy": acc, "accuracy_drop": full_acc - acc,
         "mean_exit_step": d.mean_exit_step(), "timestep_speedup": T / d.mean_exit_step(),

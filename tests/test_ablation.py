@@ -65,6 +65,47 @@ def test_paired_differences_carry_a_t_interval_and_the_seeds_ahead():
     assert _fmt_ci(_paired([])) == "–"
 
 
+def test_fixed_T_baseline_is_the_timestep_policy_chosen_on_validation():
+    import torch
+
+    from fewstep import cutoff
+    from fewstep.ablation_report import _scalars, fixed_step, markdown
+
+    # hand-computed: full 0.90; within 0.6 pt from t = 3 (0.895), within 1 pt from t = 2 (0.89 >= 0.89)
+    val = [0.70, 0.89, 0.895, 0.89, 0.90]
+    assert fixed_step(val, 0.006) == 3 and fixed_step(val, 0.01) == 2 and fixed_step(val, 0.0) == 5
+    assert fixed_step([0.5, 0.9, 0.8], 0.0) == 2  # a step above the final accuracy qualifies too
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # the same choice as the timestep policy's calibration on the full outputs
+        Y = cutoff.running(torch.randn(8, 300, 5, generator=g) + 0.3 * torch.eye(5)[torch.arange(300) % 5])
+        y = torch.arange(300) % 5
+        per_step = (Y.argmax(-1) == y).float().mean(1).tolist()
+        for drop in (0.006, 0.01, 0.03):
+            pol, _ = cutoff.fastest_within("timestep", Y, y, drop)
+            assert fixed_step(per_step, drop) == pol.t
+    calibrated = {n: {str(d): {"speedup": 5 / 2.5, "mean_exit_step": 2.5, "test_drop": 0.004, "energy_uj": 1.0,
+                               "setting": {"epsilon": 0.1}}
+                      for d in (0.006, 0.01)} for n in ("softmax", "topk")}
+    a = {"T": 5, "val_accuracy_per_step": val, "test_accuracy_per_step": [0.6, 0.85, 0.88, 0.89, 0.91],
+         "firing_rate": 0.1, "energy_uj_full": 2.0, "spikes_per_sample": 10.0,
+         "calibrated": calibrated, "test_curve": {n: {str(d): {"speedup": 2.0} for d in (0.006, 0.01)}
+                                                  for n in ("softmax", "topk")},
+         "n_test": 100, "n_val": 200, "oct": {"accuracy": 0.91, "mean_exit_step": 1.5},
+         "curves": {n: [{"epsilon": 0.1, "accuracy": 0.9, "mean_exit_step": 2.5}] for n in ("softmax", "topk")}}
+    s = _scalars(a)
+    assert s["timestep@0.006:mean_exit_step"] == 3 and s["timestep@0.006:speedup"] == pytest.approx(5 / 3)
+    assert s["timestep@0.006:test_drop"] == pytest.approx(0.91 - 0.88)
+    assert s["timestep@0.01:mean_exit_step"] == 2 and s["timestep@0.01:test_drop"] == pytest.approx(0.06)
+    assert s["softmax@0.006:vs_fixed"] == pytest.approx(3 / 2.5) and s["topk@0.01:vs_fixed"] == pytest.approx(2 / 2.5)
+    from fewstep.ablation_report import aggregate
+
+    spec = {"command": "x", "seeds": [0], "base": quick(None).to_dict()}
+    md = markdown(aggregate({"tet": {0: a}}, ["tet"], spec["base"], spec))
+    assert "| tet | fixed T | 0.6 pt | 1.67× | 3.00 | 3.00 | 1 | – |" in md
+    assert "| tet | softmax | 0.6 pt | 2.00× | 2.50 | 0.40 | 1.20× | 1.000 |" in md
+    assert "| tet | topk | 1 pt | 2.00× | 2.50 | 0.40 | 0.80× | 1.000 |" in md
+
+
 def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     cfg, out = write_config(tmp_path), tmp_path / "abl"
     logs = []
@@ -114,6 +155,17 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
     md = (out / "results.md").read_text()
     assert "| tet+rcs |" in md and "Paired differences from tet" in md and "--variant-set" in md
     assert "Beyond seed noise?" in md
+    # beside each calibrated exit: the fixed T chosen on validation, and the exit with a step cap chosen with it
+    a = json.loads((out / "tet" / "seed0" / "analysis.json").read_text())
+    va = a["val_accuracy_per_step"]
+    fixed = next(t for t, acc in enumerate(va, 1) if acc >= va[-1] - 0.006 - 1e-9)
+    assert "| tet | fixed T | 0.6 pt |" in md
+    assert summary["variants"]["tet"]["stats"]["timestep@0.006:mean_exit_step"]["values"][0] == fixed
+    for name in ("softmax", "topk"):
+        c, k = a["capped"][name]["0.006"], a["capped"][name]["0.006"]["setting"]["max_step"]
+        assert k is None or 1 <= k < 4
+        assert c["val_mean_exit_step"] <= a["calibrated"][name]["0.006"]["val_mean_exit_step"] + 1e-9  # never slower on val
+        assert f"| tet | {name} + cap " in md
     # what each variant changed is listed, so the report never calls a budget shared that is not
     assert summary["spec"]["differences"] == {"tet": {}, "tet+rcs": {"regularizer.name": "rcs",
                                                                       "regularizer.rcs_weight": 0.01}}

@@ -49,6 +49,13 @@ def test_real_early_exit_equals_simulation_for_every_model(name):
     assert cont.exit_step.tolist() == sim.exit_step.tolist()
     assert cont.prediction.tolist() == sim.prediction.tolist()
     assert net.current_step_mode() == "m"  # the runner restores the step mode
+    capped = spread_policy(Y).with_max_step(2)  # samples still running at step 2 stop there
+    sim3 = cf.simulate(capped, Y)
+    assert sim3.exit_step.max() == 2 and (sim.exit_step > 2).any()
+    for mb in (None, 3):
+        real3 = at.early_exit(net, x, capped, max_batch=mb)
+        assert real3.exit_step.tolist() == sim3.exit_step.tolist()
+        assert real3.prediction.tolist() == sim3.prediction.tolist()
 
 
 def test_leaving_samples_hand_their_rows_to_the_last_ones_and_decisions_stay(monkeypatch):
@@ -106,6 +113,15 @@ def test_anytime_stream_matches_batch_runner():
             if answer is not None:
                 break
         assert answer == (int(ref.prediction[i]), int(ref.exit_step[i]))
+    ref2 = at.early_exit(net, x, spread_policy(Y).with_max_step(2))
+    stream = at.AnytimeStream(net, spread_policy(Y).with_max_step(2), T=4)
+    for i in range(6):  # the cap holds in the per-stream API too
+        stream.reset()
+        answer = None
+        for t in range(4):
+            if (answer := stream.push(x[t, i])) is not None:
+                break
+        assert answer == (int(ref2.prediction[i]), int(ref2.exit_step[i])) and answer[1] <= 2
     with pytest.raises(ValueError, match="T mismatch"):
         at.AnytimeStream(net, pol, T=5)
     with pytest.raises(ValueError, match="T mismatch"):
@@ -182,6 +198,17 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert r["target"]["bound"] <= 0.05 and r["target"]["confidence"] == 0.9
     assert cli(["cutoff", str(digits_run), "--policy", "timestep", "--step", "2", "--repeats", "1"]) == 0
     assert json.loads((digits_run / "cutoff_timestep.json").read_text())["mean_exit_step"] == 2
+    # a step cap: no sample runs past it, in the real runner and in the saved calibration
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--epsilon", "0.000001", "--max-step", "2",
+                "--repeats", "1"]) == 0
+    r = json.loads((digits_run / "cutoff_softmax.json").read_text())
+    assert r["max_step"] == 2 and r["exit_histogram"][2:] == [0, 0] and r["matches_simulation"]
+    assert "max_step=2" in capsys.readouterr().out
+    assert json.loads((digits_run / "calibration_softmax.json").read_text())["max_step"] == 2
+    assert cli(["cutoff", str(digits_run), "--policy", "timestep", "--max-step", "2"]) == 2
+    assert "--max-step caps a threshold policy" in capsys.readouterr().err
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--max-step", "5"]) == 2
+    assert "--max-step 5 is outside 1..T = 1..4" in capsys.readouterr().err
     assert cli(["tradeoff", str(digits_run)]) == 0
     t = json.loads((digits_run / "tradeoff.json").read_text())
     assert set(t["policies"]) == {"timestep", "softmax", "topk", "spikecp"}

@@ -185,3 +185,55 @@ def test_calibrate_to_target_learned_thresholds_and_fallback():
     assert isinstance(r0.policy, cf.Timestep) and r0.policy.t == 10 and r0.bound == 0.0
     with pytest.raises(ValueError, match="max_drop"):
         cf.calibrate_to_target("softmax", Y, y, max_drop=1.5)
+
+
+def test_step_cap_hand_built_and_equal_to_capping_a_decision(tmp_path):
+    Y = Y_from([
+        [[0, 5], [0, 10], [0, 15], [0, 20]],  # confident from t = 1
+        [[1, 0], [1, 2], [1, 3], [1, 3]],     # never confident; class 0 at t = 1, class 1 from t = 2
+    ])
+    pol = cf.Softmax(0.01)
+    assert cf.simulate(pol, Y).exit_step.tolist() == [1, 4]
+    d = cf.simulate(pol.with_max_step(2), Y)
+    assert d.exit_step.tolist() == [1, 2] and d.prediction.tolist() == [1, 1]  # stops at 2 with argmax Y(2)
+    d1 = cf.simulate(pol.with_max_step(1), Y)
+    assert d1.exit_step.tolist() == [1, 1] and d1.prediction.tolist() == [1, 0]
+    assert repr(pol) == "Softmax(epsilon=0.01, max_step=1)"
+    with pytest.raises(ValueError, match="max_step must be a step >= 1"):
+        pol.with_max_step(0)
+    g = torch.Generator().manual_seed(1)
+    Yr = cf.running(torch.randn(10, 200, 4, generator=g))
+    yr = torch.randint(0, 4, (200,), generator=g)
+    for p in (cf.TopK(0.2).calibrate(Yr, yr), cf.Softmax(0.3), cf.SpikeCP(0.2).calibrate(Yr, yr)):
+        full = cf.simulate(p.with_max_step(None), Yr)
+        for k in (1, 3, 7, 10):
+            a, b = cf.capped(full, Yr, k), cf.simulate(p.with_max_step(k), Yr)
+            assert torch.equal(a.exit_step, b.exit_step) and torch.equal(a.prediction, b.prediction)
+        path = cf.save(p.with_max_step(3), tmp_path / "c.json", {"T": 10})
+        back = cf.load(path)
+        assert back.max_step == 3 and torch.equal(cf.simulate(back, Yr).exit_step, cf.simulate(p, Yr).exit_step)
+        assert cf.load(cf.save(p.with_max_step(None), tmp_path / "d.json", {"T": 10})).max_step is None
+
+
+def test_fastest_within_chooses_a_cap_where_hard_samples_never_fire():
+    # 70 easy samples, right from t = 1 (gap 5 per step); 10 medium ones, confidently wrong at t = 1, 2 and right
+    # from t = 3; 20 hard ones, wrong at every step with a small gap. Any ε loose enough to let the hard ones
+    # exit (precision ≤ 0.8 once they pass) also lets the medium ones exit wrong at t = 1 (0.875), so with no
+    # accuracy to spare Top-K runs the hard ones to T = 8: mean exit (70 + 10·3 + 20·8) / 100 = 2.6. They are
+    # wrong anyway: a cap at 3 stops them there at no cost, (70 + 30·3) / 100 = 1.6; a cap at 2 would stop
+    # the medium ones while wrong.
+    T, y = 8, torch.zeros(100, dtype=torch.long)
+    O = torch.zeros(T, 100, 3)
+    O[:, :70, 0] = 5.0
+    O[:2, 70:80, 1] = 1.0
+    O[2:, 70:80, 0] = 3.0
+    O[:, 80:, 1] = 0.1
+    Y = cf.running(O)
+    plain, val = cf.fastest_within("topk", Y, y, 0.0)
+    assert plain.max_step is None and val == {"accuracy": pytest.approx(0.8), "mean_exit_step": pytest.approx(2.6)}
+    pol, val = cf.fastest_within("topk", Y, y, 0.0, cap=True)
+    assert pol.max_step == 3 and val == {"accuracy": pytest.approx(0.8), "mean_exit_step": pytest.approx(1.6)}
+    d = cf.simulate(pol, Y)
+    assert d.exit_step[:70].eq(1).all() and d.exit_step[70:].eq(3).all() and d.accuracy(y) == pytest.approx(0.8)
+    t, _ = cf.fastest_within("timestep", Y, y, 0.0, cap=True)  # a fixed T takes no cap
+    assert t.t == 3 and t.max_step is None

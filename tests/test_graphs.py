@@ -84,6 +84,10 @@ def test_emulated_static_schedule_equals_the_eager_runner(name):
         em = at.early_exit(net, x, pol, max_batch=mb, graphs="emulate")
         assert em.exit_step.tolist() == eager.exit_step.tolist()
         assert em.prediction.tolist() == eager.prediction.tolist()
+    pol.with_max_step(2)  # a step cap decides inside the static schedule too
+    eager2, em2 = at.early_exit(net, x, pol, graphs="off"), at.early_exit(net, x, pol, max_batch=3, graphs="emulate")
+    assert em2.exit_step.tolist() == eager2.exit_step.tolist() and max(eager2.exit_step.tolist()) <= 2
+    assert em2.prediction.tolist() == eager2.prediction.tolist()
     assert all(getattr(m, "v", None) is None for m in net.modules())  # states released after the run
 
 
