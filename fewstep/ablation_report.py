@@ -249,7 +249,8 @@ def markdown(summary: dict) -> str:
           "*vs fixed T* is its step count over the policy's mean exit (above 1: the cutoff saves steps over "
           "simply running fewer of them). **+ cap** is the policy with a step cap chosen on validation together "
           "with its threshold (`max_step`, shown as its mean over seeds): a sample that has not fired by then "
-          "stops there.", "",
+          "stops there. Energy is shown where every seed's analysis counted it (capped exits added to an older "
+          "analysis are not counted).", "",
           "| variant | policy | d | speed-up | mean exit | test drop (pt) | vs fixed T | energy (µJ) |",
           "|---|---|---|---|---|---|---|---|"]
     for v, e in vs.items():
@@ -257,6 +258,8 @@ def markdown(summary: dict) -> str:
         for d in DROPS:
             for name in exit_rules(st):
                 k = f"{name}@{d}:"
+                energy = st.get(k + "energy_uj") or {}
+                energy = _fmt(energy, 1, 3) if energy.get("n") == len(e["seeds"]) else "–"
                 label = {"timestep": "fixed T"}.get(name, name)
                 if name.endswith("+cap"):
                     label = f"{name[:-4]} + cap {_fmt(st[k + 'max_step'], 1, 1)}"
@@ -264,7 +267,7 @@ def markdown(summary: dict) -> str:
                          f"{_fmt(st[k + 'speedup'])}× | {_fmt(st[k + 'mean_exit_step'])} | "
                          f"{_fmt(st[k + 'test_drop'], 100)} | "
                          + ("1" if name == "timestep" else f"{_fmt(st[k + 'vs_fixed'])}×")
-                         + f" | {_fmt(st.get(k + 'energy_uj'), 1, 3)} |")
+                         + f" | {energy} |")
     L += ["", "## Full-T cost and the oracle (test)", "",
           "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
           "OCT mean exit | images/s (full T) |", "|---|---|---|---|---|---|---|---|"]
