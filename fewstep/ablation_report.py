@@ -96,7 +96,8 @@ def _scalars(a: dict) -> dict:
 def exit_rules(stats: dict) -> tuple:
     """The rows of the calibrated-exit table: the fixed T, each policy, and each policy with its step cap where
     every run of the variant has one."""
-    capped = tuple(f"{n}+cap" for n in POLICIES if (stats.get(f"{n}+cap@{DROPS[0]}:speedup") or {}).get("n"))
+    runs = stats["final_accuracy"]["n"]
+    capped = tuple(f"{n}+cap" for n in POLICIES if (stats.get(f"{n}+cap@{DROPS[0]}:speedup") or {}).get("n") == runs)
     return ("timestep",) + POLICIES + capped
 
 

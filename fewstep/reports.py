@@ -47,6 +47,8 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     if model is None:
         model, cfg, bundle = load_run(run_dir)
     T = cfg.data.T
+    if max_step is not None and not 1 <= max_step <= T:
+        raise ValueError(f"--max-step {max_step} is outside 1..T = 1..{T} for this run")
     Yv, yv = _any.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding,
                                       cfg.train.eval_batch_size, _device(model), mc_dropout=mc_dropout,
                                       mc_samples=mc_samples)
@@ -54,8 +56,6 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     if policy == "oct":
         raise ValueError("'oct' is the oracle (it needs the labels); it appears in 'fewstep tradeoff', "
                          "not as a deployable policy")
-    if max_step is not None and not 1 <= max_step <= T:
-        raise ValueError(f"--max-step {max_step} is outside 1..T = 1..{T} for this run")
     if max_drop is not None:
         res = _cf.calibrate_to_target(policy, Yv, yv, max_drop, confidence, max_step=max_step)
         pol = res.policy
