@@ -23,7 +23,7 @@ def nmnist_run(run, data):
         print(f"training {run} from configs/nmnist_small.yaml ...")
         cfg = C.load(ROOT / "configs" / "nmnist_small.yaml", [f"data.root={data}"])
         Trainer(cfg, run).fit()
-    model, cfg, bundle = load_run(run)
+    model, cfg, bundle = load_run(run, data_root=data)  # the run may have been trained where the data lay elsewhere
     Yv, yv = at.calibration_outputs(model, bundle.val, cfg.data.T, bundle.kind, cfg.data.encoding)
     return model, cfg, bundle, Yv, yv
 

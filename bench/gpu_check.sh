@@ -4,10 +4,12 @@
 #   2. bench/anytime.py at batch 256 with CUDA graphs, RUNS times (the wall / timestep ratio, target >= 0.85),
 #      then once with eager steps (--graphs off) for comparison;
 #   3. bench/latency.py (per-decision p50 / p99, one stream and continuous batching), before the eager comparison;
-#   4. bench/lif_inference.py (the streaming LIF step on the GPU).
+#   4. bench/lif_inference.py (the streaming LIF step on the GPU);
+#   5. bench/exit_diag.py (decisions against simulate, time per early-exit call against one multi-step forward).
 # Every part has its own time limit, cut to what is left of BUDGET, and the script goes on after a failure (a part
 # that no longer fits is skipped and says so in summary.txt); the outputs land in OUT_DIR as
-# at most 8 files (env.txt, tests.txt, anytime.txt, anytime.json, latency.txt, latency.json, lif.txt, summary.txt).
+# at most 8 files (summary.txt, which starts with the machine, tests.txt, anytime.txt, anytime.json, latency.txt,
+# latency.json, lif.txt, diag.txt).
 #
 #   bash bench/gpu_check.sh DATA_DIR RUN_DIR OUT_DIR        # DATA_DIR holds nmnist-small.tar.gz
 #
@@ -36,7 +38,6 @@ cp -r "$RUN_SRC" "$RUN"
 cd "$HERE"
 export PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} FEWSTEP_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
 SUMMARY=$OUT_DIR/summary.txt
-: >"$SUMMARY"
 step() {  # step NAME LIMIT_S LOGFILE CMD...: run with a limit, append to the log, note the status in the summary
     local name=$1 limit=$2 log=$3; shift 3
     local t0=$SECONDS left=$((BUDGET - SECONDS))
@@ -54,7 +55,7 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...: run with a limit, append to the lo
 }
 
 { date -u; $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true; } >"$OUT_DIR/env.txt" 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true; } >"$SUMMARY" 2>&1
 
 step tests 150 "$OUT_DIR/tests.txt" $PY -m pytest -q -ra -p no:cacheprovider tests/test_graphs.py tests/test_triton.py tests/test_anytime.py
 
@@ -75,6 +76,7 @@ fi
 echo "]" >>"$OUT_DIR/anytime.json"
 
 step lif_inference 60 "$OUT_DIR/lif.txt" $PY bench/lif_inference.py --device "$DEVICE" --batches 1,64,256
+step exit_diag 60 "$OUT_DIR/diag.txt" $PY bench/exit_diag.py --run "$RUN" --data "$DATA" --device "$DEVICE"
 
 # the ratios of every anytime run, one line each (the figures issue 16 asks for)
 $PY - "$OUT_DIR/anytime.json" 2>&1 <<'EOF' | tee -a "$SUMMARY"
@@ -84,5 +86,6 @@ for r in json.load(open(sys.argv[1])):
     cell = lambda x, k: f"{x[k]:.2f}" if k in x else "-"  # noqa: E731
     print(f"{r['device']}, batch {r['batch_size']}, graphs={r['graphs']}: " + "; ".join(
         f"{x['policy']} {cell(x, 'ratio_continuous')} / {cell(x, 'ratio_per_batch')} / {cell(x, 'ratio_stream')}"
-        f"{'' if x['matches_simulation'] else ' (DECISIONS DIFFER FROM simulate)'}" for x in r["rows"]))
+        f"{'' if x['matches_simulation'] else ' (%s DECISIONS DIFFER FROM simulate)' % x.get('differ_from_simulation', 'some')}"
+        for x in r["rows"]))
 EOF

@@ -10,10 +10,12 @@ layer, and early exit makes the batches smaller still. Here the single-step netw
 - A finished sample's slot is refilled in place with the next waiting sample (:func:`fewstep.refill`);
   when no sample waits, freed slots become padding (fresh state, input ignored, never decide), and once
   the samples still running fit in a smaller bucket they move there (their state rows copied over).
-- The exit decision (the running sum, the step count and the policy) is a second graph per bucket and
-  policy (:class:`DecisionGraph`), replayed after the network's; the runner then waits for the device
-  once per step, to read which samples decided. A policy that cannot be captured (a host sync in its
-  ``fire``) decides eagerly on the same static buffers, with one logged warning.
+- The exit decision (the running sum, the step count and the policy) and all its bookkeeping (the decided
+  rows' exits and predictions, refills, padding, where each row's next frame lies) are a second graph per
+  bucket and policy (:class:`DecisionGraph`), replayed after the network's: a step is one gather, two
+  replays, one copy of the decided rows and one wait for the device, to read how many rows still run and
+  how many samples were taken. A policy that cannot be captured (a host sync in its ``fire``) decides
+  eagerly on the same static buffers, with one logged warning.
 
 Decisions equal the eager runner's (:func:`fewstep.anytime.early_exit` with ``graphs="off"``); every
 capture is checked against two eager steps from fresh state before it is used, and a network that cannot be
@@ -31,7 +33,7 @@ import weakref
 import torch
 from torch import nn
 
-from .neurons import refill, reset, stateful_modules
+from .neurons import StatefulModule, refill, reset, stateful_modules
 
 log = logging.getLogger("fewstep")
 MODES = ("auto", "off", "cuda", "emulate")
@@ -165,19 +167,43 @@ class StepGraph:
 
 
 class DecisionGraph:
-    """The exit decision after a step of a bucket of ``batch`` rows, on static buffers: ``Y += out``,
-    ``steps += 1``, then ``fire = valid & (steps >= T | policy.stops(Y, steps))`` (padding rows ask about step
-    1 and never decide). With ``capture`` it is a CUDA graph reading the step graph's static output, replayed
-    after it; otherwise (the emulated schedule, or a policy that cannot be captured) the same body runs eagerly
-    on the given output. The policy is held, so the tensors its replay reads (its per-step tables) stay alive."""
+    """The exit decision and its bookkeeping after a step of a bucket of ``batch`` rows, all on static buffers,
+    so that one replay does what the loop would otherwise launch a dozen small kernels for:
+
+    1. ``Y += out``, ``steps += 1``, ``fire = valid & (steps >= T | policy.stops(Y, steps))`` (padding rows ask
+       about step 1 and never decide);
+    2. ``done[3, batch]``: per row the sample that decided (``n_total``, a dummy index, where none did), its exit
+       step and its prediction ``argmax Y``;
+    3. each decided row takes the next waiting sample (``waiting + rank among the decided rows``) or becomes
+       padding when none waits; its sum, step count and network state (:meth:`StatefulModule.fresh_value`,
+       in the step graph's state buffers) start afresh;
+    4. ``counts = [rows still valid, samples taken so far]`` (what the host reads, once per step) and
+       ``gather[batch]``: where each row's next frame lies in the run's input seen as ``[T·n_total, ...]``.
+
+    With ``capture`` it is a CUDA graph reading the step graph's static output, replayed after it; otherwise
+    (the emulated schedule, or a policy that cannot be captured) the same body runs eagerly on the given
+    output. The policy is held, so the tensors its replay reads (its per-step tables) stay alive."""
 
     def __init__(self, step: StepGraph, policy, T: int, capture: bool):
         dev = step.x.device
-        self.batch, self.policy, self.T, self.capture = step.batch, policy, int(T), bool(capture)
-        self.Y = torch.zeros(self.batch, step.classes, dtype=torch.float32, device=dev)  # (the step's output .float())
-        self.steps = torch.zeros(self.batch, dtype=torch.long, device=dev)
-        self.valid = torch.ones(self.batch, dtype=torch.bool, device=dev)
-        self._one = torch.ones(self.batch, dtype=torch.long, device=dev)
+        B = self.batch = step.batch
+        self.policy, self.T, self.capture = policy, int(T), bool(capture)
+        self.Y = torch.zeros(B, step.classes, dtype=torch.float32, device=dev)  # (the step's output .float())
+        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.valid = torch.ones(B, dtype=torch.bool, device=dev)
+        self.active = torch.arange(B, device=dev)  # the sample in each row (0 in padding rows)
+        self.waiting = torch.full((1,), B, dtype=torch.long, device=dev)  # samples taken so far
+        self.n_total = torch.full((1,), B, dtype=torch.long, device=dev)  # samples in the run
+        self.done = torch.zeros(3, B, dtype=torch.long, device=dev)
+        self.counts = torch.zeros(2, dtype=torch.long, device=dev)
+        self.gather = torch.zeros(B, dtype=torch.long, device=dev)
+        self._one = torch.ones(B, dtype=torch.long, device=dev)
+        # the step graph's state buffers and the constant each starts from (a module whose fresh state is not
+        # one constant gets its own fresh() of the whole buffer, taken where the rows restart)
+        self._states = []
+        for (m, n), buf in zip(step.slots, step.buffers):
+            constant = type(m).fresh is StatefulModule.fresh
+            self._states.append((buf, m.fresh_value(n) if constant else None, None if constant else (weakref.ref(m), n)))
         self.graph, self.fire = None, None
         if not self.capture:
             return
@@ -186,8 +212,10 @@ class DecisionGraph:
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up off the capture stream (the policy's tables are made here)
+                saved = self._buffers()
                 for _ in range(2):
                     self._body(self._out)
+                self._restore(saved)
             torch.cuda.current_stream(dev).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -201,13 +229,55 @@ class DecisionGraph:
         self.Y.add_(out)
         self.steps.add_(1)
         t = torch.where(self.valid, self.steps, self._one)
-        return self.valid & ((self.steps >= self.T) | self.policy.stops(self.Y, t).to(self.Y.device))
+        fire = self.valid & ((self.steps >= self.T) | self.policy.stops(self.Y, t).to(self.Y.device))
+        self.done[0].copy_(torch.where(fire, self.active, self.n_total))
+        self.done[1].copy_(self.steps)
+        self.done[2].copy_(self.Y.argmax(-1))
+        new = self.waiting + torch.cumsum(fire, 0) - 1  # the sample each decided row takes next
+        joins = fire & (new < self.n_total)
+        self.active.copy_(torch.where(joins, new, torch.where(fire, torch.zeros_like(new), self.active)))
+        self.valid.logical_and_(joins | ~fire)
+        self.steps.masked_fill_(fire, 0)
+        self.Y.masked_fill_(fire.unsqueeze(1), 0.0)
+        for buf, value, module in self._states:
+            rows = fire.view(-1, *([1] * (buf.dim() - 1)))
+            if module is None:
+                buf.masked_fill_(rows, value)
+            else:
+                buf.copy_(torch.where(rows, module[0]().fresh(module[1], buf), buf))
+        self.waiting.copy_(torch.minimum(self.waiting + fire.sum(), self.n_total))
+        self.counts[0].copy_(self.valid.sum())
+        self.counts[1].copy_(self.waiting[0])
+        self.gather.copy_(self.steps.clamp(max=self.T - 1) * self.n_total + self.active)
+        return fire
 
-    def reset(self) -> None:
-        """Every row a fresh, valid sample."""
+    def reset(self, n_total: "int | None" = None) -> None:
+        """Every row a fresh, valid sample: row i runs sample i of a run of ``n_total`` samples (default: the
+        bucket's size), the rows after them wait."""
+        B = self.batch
+        n = B if n_total is None else int(n_total)
+        if n < B:
+            raise ValueError(f"a run of {n} samples cannot fill a bucket of {B} rows")
         self.Y.zero_()
         self.steps.zero_()
         self.valid.fill_(True)
+        torch.arange(B, out=self.active)
+        self.waiting.fill_(B)
+        self.n_total.fill_(n)
+        self.gather.copy_(self.active)
+
+    def take(self, other: "DecisionGraph", keep: torch.Tensor) -> None:
+        """Continue ``other``'s run in this (smaller) bucket: its rows ``keep`` become rows 0..len(keep)-1, the
+        rest padding. The network state is moved by the caller."""
+        k = len(keep)
+        self.Y.zero_()
+        self.steps.zero_()
+        self.valid.fill_(False)
+        self.active.zero_()
+        self.Y[:k], self.steps[:k], self.valid[:k], self.active[:k] = other.Y[keep], other.steps[keep], True, other.active[keep]
+        self.waiting.copy_(other.waiting)
+        self.n_total.copy_(other.n_total)
+        self.gather.copy_(self.steps.clamp(max=self.T - 1) * self.n_total + self.active)
 
     def step(self, out: torch.Tensor) -> torch.Tensor:
         """The decision after the step whose output is ``out``; ``fire[batch]`` is overwritten by the next replay."""
@@ -216,25 +286,45 @@ class DecisionGraph:
         self.graph.replay()  # reads the step graph's static output, which is ``out``
         return self.fire
 
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self.Y, self.steps, self.valid, self.active, self.waiting, self.n_total, self.done, self.counts,
+                self.gather] + [buf for buf, _, _ in self._states]
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self._buffers()]
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        for b, v in zip(self._buffers(), saved):
+            b.copy_(v)
+
     def _check(self) -> None:
-        """A replay from random buffers against the eager body on copies of them: same sums, steps, decisions."""
+        """A replay from random buffers against the eager body from the same buffers: every buffer the same
+        afterwards (sums, steps, decisions, bookkeeping, refilled state)."""
         g = torch.Generator(device=self.Y.device).manual_seed(0)
         dev, B = self.Y.device, self.batch
-        Y0 = torch.randn(self.Y.shape, generator=g, device=dev) * 3
-        s0 = torch.randint(0, self.T, (B,), generator=g, device=dev)
-        v0 = torch.rand(B, generator=g, device=dev) < 0.75
-        out = torch.randn(self.Y.shape, generator=g, device=dev)
-        Y1, s1 = Y0 + out, s0 + 1
-        want = v0 & ((s1 >= self.T) | self.policy.stops(Y1, torch.where(v0, s1, self._one)).to(dev))
-        self._out.copy_(out)  # (the step graph's next replay overwrites it)
-        self.Y.copy_(Y0)
-        self.steps.copy_(s0)
-        self.valid.copy_(v0)
+        states = [buf.clone() for buf, _, _ in self._states]
+        n = 2 * B + 1
+        self.Y.copy_(torch.randn(self.Y.shape, generator=g, device=dev) * 3)
+        self.steps.copy_(torch.randint(0, self.T, (B,), generator=g, device=dev))
+        self.valid.copy_(torch.rand(B, generator=g, device=dev) < 0.75)
+        self.active.copy_(torch.randperm(n, generator=g, device=dev)[:B])
+        self.waiting.fill_(B + 1)
+        self.n_total.fill_(n)
+        for buf, _, _ in self._states:
+            buf.copy_(torch.randn(buf.shape, generator=g, device=dev).to(buf.dtype))
+        self._out.copy_(torch.randn(self.Y.shape, generator=g, device=dev))  # (the step graph's next replay overwrites it)
+        start = self._snapshot()
+        fire_eager = self._body(self._out).clone()
+        want = self._snapshot()
+        self._restore(start)
         got = self.step(self._out)
-        if not (torch.equal(got, want) and torch.equal(self.Y, Y1) and torch.equal(self.steps, s1)):
+        same = torch.equal(got, fire_eager) and all(torch.equal(a, b) for a, b in zip(self._buffers(), want))
+        for (buf, _, _), v in zip(self._states, states):
+            buf.copy_(v)
+        self.reset()
+        if not same:
             raise CaptureError(f"a replayed {getattr(self.policy, 'name', type(self.policy).__name__)} decision "
                                "differs from the eager one; its fire() keeps state the graph cannot see")
-        self.reset()
 
 
 def _policy_key(policy, T: int) -> tuple:
@@ -305,39 +395,26 @@ def run(model: nn.Module, x: torch.Tensor, policy, cap: int, latency: bool, capt
     decisions = decisions_for(graphs, policy, T, capture, model)
     sizes = sorted(graphs)
     g, d = graphs[sizes[-1]], decisions[sizes[-1]]
-    B = g.batch
     g.bind()
-    refill(model, torch.arange(B, device=dev))
-    d.reset()
-    exit_step = torch.full((N,), T, dtype=torch.long, device=dev)
-    pred = torch.zeros(N, dtype=torch.long, device=dev)
-    active = torch.arange(B, device=dev)  # sample id per slot (0 in padding slots)
-    n_valid, waiting = B, B
+    refill(model, torch.arange(g.batch, device=dev))
+    d.reset(N)
+    frames = x.reshape(T * N, *x.shape[2:])  # frame of sample i at step t: row t·N + i (d.gather)
+    decided_rows = []  # d.done after each step: (sample or N, exit step, prediction) per row
+    n_valid = waiting = g.batch
     clock = time.perf_counter
     joined = torch.full((N,), clock(), dtype=torch.float64) if latency else None
     decided = torch.zeros(N, dtype=torch.float64) if latency else None
     while n_valid:
-        g.x.copy_(x[d.steps.clamp(max=T - 1), active])
-        fire = d.step(g.step())  # steps, running sums and decisions advance on d's static buffers
-        slots = fire.nonzero().squeeze(1)  # the one wait for the device per step
-        if not len(slots):
-            continue
-        done = active[slots]
+        torch.index_select(frames, 0, d.gather, out=g.x)
+        d.step(g.step())  # sums, steps, decisions, refills and padding advance on d's static buffers
+        decided_rows.append(d.done.clone())
+        took = waiting
+        n_valid, waiting = d.counts.tolist()  # the one wait for the device per step
         if latency:
             now = clock()
-            decided[done.cpu()] = now
-        exit_step[done] = d.steps[slots]
-        pred[done] = d.Y[slots].argmax(-1)
-        n_new = min(len(slots), N - waiting)
-        if latency:
-            joined[waiting:waiting + n_new] = now
-        new, pad = slots[:n_new], slots[n_new:]
-        active[new] = torch.arange(waiting, waiting + n_new, device=dev)
-        active[pad], d.valid[pad] = 0, False
-        d.steps[slots], d.Y[slots] = 0, 0.0
-        refill(model, slots)  # newcomers and padding start from fresh state
-        waiting += n_new
-        n_valid -= len(pad)
+            ids = decided_rows[-1][0]
+            decided[ids[ids < N].cpu()] = now
+            joined[took:waiting] = now
         smaller = [b for b in sizes if n_valid <= b < g.batch]
         if n_valid and waiting == N and smaller:  # move the survivors to the smallest bucket that holds them
             keep = d.valid.nonzero().squeeze(1)
@@ -346,9 +423,11 @@ def run(model: nn.Module, x: torch.Tensor, policy, cap: int, latency: bool, capt
             for old, buf in zip(g.buffers, g2.buffers):
                 buf[:n_valid] = old[keep]
             refill(model, torch.arange(n_valid, g2.batch, device=dev))
-            d2.reset()
-            d2.Y[:n_valid], d2.steps[:n_valid] = d.Y[keep], d.steps[keep]
-            d2.valid[n_valid:] = False
-            active = torch.cat([active[keep], active.new_zeros(g2.batch - n_valid)])
+            d2.take(d, keep)
             g, d = g2, d2
-    return exit_step, pred, (decided - joined) if latency else None
+    rows = torch.cat(decided_rows, 1)
+    exit_step = torch.full((N + 1,), T, dtype=torch.long, device=dev)  # (row N: the rows that did not decide)
+    pred = torch.zeros(N + 1, dtype=torch.long, device=dev)
+    exit_step[rows[0]] = rows[1]
+    pred[rows[0]] = rows[2]
+    return exit_step[:N], pred[:N], (decided - joined) if latency else None

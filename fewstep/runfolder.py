@@ -5,6 +5,7 @@ dataset). :mod:`fewstep.train` re-exports these names."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -146,22 +147,30 @@ def _rebuild(cfg, shapes, state, device):
     return model.to(resolve_device(device)).eval()
 
 
-def load_run(run_dir, weights: str = "best", device: str = "cpu"):
+def load_run(run_dir, weights: str = "best", device: str = "cpu", data_root=None):
     """Rebuild ``(model, cfg, bundle)`` of a finished or interrupted run folder (reads its dataset).
 
-    ``weights`` is ``"best"`` (best on validation) or ``"last"``.
+    ``weights`` is ``"best"`` (best on validation) or ``"last"``. ``data_root`` reads the dataset from another
+    folder than the one the run was trained on (a run or its data moved to another machine); the returned
+    ``cfg`` then holds it as ``data.root``. The split itself is unchanged: it follows the run's seed.
     """
     _, cfg, state = _open_run(run_dir, weights)
-    bundle = _run_data(run_dir, cfg)
+    if data_root is not None:
+        root = os.path.abspath(os.path.expanduser(str(data_root)))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+    bundle = _run_data(run_dir, cfg, given=data_root is not None)
     return _rebuild(cfg, bundle, state, device), cfg, bundle
 
 
-def _run_data(run_dir, cfg: _config.Config) -> _datasets.DataBundle:
-    """A run's dataset; when it is missing, the error says where the run's config looked."""
+def _run_data(run_dir, cfg: _config.Config, given: bool = False) -> _datasets.DataBundle:
+    """A run's dataset; when it is missing, the error says where the run's config looked (or, ``given``, that
+    the caller's data root was read instead)."""
     try:
         return load_data(cfg)
     except FileNotFoundError as e:
         root = cfg.data.root
+        if given:
+            raise FileNotFoundError(f"{e}\n(the data root given for {run_dir}: {root})") from e
         where = (f"relative to the working directory {os.getcwd()} (runs trained before fewstep stored "
                  "the root as an absolute path keep it as written: run from the folder it was trained in)" if not os.path.isabs(os.path.expanduser(root))
                  else "as it was when the run was trained")

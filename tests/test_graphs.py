@@ -168,12 +168,29 @@ def test_decision_buffers_and_the_fallback_when_the_decision_cannot_be_captured(
     assert all(graphs[b].decisions[G._policy_key(pol, 4)] is ds[b] for b in ds)
     msgs = [r.getMessage() for r in caplog.records if "decision graphs off" in r.getMessage()]
     assert len(msgs) == 1 and "the decision runs eagerly" in msgs[0]
-    d = ds[2]  # the body: Y += out, steps += 1, padding never decides, step T always does
-    d.reset()
-    d.valid[1] = False
+    d = ds[2]  # the body: Y += out, steps += 1, padding never decides, step T always does; then the bookkeeping
+    d.reset(3)  # rows 0 and 1 run samples 0 and 1; sample 2 waits
+    d.valid[1] = False  # row 1: padding
     d.steps[0] = 3
-    fire = d.step(torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0, 0.0]]))
-    assert fire.tolist() == [True, False] and d.steps.tolist() == [4, 1] and d.Y[1, 0] == 9.0
+    for buf in graphs[2].buffers:
+        buf.fill_(7.0)
+    fire = d.step(torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0, 0.0]]))
+    assert fire.tolist() == [True, False]
+    # row 0 decided: sample 0 at step 4 with class 2; row 1 decided nothing (dummy sample 3)
+    assert d.done.tolist() == [[0, 3], [4, 1], [2, 0]]
+    # row 0 takes sample 2 from fresh state; the padding row keeps its sum and counts steps
+    assert d.active.tolist() == [2, 1] and d.valid.tolist() == [True, False] and d.steps.tolist() == [0, 1]
+    assert d.Y[0].abs().sum() == 0 and d.Y[1, 0] == 9.0
+    assert d.waiting.tolist() == [3] and d.counts.tolist() == [1, 3]
+    assert d.gather.tolist() == [0 * 3 + 2, 1 * 3 + 1]  # frame rows t * n_total + sample
+    for buf in graphs[2].buffers:
+        assert bool((buf[0] == 0.0).all()) and bool((buf[1] == 7.0).all())  # LIF fresh state: v0 = 0
+    d.steps[0] = 3  # sample 2 decides at the next step, T; no sample waits, so its row becomes padding
+    fire = d.step(torch.zeros(2, 5))
+    assert fire.tolist() == [True, False] and d.done[:2].tolist() == [[2, 3], [4, 2]]
+    assert d.counts.tolist() == [0, 3] and not d.valid.any() and d.active.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="a run of 1 samples cannot fill a bucket of 2 rows"):
+        d.reset(1)
 
 
 def test_a_captured_decision_is_keyed_by_the_policy_parameters_and_T():
@@ -202,7 +219,9 @@ def test_cuda_graphs_give_the_eager_decisions(name):
 
 
 class PythonCounter(StatefulModule):
-    """A step that keeps Python-side state: a replay would freeze it, so the capture check must refuse it."""
+    """A step that keeps Python-side state: a replay would freeze it, so the capture check must refuse it. It
+    adds its step count to the network's output, so the frozen count shows whatever the weights are (a count
+    that scales a layer's input can leave every spike unchanged)."""
 
     _state_names = ()
     is_neuron = False
@@ -213,13 +232,13 @@ class PythonCounter(StatefulModule):
 
     def forward(self, x):
         self.t += 1
-        return x * self.t
+        return x + self.t
 
 
 @CUDA
 def test_cuda_capture_falls_back_once_with_the_reason(caplog):
-    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), PythonCounter(step_mode="s"), LIF(theta=0.1)).cuda().eval()
-    net = nn.Sequential(net, nn.Linear(5, 3)).cuda().eval()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), LIF(theta=0.1), nn.Linear(5, 3), PythonCounter(step_mode="s"))
+    net = net.cuda().eval()
     x = torch.rand(3, 4, 1, 4, 4, device="cuda")
     pol = cf.Timestep(3, T=3)
     with caplog.at_level(logging.WARNING, logger="fewstep"):
