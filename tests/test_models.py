@@ -40,6 +40,34 @@ def test_every_model_gives_per_step_logits_and_streams_identically(name):
     assert not any(k.endswith(".v") for k in net.state_dict())
 
 
+@pytest.mark.parametrize("name", sorted(SMALL) + ["cnn+tebn"])
+def test_predict_steps_through_time_on_the_cpu_with_the_multi_step_numbers(name):
+    """predict() runs a fewstep network single-step on the CPU (faster there): the logits and firing rates
+    of the multi-step pass, the step mode restored; "m" on a GPU, and for a module that is not a fewstep
+    network (it may not take single frames)."""
+    from torch.utils.data import TensorDataset
+
+    from fewstep import metrics
+
+    torch.manual_seed(0)
+    base, opts = name.split("+")[0], ({"norm": "tebn", "T": 3} if name.endswith("+tebn") else {})
+    net = models.create(base, num_classes=7, **{**SMALL[base], **opts})
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net(torch.rand(3, 4, *net.input_shape) * 2)
+    net.eval()
+    assert metrics.inference_step_mode(net, "cpu") == "s" and metrics.inference_step_mode(net, "cuda") == "m"
+    assert metrics.inference_step_mode(torch.nn.Linear(2, 2), "cpu") == "m"
+    ds = TensorDataset(torch.rand(5, *net.input_shape) * 2, torch.arange(5))
+    O_m, y_m, r_m = metrics.predict(net, ds, 3, "static", batch_size=4, firing_rates=True, step_mode="m")
+    O_s, y_s, r_s = metrics.predict(net, ds, 3, "static", batch_size=4, firing_rates=True)
+    torch.testing.assert_close(O_s, O_m, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y_s, y_m) and r_s.keys() == r_m.keys() and len(r_s) > 0
+    assert all(abs(r_s[k] - r_m[k]) < 1e-6 for k in r_m)
+    assert net.current_step_mode() == "m" and all(getattr(m, "v", None) is None for m in net.modules())
+    with pytest.raises(ValueError, match="step_mode must be 'm' \\(multi-step\\) or 's'"):
+        metrics.predict(net, ds, 3, "static", step_mode="x")
+
+
 def test_full_size_layouts():
     net = models.create("resnet19", input_shape=(3, 32, 32), num_classes=10)
     widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]

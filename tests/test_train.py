@@ -211,11 +211,11 @@ def test_predict_slices_long_runs_without_changing_results(monkeypatch):
     torch.manual_seed(0)
     net = create("cnn", input_shape=(1, 8, 8), num_classes=10, channels=(4,), hidden=16).eval()
     ds = TensorDataset(torch.rand(10, 1, 8, 8) * 3, torch.arange(10))
-    whole = metrics.predict(net, ds, 6, "static", batch_size=10, firing_rates=True)
+    whole = metrics.predict(net, ds, 6, "static", batch_size=10, firing_rates=True, step_mode="m")
     calls = []
     net.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[1]))
     monkeypatch.setattr(metrics, "MAX_SAMPLE_STEPS", 18)  # 3 samples of 6 steps per forward
-    sliced = metrics.predict(net, ds, 6, "static", batch_size=10, firing_rates=True)
+    sliced = metrics.predict(net, ds, 6, "static", batch_size=10, firing_rates=True, step_mode="m")
     assert calls == [3, 3, 3, 1]
     assert torch.allclose(whole[0], sliced[0], atol=1e-6) and torch.equal(whole[1], sliced[1])
     assert whole[2].keys() == sliced[2].keys() and all(abs(whole[2][k] - sliced[2][k]) < 1e-9 for k in whole[2])
