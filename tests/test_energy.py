@@ -46,6 +46,20 @@ def test_counts_of_a_hand_computed_network_are_exact():
     assert t["uncounted"] == []
 
 
+def test_nonzero_per_sample_counts_exactly_in_every_layout(monkeypatch):
+    from fewstep import ops
+
+    x = torch.zeros(3, 2, 2, 3)
+    x[0, 0, 0, 0], x[0, 1, 1, 2], x[2] = 0.5, -1.0, 1.0  # 2, 0 and 12 non-zeros (a converted IF emits spike·λ)
+    want = [2.0, 0.0, 12.0]
+    for t in (x, x.contiguous(memory_format=torch.channels_last), x.flatten(1), x.half()):
+        got = ops.nonzero_per_sample(t)
+        assert got.dtype == torch.float64 and got.tolist() == want
+    monkeypatch.setattr(ops, "_EXACT_F32", 4)  # past float32's exact range: summed in float64
+    assert ops.nonzero_per_sample(x).tolist() == want
+    assert ops.nonzero_per_sample(torch.tensor([0.0, 3.0, 0.0])).tolist() == [0.0, 1.0, 0.0]
+
+
 def test_counts_stop_at_each_samples_exit_and_constants_are_configurable():
     t = energy_table(hand_net(), [X], exit_step=torch.tensor([1, 2]), e_mac=1.0, e_sop=0.5)
     rows = {r["layer"]: r for r in t["layers"]}
