@@ -136,11 +136,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _data_root_arg(p) -> None:
+    p.add_argument("--data-root", metavar="DIR", help="read the run's dataset from DIR instead of the folder it was "
+                   "trained on (a run or its data moved to another machine)")
+
+
 def cmd_eval(args) -> int:
     from .metrics import evaluate
     from .train import load_run, resolve_device
 
-    model, cfg, bundle = load_run(args.run, weights=args.weights, device=args.device)
+    model, cfg, bundle = load_run(args.run, weights=args.weights, device=args.device, data_root=args.data_root)
     dev = resolve_device(args.device)
     res = evaluate(model, bundle.split(args.split), cfg.data.T, bundle.kind, cfg.data.encoding,
                    cfg.train.eval_batch_size, dev)
@@ -172,7 +177,7 @@ def cmd_cutoff(args) -> int:
         raise ValueError("--max-step caps a threshold policy; the timestep policy's exit step is --step")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
                       args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
-                      device=args.device, graphs=args.graphs, max_step=args.max_step)
+                      device=args.device, graphs=args.graphs, max_step=args.max_step, data_root=args.data_root)
     cap = "" if r.get("max_step") is None else f", max_step={r['max_step']}"
     print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap} "
           f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
@@ -214,7 +219,7 @@ def _target_missed(policy: str, t: dict) -> str:
 def cmd_tradeoff(args) -> int:
     from .reports import tradeoff_report
 
-    r = tradeoff_report(args.run, args.split)
+    r = tradeoff_report(args.run, args.split, data_root=args.data_root)
     print(f"each policy's fastest setting within {100 * args.max_drop:g} pt of full-T accuracy on validation, "
           f"read on {args.split}:")
     print(_tradeoff_table(r, args.max_drop))
@@ -263,7 +268,7 @@ def cmd_stream(args) -> int:
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     r = _stream.stream_report(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
-                              args.realtime, args.device, log=log, plot=args.plot)
+                              args.realtime, args.device, log=log, plot=args.plot, data_root=args.data_root)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -274,7 +279,8 @@ def cmd_stream(args) -> int:
 def cmd_energy(args) -> int:
     from . import energy as _energy
 
-    r = _energy.energy_report(args.run, args.policy, args.split, args.calibration, args.e_mac, args.e_sop)
+    r = _energy.energy_report(args.run, args.policy, args.split, args.calibration, args.e_mac, args.e_sop,
+                              data_root=args.data_root)
     print("\n".join(_energy.table_lines(r["full"], f"full T ({r['split']})")))
     if "cutoff" in r:
         pol = r["policy"]
@@ -340,6 +346,7 @@ def main(argv=None) -> int:
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--weights", default="best", choices=["best", "last"])
     e.add_argument("--device", default="cpu")
+    _data_root_arg(e)
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("cutoff", help="calibrate a cutoff policy on validation data and run real early exit")
@@ -365,6 +372,7 @@ def main(argv=None) -> int:
                    "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")
     c.add_argument("--max-step", type=_int_at_least(1), help="step cap: a sample that has not exited by this step "
                    "stops there (with --max-drop, the bound covers the capped policy); docs/anytime.md")
+    _data_root_arg(c)
     c.set_defaults(fn=cmd_cutoff)
 
     tr = sub.add_parser("tradeoff", help="accuracy vs latency of every policy over its thresholds (plot + JSON)")
@@ -373,6 +381,7 @@ def main(argv=None) -> int:
     tr.add_argument("--max-drop", type=float, default=0.01, metavar="D",
                     help="the table's choice per policy: its fastest setting within D of full-T accuracy on "
                          "validation (default 0.01 = 1 pt)")
+    _data_root_arg(tr)
     tr.set_defaults(fn=cmd_tradeoff)
 
     a = sub.add_parser("ablate", help="train variants side by side (same data, model, budget, seeds) and compare "
@@ -422,6 +431,7 @@ def main(argv=None) -> int:
     st.add_argument("--plot", metavar="PNG", help="also draw the recording stepped to T: events per frame, class "
                     "probabilities and the policy's statistic against its threshold, with the decision marked")
     st.add_argument("--device", default="cpu")
+    _data_root_arg(st)
     st.set_defaults(fn=cmd_stream)
 
     en = sub.add_parser("energy", help="per-layer MACs, SOPs, spikes, firing rates and energy per sample (METHODS "
@@ -433,6 +443,7 @@ def main(argv=None) -> int:
     en.add_argument("--split", default="test", choices=["test", "val"])
     en.add_argument("--e-mac", type=float, default=4.6, help="energy per MAC in pJ (default 4.6, 45 nm)")
     en.add_argument("--e-sop", type=float, default=0.9, help="energy per SOP in pJ (default 0.9, 45 nm)")
+    _data_root_arg(en)
     en.set_defaults(fn=cmd_energy)
 
     ex = sub.add_parser("export", help="write a trained network as a NIR graph for neuromorphic simulators and "

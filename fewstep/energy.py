@@ -60,15 +60,15 @@ def energy_table(model, chunks, exit_step: "torch.Tensor | None" = None, e_mac: 
 
 
 def energy_report(run_dir, policy: "str | None" = None, split: str = "test", calibration=None,
-                  e_mac: float = E_MAC_PJ, e_sop: float = E_SOP_PJ, log=print) -> dict:
+                  e_mac: float = E_MAC_PJ, e_sop: float = E_SOP_PJ, log=print, data_root=None) -> dict:
     """``energy_table`` of a run's split at full T and, with ``policy``, up to its calibrated exits;
-    written to ``RUN/energy[_<policy>].json``."""
+    written to ``RUN/energy[_<policy>].json``. ``data_root``: read the run's dataset from there."""
     from .metrics import predict
     from .stream import policy_for
     from .train import load_run
 
     run_dir = Path(run_dir)
-    model, cfg, bundle = load_run(run_dir)
+    model, cfg, bundle = load_run(run_dir, data_root=data_root)
     T, bs = cfg.data.T, cfg.train.eval_batch_size
     data = bundle.split(split)
     chunks, _ = _any.prepare(data, T, bundle.kind, cfg.data.encoding, bs)

@@ -147,6 +147,12 @@ def _rebuild(cfg, shapes, state, device):
     return model.to(resolve_device(device)).eval()
 
 
+def with_data_root(cfg: _config.Config, data_root) -> _config.Config:
+    """``cfg`` reading its dataset from ``data_root`` (made absolute; ``~`` expanded)."""
+    root = os.path.abspath(os.path.expanduser(str(data_root)))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+
+
 def load_run(run_dir, weights: str = "best", device: str = "cpu", data_root=None):
     """Rebuild ``(model, cfg, bundle)`` of a finished or interrupted run folder (reads its dataset).
 
@@ -156,8 +162,7 @@ def load_run(run_dir, weights: str = "best", device: str = "cpu", data_root=None
     """
     _, cfg, state = _open_run(run_dir, weights)
     if data_root is not None:
-        root = os.path.abspath(os.path.expanduser(str(data_root)))
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+        cfg = with_data_root(cfg, data_root)
     bundle = _run_data(run_dir, cfg, given=data_root is not None)
     return _rebuild(cfg, bundle, state, device), cfg, bundle
 
@@ -174,7 +179,8 @@ def _run_data(run_dir, cfg: _config.Config, given: bool = False) -> _datasets.Da
         where = (f"relative to the working directory {os.getcwd()} (runs trained before fewstep stored "
                  "the root as an absolute path keep it as written: run from the folder it was trained in)" if not os.path.isabs(os.path.expanduser(root))
                  else "as it was when the run was trained")
-        raise FileNotFoundError(f"{e}\n{run_dir} was trained on data.root {root!r}, read {where}") from e
+        raise FileNotFoundError(f"{e}\n{run_dir} was trained on data.root {root!r}, read {where}; where the data "
+                                "lies elsewhere now, give that folder: --data-root DIR (load_run(..., data_root=DIR))") from e
 
 
 def load_network(run_dir, weights: str = "best", device: str = "cpu"):

@@ -148,8 +148,10 @@ def decide(model, rec: Recording, policy: _cf.Policy, realtime: bool = False, de
             "realtime": realtime, "trace": trace}
 
 
-def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=None, bundle=None) -> _cf.Policy:
-    """The run's saved calibration for ``policy`` (or ``calibration``), calibrating on validation if none."""
+def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=None, bundle=None,
+               data_root=None) -> _cf.Policy:
+    """The run's saved calibration for ``policy`` (or ``calibration``), calibrating on validation if none
+    (reading the dataset from ``data_root`` when given)."""
     run_dir = Path(run_dir)
     path = Path(calibration) if calibration else run_dir / f"calibration_{policy}.json"
     expect = {"model": cfg.model.name, "T": cfg.data.T, "dataset": cfg.data.name}
@@ -158,10 +160,13 @@ def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=Non
     if calibration:
         raise FileNotFoundError(f"no calibration file at {path}")
     from .reports import calibrate
+    from .runfolder import with_data_root
     from .train import load_data
 
     log(f"{run_dir} has no saved calibration for policy {policy!r}: calibrating on its validation split first "
         f"(the same as 'fewstep cutoff {run_dir} --policy {policy}'; written to {path})")
+    if data_root is not None:
+        cfg = with_data_root(cfg, data_root)
     if bundle is None or not hasattr(bundle, "val"):  # (the network was rebuilt without its data)
         bundle = load_data(cfg)
     pol, _ = calibrate(run_dir, policy, model=model, cfg=cfg, bundle=bundle)
@@ -169,9 +174,10 @@ def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=Non
 
 
 def stream_report(run_dir, events, policy: str = "topk", calibration=None, start_us=None, end_us=None,
-                  realtime: bool = False, device: str = "cpu", log=print, plot=None) -> dict:
+                  realtime: bool = False, device: str = "cpu", log=print, plot=None, data_root=None) -> dict:
     """Everything ``fewstep stream`` prints (and writes with ``--json``); ``plot``: also draw
-    :func:`plot_trace` into that PNG file (after the decision, untimed)."""
+    :func:`plot_trace` into that PNG file (after the decision, untimed). ``data_root``: where the run's
+    dataset lies now, read only to calibrate when the run has no saved calibration."""
     from .train import load_network
 
     model, cfg, meta = load_network(run_dir, device=device)  # (the dataset is read only to calibrate)
@@ -180,7 +186,7 @@ def stream_report(run_dir, events, policy: str = "topk", calibration=None, start
     if tuple(rec.frames.shape[1:]) != want:
         raise ValueError(f"{events}: framed into {list(rec.frames.shape[1:])}, but the run's network takes "
                          f"{list(want)}")
-    pol = policy_for(run_dir, policy, cfg, calibration, log, model, meta)
+    pol = policy_for(run_dir, policy, cfg, calibration, log, model, meta, data_root)
     out = decide(model, rec, pol, realtime, device)
     classes = getattr(meta, "classes", None)
     out.update(run=str(run_dir), events=str(events), n_events=rec.n_events, policy=pol.to_dict(),

@@ -221,7 +221,7 @@ def test_predict_slices_long_runs_without_changing_results(monkeypatch):
     assert whole[2].keys() == sliced[2].keys() and all(abs(whole[2][k] - sliced[2][k]) < 1e-9 for k in whole[2])
 
 
-def test_a_run_trained_with_a_relative_data_root_is_read_from_anywhere(nmnist_root, tmp_path, monkeypatch):
+def test_a_run_trained_with_a_relative_data_root_is_read_from_anywhere(nmnist_root, tmp_path, monkeypatch, capsys):
     """config.yaml and the checkpoint keep data.root absolute, so `fewstep eval RUN` finds the data from any
     directory; resuming with the relative root as written still matches; an older run whose checkpoint kept
     a relative root, read from elsewhere, gets an error that says where it looked and why."""
@@ -253,3 +253,8 @@ def test_a_run_trained_with_a_relative_data_root_is_read_from_anywhere(nmnist_ro
     assert torch.equal(bundle2.val.index, bundle.val.index) and torch.equal(bundle2.val.y, bundle.val.y)  # same split
     with pytest.raises(FileNotFoundError, match=rf"the data root given for {run}: {tmp_path / 'elsewhere'}"):
         load_run(run, data_root=tmp_path / "elsewhere")
+    from fewstep.cli import main  # the same from the command line
+
+    assert main(["eval", str(run), "--split", "val", "--data-root", str(nmnist_root)]) == 0
+    assert json.loads((run / "eval_val.json").read_text())["n"] == len(bundle.val)
+    assert main(["eval", str(run)]) == 2 and "--data-root DIR" in capsys.readouterr().err
