@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -249,7 +250,7 @@ def test_a_run_trained_with_a_relative_data_root_is_read_from_anywhere(nmnist_ro
         load_run(run)
     # the data given where it lies now (a run or its data moved): same split, and the cfg says where it was read
     model2, cfg2, bundle2 = load_run(run, data_root=nmnist_root)
-    assert cfg2.data.root == str(nmnist_root.resolve()) and len(bundle2.test) == 100
+    assert cfg2.data.root == os.path.abspath(nmnist_root) and len(bundle2.test) == 100
     assert torch.equal(bundle2.val.index, bundle.val.index) and torch.equal(bundle2.val.y, bundle.val.y)  # same split
     with pytest.raises(FileNotFoundError, match=rf"the data root given for {run}: {tmp_path / 'elsewhere'}"):
         load_run(run, data_root=tmp_path / "elsewhere")
