@@ -221,7 +221,7 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
 
 
 def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
-    from fewstep.cli import _target_missed
+    from fewstep.cli_run import _target_missed
 
     capsys.readouterr()
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--max-drop", "0.005", "--repeats", "1"]) == 0
@@ -241,7 +241,7 @@ def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
 def test_tradeoff_table_chooses_each_setting_on_validation(digits_run, capsys):
     """The table `fewstep tradeoff` and the demo print picks each policy's setting on validation (the choice
     fastest_within makes), never off the test curve it reports."""
-    from fewstep.cli import _tradeoff_table
+    from fewstep.cli_run import _tradeoff_table
     from fewstep.reports import tradeoff_report
     from fewstep.train import load_run
 

@@ -141,7 +141,7 @@ def test_console_script_demo_runs(tmp_path):
 
 
 def test_demo_config_is_the_shipped_digits_config():
-    from fewstep.cli import demo_config
+    from fewstep.cli_train import demo_config
 
     assert demo_config().to_dict() == C.load("configs/digits.yaml").to_dict()
 

@@ -1,0 +1,163 @@
+"""``fewstep eval``, ``cutoff``, ``tradeoff``, ``stream``, ``energy`` and ``export``: the commands that run or
+write a trained network (the parser is :mod:`fewstep.cli`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _table(rows: dict[str, list[float]]) -> str:
+    names = list(rows)
+    T = len(next(iter(rows.values())))
+    lines = ["   t  " + "  ".join(f"{n:>8s}" for n in names)]
+    for t in range(T):
+        lines.append(f"{t + 1:4d}  " + "  ".join(f"{100 * rows[n][t]:7.2f}%" for n in names))
+    return "\n".join(lines)
+
+
+def _tradeoff_table(r: dict, max_drop: float = 0.01) -> str:
+    """For each policy: the fastest setting whose *validation* accuracy is within ``max_drop`` of full T
+    (:func:`fewstep.cutoff.fastest_point`), read on the report's split."""
+    from . import cutoff as _cf
+
+    s = r["split"]
+    lines = [f"{'policy':10s} {'setting':>14s} {'val acc':>8s} {s + ' acc':>9s} {'drop':>6s} {'mean exit':>9s} "
+             f"{'speed-up':>8s}",
+             f"{'full T':10s} {'t=' + str(r['T']):>14s} {100 * r['val_full_accuracy']:7.2f}% "
+             f"{100 * r['full_accuracy']:8.2f}% {0:+6.1f} {r['T']:9.2f} {1:7.2f}x",
+             f"{'OCT':10s} {'(oracle)':>14s} {'':>8s} {100 * r['oct']['accuracy']:8.2f}% "
+             f"{100 * (r['full_accuracy'] - r['oct']['accuracy']):+6.1f} {r['oct']['mean_exit_step']:9.2f} "
+             f"{r['T'] / r['oct']['mean_exit_step']:7.2f}x"]
+    for name, pts in r["policies"].items():
+        p = _cf.fastest_point(pts, r["val_full_accuracy"], max_drop)
+        if p is None:
+            continue
+        setting = f"t={p['t']}" if "t" in p else f"eps={p['epsilon']:g}"
+        lines.append(f"{name:10s} {setting:>14s} {100 * p['val_accuracy']:7.2f}% {100 * p['accuracy']:8.2f}% "
+                     f"{100 * (r['full_accuracy'] - p['accuracy']):+6.1f} {p['mean_exit_step']:9.2f} "
+                     f"{r['T'] / p['mean_exit_step']:7.2f}x")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .metrics import evaluate
+    from .train import load_run, resolve_device
+
+    model, cfg, bundle = load_run(args.run, weights=args.weights, device=args.device, data_root=args.data_root)
+    dev = resolve_device(args.device)
+    res = evaluate(model, bundle.split(args.split), cfg.data.T, bundle.kind, cfg.data.encoding,
+                   cfg.train.eval_batch_size, dev)
+    print(_table({args.split: res["accuracy_per_step"]}))
+    print("firing rate per spiking layer:")
+    for k, v in res["firing_rates"].items():
+        print(f"  {k:30s} {v:.4f}")
+    path = Path(args.run) / f"eval_{args.split}.json"
+    path.write_text(json.dumps({"split": args.split, "weights": args.weights, **res}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_cutoff(args) -> int:
+    from .reports import cutoff_report
+
+    if args.max_drop is not None and args.epsilon is not None:
+        raise ValueError("give either --epsilon or --max-drop (with --confidence), not both")
+    if args.step is not None and args.policy != "timestep":
+        raise ValueError(f"--step sets the timestep policy's exit step; policy {args.policy!r} takes --epsilon or "
+                         "--max-drop")
+    if args.epsilon is not None and args.policy == "timestep":
+        raise ValueError("--epsilon does not apply to the timestep policy; give --step (or --max-drop)")
+    if args.calibration is not None and (args.epsilon is not None or args.max_drop is not None or args.step is not None
+                                         or args.mc_dropout or args.max_step is not None):
+        raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step, --max-step and "
+                         "--mc-dropout would be ignored; give one or the other")
+    if args.max_step is not None and args.policy == "timestep":
+        raise ValueError("--max-step caps a threshold policy; the timestep policy's exit step is --step")
+    r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
+                      args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
+                      device=args.device, graphs=args.graphs, max_step=args.max_step, data_root=args.data_root)
+    cap = "" if r.get("max_step") is None else f", max_step={r['max_step']}"
+    print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap} "
+          f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
+    print(f"  accuracy      {100 * r['accuracy']:.2f}% (full T: {100 * r['full_accuracy']:.2f}%, "
+          f"drop {100 * r['accuracy_drop']:+.2f} pt)")
+    print(f"  mean exit     {r['mean_exit_step']:.2f} of {r['T']} -> timestep speed-up {r['timestep_speedup']:.2f}x "
+          f"(OCT oracle: {r['oct_mean_exit_step']:.2f})")
+    q1, q3 = r["wallclock_speedup_iqr"]
+    print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s per pass: {r['wallclock_speedup']:.2f}x "
+          f"(median of {len(r['wallclock_speedup_rounds'])} paired rounds, quartiles {q1:.2f}-{q3:.2f})")
+    print(f"  SOPs/sample   {r['sops_per_sample']:.3g} (full T {r['sops_per_sample_full']:.3g}); "
+          f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
+    if "target" in r:
+        t = r["target"]
+        print(f"  target        drop <= {100 * t['max_drop']:.2f} pt at {100 * t['confidence']:.0f}% confidence: "
+              f"upper bound {100 * t['bound']:.2f} pt on {t['n_test']} validation samples")
+        if not t["passed"]:
+            print(_target_missed(args.policy, t))
+    print(f"wrote {Path(args.run) / ('cutoff_' + args.policy + '.json')} and the exit histogram PNG")
+    return 0
+
+
+def _target_missed(policy: str, t: dict) -> str:
+    """Why ``--max-drop`` left every sample at T, and what would change it."""
+    n, asked = t["n_test"], 100 * t["max_drop"]
+    if t["smallest_bound"] > t["max_drop"]:
+        why = (f"on {n} validation samples even a setting that harms none is bounded at "
+               f"{100 * t['smallest_bound']:.2f} pt at {100 * t['confidence']:.0f}% confidence, more than the "
+               f"{asked:.2f} pt asked")
+    else:
+        first = t["tested"][0]
+        setting = ", ".join(f"{k}={v:g}" for k, v in first["params"].items())
+        why = (f"its most conservative setting ({setting}) already harms {first['harmed']} of {n} validation "
+               f"samples (bound {100 * first['bound']:.2f} pt > {asked:.2f} pt)")
+    return (f"  note          no {policy} setting met the target, so every sample runs to T: {why}. Allow a larger "
+            "--max-drop, a lower --confidence, or validate on more samples (data.val_fraction)")
+
+
+def cmd_tradeoff(args) -> int:
+    from .reports import tradeoff_report
+
+    r = tradeoff_report(args.run, args.split, data_root=args.data_root)
+    print(f"each policy's fastest setting within {100 * args.max_drop:g} pt of full-T accuracy on validation, "
+          f"read on {args.split}:")
+    print(_tradeoff_table(r, args.max_drop))
+    print(f"wrote {Path(args.run) / 'tradeoff.json'}, tradeoff.png and accuracy_per_step.png")
+    return 0
+
+
+def cmd_stream(args) -> int:
+    from . import stream as _stream
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    r = _stream.stream_report(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
+                              args.realtime, args.device, log=log, plot=args.plot, data_root=args.data_root)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print("\n".join(_stream.summary_lines(r)))
+    return 0
+
+
+def cmd_energy(args) -> int:
+    from . import energy as _energy
+
+    r = _energy.energy_report(args.run, args.policy, args.split, args.calibration, args.e_mac, args.e_sop,
+                              data_root=args.data_root)
+    print("\n".join(_energy.table_lines(r["full"], f"full T ({r['split']})")))
+    if "cutoff" in r:
+        pol = r["policy"]
+        setting = f"t={pol['t']}" if "t" in pol else f"epsilon={pol['epsilon']:g}"
+        print("\n".join(_energy.table_lines(r["cutoff"], f"with the {args.policy} cutoff ({setting}), up to each exit")))
+    print(f"wrote {r['path']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .nir_io import export_run
+
+    r = export_run(args.run, args.out, dt=args.dt, weights=args.weights, overwrite=args.overwrite)
+    print(f"wrote {r['path']}: {len(r['nodes'])} NIR nodes ({', '.join(r['nodes'])}), dt = {r['dt']:g}")
+    print(f"re-imported and run on random input: max |logit difference| = {r['max_abs_diff']:.3g}")
+    return 0
