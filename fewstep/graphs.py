@@ -212,7 +212,7 @@ class DecisionGraph:
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up off the capture stream (the policy's tables are made here)
-                saved = self._buffers()
+                saved = self._snapshot()
                 for _ in range(2):
                     self._body(self._out)
                 self._restore(saved)
