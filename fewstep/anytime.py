@@ -333,6 +333,31 @@ def speedup(model, chunks, policy, T: int, batch_size: int = 64, continuous: boo
     return statistics.median(tf), statistics.median(te)
 
 
+@torch.no_grad()
+def multistep_seconds(model, chunks, repeats: int = 5, min_seconds: float = 0.5) -> float:
+    """Median seconds per pass over ``chunks`` running all T steps in one multi-step call per chunk, no exit:
+    the plain way to run the network to T, the reference a user compares early exit with. On a GPU it beats
+    stepping (one launch per layer for all T steps); on the CPU stepping is faster (docs/performance.md)."""
+    sync = torch.cuda.synchronize if chunks[0].is_cuda else (lambda: None)
+    prev, was_training = step_mode_of(model), model.training
+    model.eval()
+    set_step_mode(model, "m")
+    try:
+        def once() -> float:
+            sync()
+            t0 = time.perf_counter()
+            for xs in chunks:
+                model(xs)
+            sync()
+            return time.perf_counter() - t0
+
+        inner = max(1, int(min_seconds / max(once(), 1e-6) + 0.999))
+        return statistics.median(sum(once() for _ in range(inner)) / inner for _ in range(max(1, repeats)))
+    finally:
+        set_step_mode(model, prev)
+        model.train(was_training)
+
+
 def spread(full: list[float], early_exit: list[float]) -> dict:
     """The per-round wall-clock speed-ups ``full[i] / early_exit[i]`` of :func:`speedup_rounds` and their
     quartiles: ``{"rounds", "q1", "median", "q3"}`` (with fewer than two rounds all three are the one value)."""

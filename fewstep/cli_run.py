@@ -88,6 +88,9 @@ def cmd_cutoff(args) -> int:
     q1, q3 = r["wallclock_speedup_iqr"]
     print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s per pass: {r['wallclock_speedup']:.2f}x "
           f"(median of {len(r['wallclock_speedup_rounds'])} paired rounds, quartiles {q1:.2f}-{q3:.2f})")
+    vs = r["wallclock_speedup_vs_multistep"]
+    print(f"  vs multi-step {r['seconds_full_multistep']:.3f}s per pass running all T steps in one call per batch: "
+          f"early exit is {vs:.2f}x {'faster' if vs >= 1 else 'slower'}")
     print(f"  SOPs/sample   {r['sops_per_sample']:.3g} (full T {r['sops_per_sample_full']:.3g}); "
           f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
     if "target" in r:

@@ -108,6 +108,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     rounds = _any.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
     t_full, t_exit = (statistics.median(r) for r in rounds)
     sp = _any.spread(*rounds)
+    t_multi = _any.multistep_seconds(model, chunks, repeats)
     ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
     ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
                                 count_ops=True)
@@ -128,6 +129,8 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         "mean_exit_step": d.mean_exit_step(), "timestep_speedup": T / d.mean_exit_step(),
         "wallclock_speedup": sp["median"], "seconds_full": t_full, "seconds_early_exit": t_exit,
         "wallclock_speedup_rounds": sp["rounds"], "wallclock_speedup_iqr": [sp["q1"], sp["q3"]],
+        # the plain way to run to T: one multi-step call per batch (faster than stepping on a GPU, slower on the CPU)
+        "seconds_full_multistep": t_multi, "wallclock_speedup_vs_multistep": t_multi / t_exit,
         "exit_histogram": hist, "matches_simulation": not differ,
         # samples whose exit step or prediction differs from cutoff.simulate on the multi-step outputs: 0 on the CPU;
         # on a GPU, convolutions at the shrinking batch sizes may round differently (bench/README.md)

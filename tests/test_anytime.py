@@ -175,6 +175,9 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert r["wallclock_speedup_iqr"] == [r["wallclock_speedup_rounds"][0]] * 2
     assert r["wallclock_speedup"] == pytest.approx(r["wallclock_speedup_rounds"][0])
     assert sum(r["exit_histogram"]) == r["n"]
+    assert r["differ_from_simulation"] == 0 and r["seconds_full_multistep"] > 0
+    assert r["wallclock_speedup_vs_multistep"] == pytest.approx(r["seconds_full_multistep"] / r["seconds_early_exit"])
+    assert "vs multi-step" in capsys.readouterr().out
     assert r["spikes_per_sample"] <= r["spikes_per_sample_full"] + 1e-9
     cal = json.loads((digits_run / "calibration_topk.json").read_text())
     assert cal["meta"]["calibration_split"] == "val" and len(cal["betas"]) == 4
