@@ -79,8 +79,11 @@ def cmd_cutoff(args) -> int:
                       args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
                       device=args.device, graphs=args.graphs, max_step=args.max_step, data_root=args.data_root)
     cap = "" if r.get("max_step") is None else f", max_step={r['max_step']}"
-    print(f"policy {r['policy']} {r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap} "
-          f"on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
+    setting = f"{r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap}"
+    name = r["policy"]
+    if "target" in r and not r["target"]["passed"] and name != args.policy:  # every sample runs to T (note below)
+        name, setting = args.policy, f"-> no setting met the target: timestep t = {r['T']}"
+    print(f"policy {name} {setting} on {r['split']} ({r['n']} samples, T = {r['T']}, batch {r['batch_size']})")
     print(f"  accuracy      {100 * r['accuracy']:.2f}% (full T: {100 * r['full_accuracy']:.2f}%, "
           f"drop {100 * r['accuracy_drop']:+.2f} pt)")
     print(f"  mean exit     {r['mean_exit_step']:.2f} of {r['T']} -> timestep speed-up {r['timestep_speedup']:.2f}x "

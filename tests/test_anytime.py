@@ -233,6 +233,7 @@ def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
     assert not t["passed"] and t["smallest_bound"] == pytest.approx(1 - 0.05 ** (1 / t["n_test"]))
     assert f"even a setting that harms none is bounded at {100 * t['smallest_bound']:.2f} pt" in out
     assert "every sample runs to T" in out and "--max-drop" in out
+    assert out.startswith("policy topk -> no setting met the target: timestep t = 4 on test")
     made = {"n_test": 1000, "max_drop": 0.01, "confidence": 0.95, "smallest_bound": 0.003,
             "tested": [{"params": {"epsilon": 0.0}, "harmed": 12, "bound": 0.019, "accepted": False}]}
     assert "most conservative setting (epsilon=0) already harms 12 of 1000 validation samples (bound 1.90 pt" \
