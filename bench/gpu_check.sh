@@ -2,7 +2,7 @@
 # The GPU checks of issue 16 in one run, inside one command on a lent GPU machine (BUDGET seconds, default 540):
 #   1. the CUDA and Triton tests (tests/test_graphs.py, tests/test_triton.py, tests/test_anytime.py);
 #   2. bench/anytime.py at batch 256 with CUDA graphs, RUNS times (the wall / timestep ratio, target >= 0.85),
-#      then once with eager steps (--graphs off) for comparison;
+#      then once with eager steps (--graphs off) for comparison, then once on a long stream (--stream-passes LONG);
 #   3. bench/latency.py (per-decision p50 / p99, one stream and continuous batching), before the eager comparison;
 #   4. bench/lif_inference.py (the streaming LIF step on the GPU);
 #   5. bench/exit_diag.py (decisions against simulate, time per early-exit call against one multi-step forward).
@@ -15,7 +15,8 @@
 #
 # The run folder must be a trained N-MNIST run (runs/bench-nmnist: bench/anytime.py trains it on the CPU in
 # ~1.5 min); it is copied, so the calibrations the benchmark writes stay out of the original. DEVICE=cpu runs
-# the same script on the CPU (how it is checked without a GPU). RUNS (default 3) and REPEATS (default 3) size it.
+# the same script on the CPU (how it is checked without a GPU). RUNS (default 3), REPEATS (default 3)
+# and LONG (the long stream's passes over the test split, default 40) size it.
 # From a session with the device tool (the data folder beside the checkout does not travel, so copy it in):
 #   mkdir -p .gpu-data && cp ../shared/data/nmnist-small.tar.gz .gpu-data/ && echo /.gpu-data/ >> .git/info/exclude
 #   run(command="bash bench/gpu_check.sh .gpu-data runs/bench-nmnist $OUT", carry=[".gpu-data", "runs/bench-nmnist"],
@@ -28,6 +29,7 @@ OUT_DIR=${3:-${OUT:-$HERE/gpu-check-out}}
 DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-3}
 REPEATS=${REPEATS:-3}
+LONG=${LONG:-40}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-540}
 [ -f "$DATA/nmnist-small.tar.gz" ] || { echo "gpu_check: $DATA/nmnist-small.tar.gz not found" >&2; exit 2; }
@@ -71,6 +73,12 @@ step latency 120 "$OUT_DIR/latency.txt" $PY bench/latency.py --run "$RUN" --data
     --streams 1,64,256 --rounds 3 && cp "$RUN/bench_latency.json" "$OUT_DIR/latency.json"
 if step "anytime graphs=off" 150 "$OUT_DIR/anytime.txt" $PY bench/anytime.py --run "$RUN" --data "$DATA" \
         --device "$DEVICE" --batch-size 256 --repeats "$REPEATS" --graphs off; then
+    { printf '%s' "$sep"; cat "$RUN/bench_anytime.json"; } >>"$OUT_DIR/anytime.json"; sep=","
+fi
+# a stream that does not run dry: the test split played LONG times (continuous batching keeps the batch full, so
+# the tail, where the slowest samples step alone, weighs little)
+if step "anytime long stream" 150 "$OUT_DIR/anytime.txt" $PY bench/anytime.py --run "$RUN" --data "$DATA" \
+        --device "$DEVICE" --batch-size 256 --repeats "$REPEATS" --stream-passes "$LONG"; then
     { printf '%s' "$sep"; cat "$RUN/bench_anytime.json"; } >>"$OUT_DIR/anytime.json"
 fi
 echo "]" >>"$OUT_DIR/anytime.json"
@@ -84,7 +92,8 @@ import json, sys
 print("wall / timestep ratio per policy: continuous batching, per batch, on the K-times stream")
 for r in json.load(open(sys.argv[1])):
     cell = lambda x, k: f"{x[k]:.2f}" if k in x else "-"  # noqa: E731
-    print(f"{r['device']}, batch {r['batch_size']}, graphs={r['graphs']}: " + "; ".join(
+    K = r["rows"][0].get("stream_passes", 1)
+    print(f"{r['device']}, batch {r['batch_size']}, graphs={r['graphs']}, K = {K}: " + "; ".join(
         f"{x['policy']} {cell(x, 'ratio_continuous')} / {cell(x, 'ratio_per_batch')} / {cell(x, 'ratio_stream')}"
         f"{'' if x['matches_simulation'] else ' (%s DECISIONS DIFFER FROM simulate)' % x.get('differ_from_simulation', 'some')}"
         for x in r["rows"]))
