@@ -94,6 +94,11 @@ def cmd_cutoff(args) -> int:
     vs = r["wallclock_speedup_vs_multistep"]
     print(f"  vs multi-step {r['seconds_full_multistep']:.3f}s per pass running all T steps in one call per batch: "
           f"early exit is {vs:.2f}x {'faster' if vs >= 1 else 'slower'}")
+    if vs < 1:
+        print("  note          here one multi-step pass to T is faster than stepping with early exit: steps cost "
+              "launches, not compute, and a batch waits for its slowest sample. Early exit still saves the steps, "
+              "spikes and energy above; for time, stream many inputs (continuous batching), cap the steps "
+              "(--max-step) or run the network multi-step (docs/anytime.md)")
     print(f"  SOPs/sample   {r['sops_per_sample']:.3g} (full T {r['sops_per_sample_full']:.3g}); "
           f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
     if "target" in r:

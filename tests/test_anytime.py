@@ -223,6 +223,15 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000
 
 
+def test_cutoff_says_when_a_multi_step_pass_is_faster(digits_run, capsys, monkeypatch):
+    """On a GPU one multi-step pass can beat early exit (bench/README.md); the report then says what to do."""
+    monkeypatch.setattr(at, "multistep_seconds", lambda *a, **k: 1e-9)
+    capsys.readouterr()
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--epsilon", "0.05", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "early exit is 0.00x slower" in out and "one multi-step pass to T is faster" in out and "--max-step" in out
+
+
 def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
     from fewstep.cli_run import _target_missed
 
