@@ -42,7 +42,7 @@ MAX_SAMPLE_STEPS = 4096  # samples × timesteps per forward pass in predict(): T
 def inference_step_mode(model, device) -> str:
     """How :func:`predict` runs ``model`` on ``device``: ``"s"`` (step through time, the state carried) for a
     fewstep network on the CPU, ``"m"`` (all T steps in one call) otherwise. On the CPU the single-step
-    pass gives the same numbers as the multi-step one (every registered model, ``tests/test_metrics.py``)
+    pass gives the same numbers as the multi-step one (every registered model, ``tests/test_models.py``)
     and is 1.0–3.4× faster: a multi-step layer's activations are ``[T·n, ...]``, which leave the caches
     (2026-12-04, 2 cores: converted ``cnn`` at T = 64 3.4×, N-MNIST ``cnn`` 1.7–2.0×, ``resnet20`` 1.8×,
     ``vggsnn`` 1.1×). On a GPU one multi-step call is faster (bench/README.md)."""

@@ -164,6 +164,18 @@ def test_spread_pairs_the_rounds_and_gives_their_quartiles():
         at.spread([], [])
 
 
+def test_multistep_seconds_times_a_plain_pass_and_restores_the_network(monkeypatch):
+    net = warmed("mlp").train()
+    fewstep.set_step_mode(net, "s")
+    chunks = [torch.rand(3, 4, *net.input_shape), torch.rand(3, 2, *net.input_shape)]
+    calls = []
+    net.register_forward_pre_hook(lambda m, i: calls.append(tuple(i[0].shape[:2])))
+    t = at.multistep_seconds(net, chunks, repeats=5, min_seconds=0.0)
+    assert t > 0 and net.training and net.current_step_mode() == "s"
+    assert set(calls) == {(3, 4), (3, 2)}  # one multi-step call per chunk, all T steps at once
+    assert len(calls) == 2 * 3  # repeats capped at 3; a pass past min_seconds (any, here) counts from the first
+
+
 def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05", "--repeats", "1"]) == 0
     r = json.loads((digits_run / "cutoff_topk.json").read_text())
