@@ -160,15 +160,14 @@ def policy_for(run_dir, policy: str, cfg, calibration=None, log=print, model=Non
     if calibration:
         raise FileNotFoundError(f"no calibration file at {path}")
     from .reports import calibrate
-    from .runfolder import with_data_root
-    from .train import load_data
+    from .runfolder import _run_data, with_data_root
 
     log(f"{run_dir} has no saved calibration for policy {policy!r}: calibrating on its validation split first "
         f"(the same as 'fewstep cutoff {run_dir} --policy {policy}'; written to {path})")
     if data_root is not None:
         cfg = with_data_root(cfg, data_root)
     if bundle is None or not hasattr(bundle, "val"):  # (the network was rebuilt without its data)
-        bundle = load_data(cfg)
+        bundle = _run_data(run_dir, cfg, given=data_root is not None)  # (a missing dataset: the error says what to do)
     pol, _ = calibrate(run_dir, policy, model=model, cfg=cfg, bundle=bundle)
     return pol
 

@@ -74,6 +74,29 @@ def test_stream_calibrates_first_when_the_run_has_no_calibration(nmnist_run, cap
     json.loads(cap.out)
 
 
+def test_stream_calibrates_from_a_data_root_given_when_the_run_moved(nmnist_run, tmp_path, capsys):
+    import shutil
+
+    from .conftest import SHARED
+
+    out, _ = nmnist_run
+    moved = tmp_path / "moved-run"
+    shutil.copytree(out, moved)
+    ck = torch.load(moved / "checkpoint.pt", weights_only=True)
+    ck["config"]["data"]["root"] = str(tmp_path / "where-it-was-trained")
+    torch.save(ck, moved / "checkpoint.pt")
+    for f in moved.glob("calibration_*.json"):
+        f.unlink()
+    path = _first_test_file(nmnist_run)
+    assert main(["stream", str(moved), "--events", path, "--policy", "spikecp", "--json"]) == 2
+    assert "--data-root DIR" in capsys.readouterr().err
+    assert main(["stream", str(moved), "--events", path, "--policy", "spikecp", "--json",
+                 "--data-root", str(SHARED)]) == 0
+    cap = capsys.readouterr()
+    assert "calibrating on its validation split" in cap.err and (moved / "calibration_spikecp.json").is_file()
+    assert json.loads(cap.out)["exit_step"] >= 1
+
+
 def _first_test_file(run):
     _, tr = run
     return tr.bundle.test.source.items[int(tr.bundle.test.index[0])].path
