@@ -2,8 +2,9 @@
 
 On the N-MNIST test split (one batch of every sample, as ``bench/anytime.py`` runs it per batch):
 
-1. **Decisions.** The per-step logits of the same network computed three ways: multi-step (one Triton launch
-   per LIF layer on CUDA), multi-step with the reference (torch) LIF, and single-step over the full batch; how
+1. **Decisions.** The per-step logits of the same network computed several ways: multi-step (one Triton launch
+   per LIF layer on CUDA), multi-step with the reference (torch) LIF, single-step over the full batch and over
+   slices of 1, 8 and 32 samples (the batch sizes early exit steps at); how
    far they differ, and how many samples' (exit step, prediction) differ from ``cutoff.simulate`` on the
    multi-step logits, for the real early exit with and without CUDA graphs too. On the CPU all agree exactly.
 2. **Time per call.** Early exit at full T, with each calibrated policy and with a step cap, with and without
@@ -104,6 +105,9 @@ def main() -> None:
     print(f"{cfg.model.name} on {cfg.data.name}, T = {T}, test n = {x.shape[1]}, torch {torch.__version__}, {gpu}\n")
 
     Ys = {how: per_step_logits(model, x, how) for how in ("multi", "multi-reference", "single")}
+    for b in (1, 8, 32):  # the same single steps on slices of the batch: does a batch size change the rounding?
+        Ys[f"single, batch {b}"] = torch.cat([per_step_logits(model, x[:, i:i + b], "single")
+                                              for i in range(0, x.shape[1], b)], 1)
     ref = Ys["multi"]
     print("1. decisions: samples whose (exit step, prediction) differ from simulate on the multi-step logits")
     print(f"{'logits / runner':28s} {'max |dY|':>9s} " + " ".join(f"{n:>8s}" for n in pols))

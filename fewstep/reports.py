@@ -132,8 +132,8 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         # the plain way to run to T: one multi-step call per batch (faster than stepping on a GPU, slower on the CPU)
         "seconds_full_multistep": t_multi, "wallclock_speedup_vs_multistep": t_multi / t_exit,
         "exit_histogram": hist, "matches_simulation": not differ,
-        # samples whose exit step or prediction differs from cutoff.simulate on the multi-step outputs: 0 on the CPU;
-        # on a GPU, convolutions at the shrinking batch sizes may round differently (bench/README.md)
+        # samples whose exit step or prediction differs from cutoff.simulate on the multi-step outputs (0 in every CPU
+        # run so far): convolutions at the shrinking batch sizes may round differently (bench/README.md)
         "differ_from_simulation": differ,
         "oct_mean_exit_step": oct_d.mean_exit_step(),
         "spikes_per_sample": per(ops.spikes), "spikes_per_sample_full": per(ops_full.spikes),
