@@ -6,6 +6,8 @@ running mean). Firing rate of a spiking layer = mean spike count per neuron per 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -51,13 +53,22 @@ def inference_step_mode(model, device) -> str:
     return "s" if torch.device(device).type == "cpu" and isinstance(model, SNN) else "m"
 
 
-def _forward(model, x: torch.Tensor, mode: str) -> torch.Tensor:
+def _forward(model, x: torch.Tensor, mode: str, tally=None) -> torch.Tensor:
+    """``model`` over ``x[T, n, ...]`` in ``mode``; ``tally()`` after every call (each step, single-step), so a
+    recorder's spikes are counted and dropped step by step instead of kept for all T."""
     if mode == "m":
-        return model(x)
+        out = model(x)
+        if tally is not None:
+            tally()
+        return out
     reset(model)  # (a single-step network carries its state from one frame to the next)
-    out = torch.stack([model(xt) for xt in x])
+    outs = []
+    for xt in x:
+        outs.append(model(xt))
+        if tally is not None:
+            tally()
     reset(model)
-    return out
+    return torch.stack(outs)
 
 
 @torch.no_grad()
@@ -91,19 +102,19 @@ def _predict(model, dataset, T, kind, encoding, batch_size, device, firing_rates
     count: dict[str, int] = {}
     gen = torch.Generator().manual_seed(0)  # Poisson encoding in evaluation is reproducible
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-        xs = time_first(x, kind, T, encoding, gen).to(device)
-        for part in xs.split(max(1, MAX_SAMPLE_STEPS // xs.shape[0]), dim=1):
-            if firing_rates:
-                with record(model, detach=True, fields=("spikes",)) as rec:
-                    out = _forward(model, part, mode)
-                for name, s in rec.spikes.items():
-                    sums[name] = sums.get(name, 0.0) + float(s.float().sum())
-                    count[name] = count.get(name, 0) + s.numel()
-            else:
-                out = _forward(model, part, mode)
-            outs.append(out.float().cpu())
-        ys.append(y)
+    with (record(model, detach=True, fields=("spikes",)) if firing_rates else contextlib.nullcontext()) as rec:
+        def tally():  # count this call's spikes per layer, then drop them (a step's, single-step: no [T, ...] copy)
+            for name, s in rec.spikes.items():
+                sums[name] = sums.get(name, 0.0) + float(s.float().sum())
+                count[name] = count.get(name, 0) + s.numel()
+            rec.clear()
+
+        for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
+            xs = time_first(x, kind, T, encoding, gen).to(device)
+            for part in xs.split(max(1, MAX_SAMPLE_STEPS // xs.shape[0]), dim=1):
+                out = _forward(model, part, mode, tally if firing_rates else None)
+                outs.append(out.float().cpu())
+            ys.append(y)
     rates = {k: sums[k] / count[k] for k in sums}
     return torch.cat(outs, 1), torch.cat(ys), rates
 

@@ -303,9 +303,10 @@ class LIF(StatefulModule):
                     f"{tuple(self.v.shape)} but the input frame has shape {tuple(x.shape)}; "
                     "call fewstep.reset(net) before feeding a new batch"
                 )
-            s, u, self.v = lif_update(x, self.v, p, need_u=rec is not None)  # (None: fresh, v0)
+            need_u = rec is not None and rec.wants_membrane  # (a spikes-only recorder keeps the in-place reset)
+            s, u, self.v = lif_update(x, self.v, p, need_u=need_u)  # (None: fresh, v0)
             if rec is not None:
-                rec.add(self, s.unsqueeze(0), u.unsqueeze(0), self.v.unsqueeze(0))
+                rec.add(self, s.unsqueeze(0), *((u.unsqueeze(0), self.v.unsqueeze(0)) if need_u else ()))
             return s
         if x.dim() < 2:
             raise ValueError(f"multi-step input must be [T, N, ...], got shape {tuple(x.shape)}")
