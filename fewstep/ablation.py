@@ -203,11 +203,12 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
     T, kind, enc = cfg.data.T, bundle.kind, cfg.data.encoding
     bs = batch_size or cfg.train.eval_batch_size
     Ov, yv, _ = predict(model, bundle.val, T, kind, enc, bs)
-    Ot, yt, rates = predict(model, bundle.test, T, kind, enc, bs, firing_rates=True)
+    chunks, yt = _any.prepare(bundle.test, T, kind, enc, bs)
+    # one pass over test gives its logits, firing rates and operation counts (the same inputs predict() encodes)
+    ops = _ops.ops_per_step(model, chunks, outputs=True, firing_rates=True)
+    Ot, rates = ops["logits"], ops["firing_rates"]
     Yv, Yt = _cf.running(Ov), _cf.running(Ot)
     full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
-    chunks, _ = _any.prepare(bundle.test, T, kind, enc, bs)
-    ops = _ops.ops_per_step(model, chunks)
     energy_full = float(ops["energy_pj"].sum(0).mean()) * 1e-6
     oct_d = _cf.oracle(Yt, yt)
     out = {

@@ -10,10 +10,13 @@ count as MACs wherever they sit. :func:`fewstep.anytime.early_exit` sums them up
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .neurons import StatefulModule, set_step_mode, step_mode_of
+from .record import record
 
 E_MAC_PJ, E_SOP_PJ = 4.6, 0.9
 
@@ -136,7 +139,8 @@ class OpCounter:
 
 
 @torch.no_grad()
-def ops_per_step(model: nn.Module, chunks, per_layer: bool = False) -> dict:
+def ops_per_step(model: nn.Module, chunks, per_layer: bool = False, outputs: bool = False,
+                 firing_rates: bool = False) -> dict:
     """Per-sample operation counts of every step: ``{"macs", "sops", "spikes", "energy_pj"}`` each ``[T, N]``.
 
     Runs ``model`` step by step over the prepared ``chunks`` (``[T, n, ...]`` each, from
@@ -144,26 +148,43 @@ def ops_per_step(model: nn.Module, chunks, per_layer: bool = False) -> dict:
     (:func:`ops_at_exit`), so one pass prices every cutoff policy. ``per_layer=True`` adds
     ``layers[name][macs|sops|spikes]`` (``[T, N]`` each), ``neurons[name]`` (neuron outputs per step),
     ``kinds[name]`` (module type) and ``uncounted`` (modules that ran and are not priced, by name).
+    The same pass can give what :func:`fewstep.metrics.predict` gives, so a caller needs no second pass over
+    the data: ``outputs=True`` adds ``logits`` (``[T, N, C]``, float32 on the CPU) and ``firing_rates=True``
+    adds ``firing_rates`` (per spiking layer, as :func:`fewstep.metrics.predict` computes them).
     """
     prev, was_training = step_mode_of(model), model.training
     model.eval()
     keys = ("macs", "sops", "spikes")
     parts = {k: [] for k in keys}
     layers: dict[str, dict[str, list]] = {}
+    logits: list[torch.Tensor] = []
+    sums: dict[str, float] = {}
+    count: dict[str, int] = {}
+    rec_ctx = record(model, detach=True, fields=("spikes",)) if firing_rates else contextlib.nullcontext()
     try:
-        with OpCounter(model, per_layer=per_layer) as counter:
+        with OpCounter(model, per_layer=per_layer) as counter, rec_ctx as rec:
             for xs in chunks:
                 set_step_mode(model, "s")
                 steps = {k: [] for k in parts}
                 lsteps: dict[str, dict[str, list]] = {}
+                outs = []
                 for xt in xs:
                     counter.start_step(xt.shape[0], xt.device)
-                    model(xt)
+                    o = model(xt)
+                    if outputs:
+                        outs.append(o.float().cpu())
+                    if firing_rates:  # this step's spikes per layer, counted and dropped
+                        for name, sp in rec.spikes.items():
+                            sums[name] = sums.get(name, 0.0) + float(sp.float().sum())
+                            count[name] = count.get(name, 0) + sp.numel()
+                        rec.clear()
                     for k in parts:
                         steps[k].append(getattr(counter, k).cpu())
                     for name, d in counter.layers.items():
                         for k in keys:
                             lsteps.setdefault(name, {kk: [] for kk in keys})[k].append(d[k].cpu())
+                if outputs:
+                    logits.append(torch.stack(outs))
                 for k in parts:
                     parts[k].append(torch.stack(steps[k]))
                 for name, d in lsteps.items():
@@ -175,6 +196,10 @@ def ops_per_step(model: nn.Module, chunks, per_layer: bool = False) -> dict:
         model.train(was_training)
     out = {k: torch.cat(v, 1) for k, v in parts.items()}
     out["energy_pj"] = E_MAC_PJ * out["macs"] + E_SOP_PJ * out["sops"]
+    if outputs:
+        out["logits"] = torch.cat(logits, 1)
+    if firing_rates:
+        out["firing_rates"] = {k: sums[k] / count[k] for k in sums}
     if per_layer:
         out["layers"] = {n: {k: torch.cat(v, 1) for k, v in d.items()} for n, d in layers.items()}
         out["neurons"], out["kinds"], out["uncounted"] = neurons, kinds, uncounted

@@ -60,6 +60,27 @@ def test_nonzero_per_sample_counts_exactly_in_every_layout(monkeypatch):
     assert ops.nonzero_per_sample(torch.tensor([0.0, 3.0, 0.0])).tolist() == [0.0, 1.0, 0.0]
 
 
+def test_one_counting_pass_also_gives_predicts_logits_and_firing_rates():
+    """The ablation's analysis reads test logits, firing rates and counts from one pass (ops_per_step); they
+    equal predict()'s, hand-checked on the network above: layer rates A (1, 0, 1), B (0, 0, 1) at both steps."""
+    from torch.utils.data import TensorDataset
+
+    from fewstep import ops
+    from fewstep.anytime import prepare
+    from fewstep.metrics import predict
+
+    net = hand_net()
+    ds = TensorDataset(X[0], torch.tensor([0, 1]))  # the constant inputs, direct-encoded over T = 2
+    chunks, y = prepare(ds, 2, "static", "direct", batch_size=1)  # two chunks of one sample
+    r = ops.ops_per_step(net, chunks, outputs=True, firing_rates=True)
+    O, y2, rates = predict(net, ds, 2, "static", batch_size=2, firing_rates=True)
+    assert torch.equal(y, y2) and torch.equal(r["logits"], O) and r["logits"].shape == (2, 2, 2)
+    assert list(r["firing_rates"]) == list(rates) and len(rates) == 1
+    name = next(iter(rates))
+    assert r["firing_rates"][name] == rates[name] == pytest.approx(3 / 6)  # 6 spikes of 12 neuron-steps
+    assert "logits" not in ops.ops_per_step(net, chunks) and net.current_step_mode() == "m"
+
+
 def test_counts_stop_at_each_samples_exit_and_constants_are_configurable():
     t = energy_table(hand_net(), [X], exit_step=torch.tensor([1, 2]), e_mac=1.0, e_sop=0.5)
     rows = {r["layer"]: r for r in t["layers"]}
