@@ -29,12 +29,14 @@ E_MAC_PJ, E_SOP_PJ = _ops.E_MAC_PJ, _ops.E_SOP_PJ
 
 
 def energy_table(model, chunks, exit_step: "torch.Tensor | None" = None, e_mac: float = E_MAC_PJ,
-                 e_sop: float = E_SOP_PJ) -> dict:
+                 e_sop: float = E_SOP_PJ, ops: "dict | None" = None) -> dict:
     """Per-layer and total counts per sample (means over samples), up to ``exit_step`` (``[N]``, 1-based)
-    or through all T steps."""
+    or through all T steps. ``ops``: the counts of ``ops_per_step(model, chunks, per_layer=True)`` when the
+    caller has them (counts up to any exit are prefix sums of the same pass)."""
     if e_mac < 0 or e_sop < 0:
         raise ValueError(f"energy per operation must be >= 0 pJ, got e_mac={e_mac}, e_sop={e_sop}")
-    ops = _ops.ops_per_step(model, chunks, per_layer=True)
+    if ops is None:
+        ops = _ops.ops_per_step(model, chunks, per_layer=True)
     T, N = ops["macs"].shape
     steps = torch.full((N,), T, dtype=torch.long) if exit_step is None else exit_step.long().cpu()
     if steps.shape != (N,) or int(steps.min()) < 1 or int(steps.max()) > T:
@@ -63,7 +65,6 @@ def energy_report(run_dir, policy: "str | None" = None, split: str = "test", cal
                   e_mac: float = E_MAC_PJ, e_sop: float = E_SOP_PJ, log=print, data_root=None) -> dict:
     """``energy_table`` of a run's split at full T and, with ``policy``, up to its calibrated exits;
     written to ``RUN/energy[_<policy>].json``. ``data_root``: read the run's dataset from there."""
-    from .metrics import predict
     from .stream import policy_for
     from .train import load_run
 
@@ -72,13 +73,16 @@ def energy_report(run_dir, policy: "str | None" = None, split: str = "test", cal
     T, bs = cfg.data.T, cfg.train.eval_batch_size
     data = bundle.split(split)
     chunks, _ = _any.prepare(data, T, bundle.kind, cfg.data.encoding, bs)
-    out = {"run": str(run_dir), "split": split, "full": energy_table(model, chunks, None, e_mac, e_sop)}
-    if policy is not None:
-        pol = policy_for(run_dir, policy, cfg, calibration, log, model, bundle)
-        O, _, _ = predict(model, data, T, bundle.kind, cfg.data.encoding, bs)
-        d = _cf.simulate(pol, _cf.running(O))  # the exits the real early exit takes (tested equal)
+    if e_mac < 0 or e_sop < 0:  # (before the pass over the data)
+        raise ValueError(f"energy per operation must be >= 0 pJ, got e_mac={e_mac}, e_sop={e_sop}")
+    pol = None if policy is None else policy_for(run_dir, policy, cfg, calibration, log, model, bundle)
+    # one pass: the counts of every step (so up to any exit) and, for a policy, the logits that decide the exits
+    ops = _ops.ops_per_step(model, chunks, per_layer=True, outputs=pol is not None)
+    out = {"run": str(run_dir), "split": split, "full": energy_table(model, chunks, None, e_mac, e_sop, ops=ops)}
+    if pol is not None:
+        d = _cf.simulate(pol, _cf.running(ops["logits"]))  # the exits the real early exit takes (tested equal)
         out["policy"] = pol.to_dict()
-        out["cutoff"] = energy_table(model, chunks, d.exit_step, e_mac, e_sop)
+        out["cutoff"] = energy_table(model, chunks, d.exit_step, e_mac, e_sop, ops=ops)
     path = run_dir / (f"energy_{policy}.json" if policy else "energy.json")
     path.write_text(json.dumps(out, indent=2))
     out["path"] = str(path)
