@@ -61,10 +61,6 @@ def per_step_logits(model, x, how: str) -> torch.Tensor:
     return cf.running(O)
 
 
-def differ(a: cf.Decision, b: cf.Decision) -> int:
-    return int(((a.exit_step != b.exit_step) | (a.prediction != b.prediction)).sum())
-
-
 def timed(fn, repeats: int, sync) -> float:
     fn()
     sync()
@@ -113,10 +109,10 @@ def main() -> None:
     print(f"{'logits / runner':28s} {'max |dY|':>9s} " + " ".join(f"{n:>8s}" for n in pols))
     sims = {n: cf.simulate(pol, ref) for n, pol in pols.items()}
     for how, Y in Ys.items():
-        row = " ".join(f"{differ(cf.simulate(pol, Y), sims[n]):8d}" for n, pol in pols.items())
+        row = " ".join(f"{cf.simulate(pol, Y).differs(sims[n]):8d}" for n, pol in pols.items())
         print(f"{'simulate on ' + how:28s} {float((Y - ref).abs().max()):9.2e} {row}")
     for g in modes:
-        row = " ".join(f"{differ(at.early_exit(model, x, pol, graphs=g).decision, sims[n]):8d}"
+        row = " ".join(f"{at.early_exit(model, x, pol, graphs=g).decision.differs(sims[n]):8d}"
                        for n, pol in pols.items())
         print(f"{'early exit, graphs=' + g:28s} {'':9s} {row}")
     print("(graphs=auto: CUDA graphs of the step and of the decision with its bookkeeping; emulate: the same static"

@@ -208,7 +208,7 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
     ops = _ops.ops_per_step(model, chunks, outputs=True, firing_rates=True)
     Ot, rates = ops["logits"], ops["firing_rates"]
     Yv, Yt = _cf.running(Ov), _cf.running(Ot)
-    full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
+    full_test = _acc(Yt, yt)[-1]
     energy_full = float(ops["energy_pj"].sum(0).mean()) * 1e-6
     oct_d = _cf.oracle(Yt, yt)
     out = {

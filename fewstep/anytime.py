@@ -305,6 +305,11 @@ def run_dataset(model, dataset: Dataset, policy: _cutoff.Policy, T: int, kind: s
     return RunStats(d, labels, secs, cat("spikes"), cat("macs"), cat("sops"))
 
 
+def _passes_for(seconds: float, min_seconds: float) -> int:
+    """How many passes of ``seconds`` each make about ``min_seconds`` (at least one)."""
+    return max(1, int(min_seconds / max(seconds, 1e-6) + 0.999))
+
+
 def speedup_rounds(model, chunks, policy, T: int, batch_size: int = 64, continuous: bool = True, repeats: int = 5,
                    min_seconds: float = 0.5, graphs: str = "auto") -> tuple[list[float], list[float]]:
     """Seconds per pass over ``chunks`` in each of ``repeats`` interleaved rounds, running to T and with
@@ -317,7 +322,7 @@ def speedup_rounds(model, chunks, policy, T: int, batch_size: int = 64, continuo
     full = _cutoff.Timestep(T, T=T)
     run = lambda pol: run_chunks(model, chunks, pol, batch_size, continuous, graphs=graphs)[1]  # noqa: E731
     t_once = run(full)
-    inner = max(1, int(min_seconds / max(t_once, 1e-6) + 0.999))
+    inner = _passes_for(t_once, min_seconds)
     tf, te = [], []
     for _ in range(repeats):
         tf.append(sum(run(full) for _ in range(inner)) / inner)
@@ -356,7 +361,7 @@ def multistep_seconds(model, chunks, repeats: int = 5, min_seconds: float = 0.5)
         n = max(1, min(repeats, 3))  # a reference, not the figure under test: at most 3 timed passes
         if first >= min_seconds:  # a long pass (a big split, a long T): the first counts, no warm-up of its own
             return statistics.median([first] + [once() for _ in range(n - 1)])
-        inner = max(1, int(min_seconds / max(first, 1e-6) + 0.999))
+        inner = _passes_for(first, min_seconds)
         return statistics.median(sum(once() for _ in range(inner)) / inner for _ in range(n))
     finally:
         set_step_mode(model, prev)

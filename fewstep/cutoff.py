@@ -81,6 +81,10 @@ class Decision:
     def mean_exit_step(self) -> float:
         return self.exit_step.float().mean().item()
 
+    def differs(self, other: "Decision") -> int:
+        """How many samples exit at another step or predict another class than in ``other``."""
+        return int(((self.exit_step != other.exit_step) | (self.prediction != other.prediction)).sum())
+
 
 @functools.lru_cache(maxsize=None)
 def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

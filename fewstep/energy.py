@@ -28,13 +28,17 @@ from . import ops as _ops
 E_MAC_PJ, E_SOP_PJ = _ops.E_MAC_PJ, _ops.E_SOP_PJ
 
 
+def _check_costs(e_mac: float, e_sop: float) -> None:
+    if e_mac < 0 or e_sop < 0:
+        raise ValueError(f"energy per operation must be >= 0 pJ, got e_mac={e_mac}, e_sop={e_sop}")
+
+
 def energy_table(model, chunks, exit_step: "torch.Tensor | None" = None, e_mac: float = E_MAC_PJ,
                  e_sop: float = E_SOP_PJ, ops: "dict | None" = None) -> dict:
     """Per-layer and total counts per sample (means over samples), up to ``exit_step`` (``[N]``, 1-based)
     or through all T steps. ``ops``: the counts of ``ops_per_step(model, chunks, per_layer=True)`` when the
     caller has them (counts up to any exit are prefix sums of the same pass)."""
-    if e_mac < 0 or e_sop < 0:
-        raise ValueError(f"energy per operation must be >= 0 pJ, got e_mac={e_mac}, e_sop={e_sop}")
+    _check_costs(e_mac, e_sop)
     if ops is None:
         ops = _ops.ops_per_step(model, chunks, per_layer=True)
     T, N = ops["macs"].shape
@@ -73,8 +77,7 @@ def energy_report(run_dir, policy: "str | None" = None, split: str = "test", cal
     T, bs = cfg.data.T, cfg.train.eval_batch_size
     data = bundle.split(split)
     chunks, _ = _any.prepare(data, T, bundle.kind, cfg.data.encoding, bs)
-    if e_mac < 0 or e_sop < 0:  # (before the pass over the data)
-        raise ValueError(f"energy per operation must be >= 0 pJ, got e_mac={e_mac}, e_sop={e_sop}")
+    _check_costs(e_mac, e_sop)  # (before the pass over the data)
     pol = None if policy is None else policy_for(run_dir, policy, cfg, calibration, log, model, bundle)
     # one pass: the counts of every step (so up to any exit) and, for a policy, the logits that decide the exits
     ops = _ops.ops_per_step(model, chunks, per_layer=True, outputs=pol is not None)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .data import encoding as _encoding
 from .neurons import STEP_MODES, reset, set_step_mode, step_mode_of
-from .record import record
+from .record import SpikeRates, record
 
 
 def time_first(x: torch.Tensor, kind: str, T: int, encoding: str = "direct", generator=None) -> torch.Tensor:
@@ -98,25 +98,18 @@ def predict(model, dataset, T: int, kind: str, encoding: str = "direct", batch_s
 def _predict(model, dataset, T, kind, encoding, batch_size, device, firing_rates, progress, mode, tqdm):
     model.eval()
     outs, ys = [], []
-    sums: dict[str, float] = {}
-    count: dict[str, int] = {}
+    rates = SpikeRates()
     gen = torch.Generator().manual_seed(0)  # Poisson encoding in evaluation is reproducible
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with (record(model, detach=True, fields=("spikes",)) if firing_rates else contextlib.nullcontext()) as rec:
-        def tally():  # count this call's spikes per layer, then drop them (a step's, single-step: no [T, ...] copy)
-            for name, s in rec.spikes.items():
-                sums[name] = sums.get(name, 0.0) + float(s.float().sum())
-                count[name] = count.get(name, 0) + s.numel()
-            rec.clear()
-
+        tally = (lambda: rates.add(rec)) if firing_rates else None  # each call's (each step's) spikes, then dropped
         for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
             xs = time_first(x, kind, T, encoding, gen).to(device)
             for part in xs.split(max(1, MAX_SAMPLE_STEPS // xs.shape[0]), dim=1):
-                out = _forward(model, part, mode, tally if firing_rates else None)
+                out = _forward(model, part, mode, tally)
                 outs.append(out.float().cpu())
             ys.append(y)
-    rates = {k: sums[k] / count[k] for k in sums}
-    return torch.cat(outs, 1), torch.cat(ys), rates
+    return torch.cat(outs, 1), torch.cat(ys), rates.rates()
 
 
 def evaluate(model, dataset, T: int, kind: str, encoding: str = "direct", batch_size: int = 256, device="cpu",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .neurons import StatefulModule, set_step_mode, step_mode_of
-from .record import record
+from .record import SpikeRates, record
 
 E_MAC_PJ, E_SOP_PJ = 4.6, 0.9
 
@@ -158,8 +158,7 @@ def ops_per_step(model: nn.Module, chunks, per_layer: bool = False, outputs: boo
     parts = {k: [] for k in keys}
     layers: dict[str, dict[str, list]] = {}
     logits: list[torch.Tensor] = []
-    sums: dict[str, float] = {}
-    count: dict[str, int] = {}
+    rates = SpikeRates()
     rec_ctx = record(model, detach=True, fields=("spikes",)) if firing_rates else contextlib.nullcontext()
     try:
         with OpCounter(model, per_layer=per_layer) as counter, rec_ctx as rec:
@@ -173,11 +172,8 @@ def ops_per_step(model: nn.Module, chunks, per_layer: bool = False, outputs: boo
                     o = model(xt)
                     if outputs:
                         outs.append(o.float().cpu())
-                    if firing_rates:  # this step's spikes per layer, counted and dropped
-                        for name, sp in rec.spikes.items():
-                            sums[name] = sums.get(name, 0.0) + float(sp.float().sum())
-                            count[name] = count.get(name, 0) + sp.numel()
-                        rec.clear()
+                    if firing_rates:
+                        rates.add(rec)  # this step's spikes per layer, counted and dropped
                     for k in parts:
                         steps[k].append(getattr(counter, k).cpu())
                     for name, d in counter.layers.items():
@@ -199,7 +195,7 @@ def ops_per_step(model: nn.Module, chunks, per_layer: bool = False, outputs: boo
     if outputs:
         out["logits"] = torch.cat(logits, 1)
     if firing_rates:
-        out["firing_rates"] = {k: sums[k] / count[k] for k in sums}
+        out["firing_rates"] = rates.rates()
     if per_layer:
         out["layers"] = {n: {k: torch.cat(v, 1) for k, v in d.items()} for n, d in layers.items()}
         out["neurons"], out["kinds"], out["uncounted"] = neurons, kinds, uncounted

@@ -105,6 +105,25 @@ class Recorder:
         self._data.clear()
 
 
+class SpikeRates:
+    """Mean firing rate per spiking layer (spike values summed over neurons, steps and samples, over their
+    count), tallied call by call from a ``fields=("spikes",)`` recorder: :meth:`add` counts what the recorder
+    holds and clears it, so a single-step pass never keeps ``[T, ...]`` spikes."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, rec: Recorder) -> None:
+        for name, s in rec.spikes.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(s.float().sum())
+            self.count[name] = self.count.get(name, 0) + s.numel()
+        rec.clear()
+
+    def rates(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.count[k] for k in self.sums}
+
+
 @contextmanager
 def record(net: nn.Module, detach: bool = False, fields=FIELDS, grad_sink: bool = False):
     """Collect per-layer spikes and membranes of every spiking layer of ``net`` (see module doc).

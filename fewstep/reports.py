@@ -115,7 +115,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     Y, y = _outputs(model, bundle, cfg, split)
     sim = _cf.simulate(pol, Y)
     d = ee.decision
-    differ = int(((sim.exit_step != d.exit_step) | (sim.prediction != d.prediction)).sum())
+    differ = d.differs(sim)
     full_acc = (Y[-1].argmax(-1) == y).float().mean().item()
     acc = d.accuracy(ee.labels)
     hist = torch.bincount(d.exit_step - 1, minlength=T)[:T].tolist()

@@ -149,8 +149,7 @@ def _rebuild(cfg, shapes, state, device):
 
 def with_data_root(cfg: _config.Config, data_root) -> _config.Config:
     """``cfg`` reading its dataset from ``data_root`` (made absolute; ``~`` expanded)."""
-    root = os.path.abspath(os.path.expanduser(str(data_root)))
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+    return _config.with_absolute_root(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root))))
 
 
 def load_run(run_dir, weights: str = "best", device: str = "cpu", data_root=None):
