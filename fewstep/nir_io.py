@@ -137,16 +137,6 @@ def _unsupported(name: str, m: nn.Module, prev) -> "str | None":
     return f"{name} ({kind}): no NIR node for this layer"
 
 
-def _fold_bn(w: torch.Tensor, b: "torch.Tensor | None", bn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of ``bn(layer(x))`` in evaluation: W·γ/σ per output channel, (b − μ)·γ/σ + β."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-        1.0 / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() if bn.affine else torch.zeros_like(scale)
-    b = torch.zeros_like(bn.running_mean) if b is None else b.detach()
-    w = w.detach() * scale.view(-1, *([1] * (w.dim() - 1)))
-    return w, (b - bn.running_mean) * scale + shift
-
-
 def to_nir(model: SNN, dt: float = 1.0):
     """The NIR graph of a fewstep chain network (see the module doc for the mapping)."""
     nir = _nir()
@@ -195,7 +185,7 @@ def to_nir(model: SNN, dt: float = 1.0):
             pending = (name, m, m.weight, m.bias, shape)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             pname, pm, w, b, in_shape = pending
-            w, b = _fold_bn(w, b, m)
+            w, b = L.fold_batchnorm(w, b, m)
             pending = (pname, pm, w, b, in_shape)
         elif isinstance(m, (nn.Dropout, nn.Identity)):
             pass

@@ -118,6 +118,8 @@ class OpCounter:
         else:
             self._add(mod, "sops", nonzero_per_sample(x) / x[0].numel() * dense)
 
+    _synapse.fold_safe = True  # reads the input and the output's shape only: a folded BatchNorm leaves both
+
     def _lstm(self, mod, inputs, out):  # gates: 4·H·(I + H) MACs per token and direction (real-valued)
         x = inputs[0]
         tokens = x.shape[1] if mod.batch_first else x.shape[0]

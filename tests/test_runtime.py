@@ -1,10 +1,13 @@
-"""Channels-last layouts through the multi-step layers and the fused LIF, and the CPU allocator setting."""
+"""Channels-last layouts through the multi-step layers and the fused LIF, BatchNorm folded into the convolution at
+inference, and the CPU allocator setting."""
 
 import sys
 
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
+import fewstep
 from fewstep import layers, models, runtime
 from fewstep.fused import flat_time
 from fewstep.neurons import LIF
@@ -92,6 +95,101 @@ def test_inference_convolution_reads_a_channels_last_weight_that_follows_the_par
         made = layers.Conv2d(3, 8, 3, padding=1)
         made.step_mode = "s"
         assert made(x).shape == (4, 8, 9, 9)
+
+
+@pytest.fixture
+def batchnorm_calls(monkeypatch):
+    """How many times a BatchNorm's own forward ran (counted without hooks, which would stop the fold)."""
+    calls = []
+    forward = _BatchNorm.forward
+
+    def counted(self, x):
+        calls.append(self)
+        return forward(self, x)
+
+    monkeypatch.setattr(_BatchNorm, "forward", counted)
+    return calls
+
+
+def test_batchnorm_folds_into_the_convolution_by_hand(batchnorm_calls, monkeypatch):
+    """W' = W·γ/σ, b' = (b − μ)·γ/σ + β with σ = √(var + eps): W = 2, γ = 3, β = 1, μ = 0.5, var + eps = 4
+    gives W' = 3 and b' = −0.5·1.5 + 1 = 0.25."""
+    conv = layers.Conv2d(1, 1, 1, bias=False)
+    bn = layers.BatchNorm2d(1, eps=1.0)
+    with torch.no_grad():
+        conv.weight.fill_(2.0)
+        bn.weight.fill_(3.0), bn.bias.fill_(1.0), bn.running_mean.fill_(0.5), bn.running_var.fill_(3.0)
+    w, b = layers.fold_batchnorm(conv.weight, conv.bias, bn)
+    assert w.item() == 3.0 and b.item() == 0.25 and w.dtype == torch.float32
+    seq = layers.Sequential(conv, bn).eval()
+    x = torch.tensor([0.0, 1.0, -2.0, 4.0]).view(1, 1, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(seq(x[None]), (3 * x + 0.25)[None])  # multi-step [T=1, N=1, ...]
+        assert batchnorm_calls == []  # folded: the BatchNorm itself did not run
+        fewstep.set_step_mode(seq, "s")
+        assert torch.equal(seq(x), 3 * x + 0.25)
+        assert batchnorm_calls == []
+        bn.running_var.fill_(15.0)  # in place, as load_state_dict does: the cached fold must follow
+        assert torch.equal(seq(x), 1.5 * x + 0.625)  # σ = 4: W' = 2·3/4, b' = −0.5·3/4 + 1
+    assert torch.equal(seq(x), 1.5 * x + 0.625) and len(batchnorm_calls) == 1  # autograd: the layers as they are
+    monkeypatch.setenv("FEWSTEP_FOLD_BN", "0")
+    with torch.no_grad():
+        assert torch.equal(seq(x), 1.5 * x + 0.625) and len(batchnorm_calls) == 2  # switched off: unfolded
+    assert set(seq.state_dict()) == {"0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                                     "1.num_batches_tracked"}
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn+tebn", "vggsnn", "resnet19", "sew_resnet18", "sew_resnet34"])
+def test_every_batchnorm_model_folds_at_inference_with_the_unfolded_numbers(name, batchnorm_calls):
+    from .test_models import SMALL
+
+    from fewstep.ops import OpCounter
+
+    torch.manual_seed(0)
+    base, opts = name.split("+")[0], ({"norm": "tebn", "T": 3} if name.endswith("+tebn") else {})
+    net = models.create(base, num_classes=7, **{**SMALL[base], **opts})
+    with torch.no_grad():  # non-trivial BatchNorm statistics (and TEBN scales)
+        net(torch.rand(3, 4, *net.input_shape) * 2)
+        for p in net.parameters():
+            if p.dim() == 1 and p.numel() == 3:
+                p.copy_(torch.tensor([0.5, 1.5, 2.0]))
+    net.eval()
+    n_bn = sum(isinstance(m, _BatchNorm) for m in net.modules())
+    x = torch.rand(3, 2, *net.input_shape) * 2
+    for mode in ("m", "s"):
+        fewstep.set_step_mode(net, mode)
+
+        def run():
+            if mode == "m":
+                return net(x)
+            fewstep.reset(net)
+            return torch.stack([net(f) for f in x])
+
+        batchnorm_calls.clear()
+        ref = run()  # autograd on: unfolded
+        assert len(batchnorm_calls) == n_bn * (1 if mode == "m" else 3)
+        batchnorm_calls.clear()
+        with torch.no_grad():
+            folded = run()
+            assert batchnorm_calls == [], mode  # every BatchNorm folded into its convolution
+            torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
+            if mode == "s":  # the op counter's hooks are marked fold-safe: still folded, and counted
+                fewstep.reset(net)
+                with OpCounter(net) as counter:
+                    counter.start_step(2, "cpu")
+                    torch.testing.assert_close(net(x[0]), ref[0], rtol=1e-5, atol=1e-5)
+                assert batchnorm_calls == [] and counter.macs.sum() > 0 and counter.sops.sum() > 0
+            conv = next(m for m in net.modules() if isinstance(m, layers.Conv2d))
+            handle = conv.register_forward_hook(lambda m, i, o: None)  # a hook may read the output: not folded
+            run()
+            assert len(batchnorm_calls) == (1 if mode == "m" else 3)
+            handle.remove()
+            batchnorm_calls.clear()
+            net.train()  # training mode normalises with the batch's statistics: never folded
+            run()
+            assert len(batchnorm_calls) > 0
+            net.eval()
+    assert not any("fold" in k for k in net.state_dict())
 
 
 PROBE = """

@@ -22,7 +22,7 @@ class MLP(SNN):
         for h in hidden:
             mods += [L.Linear(width, h), make()]
             width = h
-        self.features = nn.Sequential(*mods)
+        self.features = L.Sequential(*mods)
         self.classifier = L.Linear(width, num_classes)
 
     def body(self, x):
@@ -42,12 +42,12 @@ class CNN(SNN):
                 raise ValueError(f"cnn: input {self.input_shape} is too small for {len(channels)} pooling stages")
             mods += [L.Conv2d(c, out, 3, padding=1, bias=False), make.norm(out), make(), L.AvgPool2d(2)]
             c, h, w = out, h // 2, w // 2
-        self.features = nn.Sequential(*mods)
+        self.features = L.Sequential(*mods)
         head: list[nn.Module] = [L.Flatten()]
         if dropout:
             head.append(L.Dropout(dropout))
         head += [L.Linear(c * h * w, hidden), make(), L.Linear(hidden, num_classes)]
-        self.classifier = nn.Sequential(*head)
+        self.classifier = L.Sequential(*head)
 
     def body(self, x):
         return self.classifier(self.features(x))

@@ -24,8 +24,8 @@ def conv_bn(cin, cout, make, k=3, stride=1):
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride, make):
         super().__init__()
-        self.residual = nn.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3))
-        self.shortcut = (nn.Sequential(*conv_bn(cin, cout, make, 1, stride)) if stride != 1 or cin != cout
+        self.residual = L.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3))
+        self.shortcut = (L.Sequential(*conv_bn(cin, cout, make, 1, stride)) if stride != 1 or cin != cout
                          else nn.Identity())
         self.sn = make()
 
@@ -36,10 +36,10 @@ class BasicBlock(nn.Module):
 class SEWBlock(nn.Module):
     def __init__(self, cin, cout, stride, make):
         super().__init__()
-        self.residual = nn.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3),
+        self.residual = L.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3),
                                       make())
         self.shortcut = (
-            nn.Sequential(*conv_bn(cin, cout, make, 1, stride), make()) if stride != 1 or cin != cout else nn.Identity()
+            L.Sequential(*conv_bn(cin, cout, make, 1, stride), make()) if stride != 1 or cin != cout else nn.Identity()
         )
 
     def forward(self, x):
@@ -57,9 +57,9 @@ class SpikingResNet(SNN):
         make = NeuronFactory(**neuron)
         c = stem_width or widths[0]
         if stem == "cifar":
-            self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, make, 3), make())
+            self.stem = L.Sequential(*conv_bn(self.input_shape[0], c, make, 3), make())
         elif stem == "imagenet":
-            self.stem = nn.Sequential(*conv_bn(self.input_shape[0], c, make, 7, 2), make(),
+            self.stem = L.Sequential(*conv_bn(self.input_shape[0], c, make, 7, 2), make(),
                                       L.MaxPool2d(3, stride=2, padding=1))
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
@@ -69,10 +69,10 @@ class SpikingResNet(SNN):
             for j in range(n):
                 stages.append(block(c, w, stride if j == 0 else 1, make))
                 c = w
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.Sequential(L.AdaptiveAvgPool2d(1), L.Flatten())
+        self.stages = L.Sequential(*stages)
+        self.pool = L.Sequential(L.AdaptiveAvgPool2d(1), L.Flatten())
         if fc_hidden:
-            self.head = nn.Sequential(L.Linear(c, fc_hidden), make(), L.Linear(fc_hidden, num_classes))
+            self.head = L.Sequential(L.Linear(c, fc_hidden), make(), L.Linear(fc_hidden, num_classes))
         else:
             self.head = L.Linear(c, num_classes)
 

@@ -27,8 +27,8 @@ class VGGSNN(SNN):
             else:
                 mods += [L.Conv2d(c, int(item), 3, padding=1, bias=False), make.norm(int(item)), make()]
                 c = int(item)
-        self.features = nn.Sequential(*mods)
-        self.classifier = nn.Sequential(L.Flatten(), L.Linear(c * h * w, num_classes))
+        self.features = L.Sequential(*mods)
+        self.classifier = L.Sequential(L.Flatten(), L.Linear(c * h * w, num_classes))
 
     def body(self, x):
         return self.classifier(self.features(x))
