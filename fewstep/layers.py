@@ -165,8 +165,8 @@ class Sequential(nn.Sequential):
     In evaluation a BatchNorm (or TEBN's BatchNorm) is the fixed per-channel affine map
     ``γ·(x − μ)/σ + β``; a :class:`Conv2d` directly followed by one then runs as a single convolution with
     that map in its weight and bias (:func:`fold_batchnorm`), and the BatchNorm is skipped: one pass over the
-    activations fewer per layer (the N-MNIST ``cnn``'s streaming step 9-12 % faster at batch 1-16 and 25 %
-    at batch 64 on a 2-core CPU; docs/performance.md). Outputs equal the unfolded layers' up to float
+    activations fewer per layer (the N-MNIST ``cnn``'s streaming step 3-7 % faster at batch 1-64, its
+    early-exit passes 3-8 %, on a 2-core CPU; ``bench/batchnorm_fold.py``). Outputs equal the unfolded layers' up to float
     rounding. It applies only where the result cannot differ in meaning: no autograd, a CPU tensor, the
     BatchNorm in ``eval()`` with running statistics, matching step modes, no hooks on either module (except
     ones marked ``fold_safe``, which read only the convolution's input and the shape of its output, as
