@@ -37,7 +37,7 @@ class SEWBlock(nn.Module):
     def __init__(self, cin, cout, stride, make):
         super().__init__()
         self.residual = L.Sequential(*conv_bn(cin, cout, make, 3, stride), make(), *conv_bn(cout, cout, make, 3),
-                                      make())
+                                     make())
         self.shortcut = (
             L.Sequential(*conv_bn(cin, cout, make, 1, stride), make()) if stride != 1 or cin != cout else nn.Identity()
         )
@@ -60,7 +60,7 @@ class SpikingResNet(SNN):
             self.stem = L.Sequential(*conv_bn(self.input_shape[0], c, make, 3), make())
         elif stem == "imagenet":
             self.stem = L.Sequential(*conv_bn(self.input_shape[0], c, make, 7, 2), make(),
-                                      L.MaxPool2d(3, stride=2, padding=1))
+                                     L.MaxPool2d(3, stride=2, padding=1))
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         stages = []
