@@ -51,19 +51,27 @@ class StepModeMixin:
 
 class Conv2d(StepModeMixin, nn.Conv2d):
     def forward_frame(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.__dict__.get("_fold_bn")
-        if bn is not None:  # set by Sequential for this call only, where a fold applies (see there)
+        bn = self.__dict__.get("_fold_bn")  # set by Sequential for this call only, where a fold applies (see there)
+        if bn is None and not (x.dim() == 4 and x.device.type in CHANNELS_LAST_DEVICES):
+            return nn.Conv2d.forward(self, x)
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first layer
+        if bn is not None:
             w, b = self._folded_weight(bn)
-            return F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, self.stride, self.padding,
-                            self.dilation, self.groups)
-        if x.dim() == 4:
-            device = x.device.type
-            if device in CHANNELS_LAST_DEVICES:
-                x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first layer
-                if device == "cpu" and not torch.is_grad_enabled() and self.padding_mode == "zeros":
-                    return F.conv2d(x, self._channels_last_weight(), self.bias, self.stride, self.padding,
-                                    self.dilation, self.groups)
-        return nn.Conv2d.forward(self, x)
+        elif x.device.type == "cpu" and not torch.is_grad_enabled() and self.padding_mode == "zeros":
+            w, b = self._channels_last_weight(), self.bias
+        else:
+            return nn.Conv2d.forward(self, x)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _cached(self, slot: str, tensors: tuple, make, extra: tuple = ()):
+        """``make()``, kept in ``self.__dict__[slot]`` (outside ``state_dict``) until one of ``tensors`` changes
+        (its storage, version or dtype) or ``extra`` does."""
+        key = extra + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__[slot] = (key, make())
+        return cached[1]
 
     def _channels_last_weight(self) -> torch.Tensor:
         """The weight in channels-last layout, for inference on the CPU: with NCHW weights oneDNN converts
@@ -73,23 +81,17 @@ class Conv2d(StepModeMixin, nn.Conv2d):
         w = self.weight
         if w.is_contiguous(memory_format=torch.channels_last) or w.is_inference():  # (no version counter)
             return w
-        key = (w.data_ptr(), w._version, w.dtype)
-        cached = self.__dict__.get("_cl_weight")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_cl_weight"] = (key, w.detach().contiguous(memory_format=torch.channels_last))
-        return cached[1]
+        return self._cached("_cl_weight", (w,), lambda: w.detach().contiguous(memory_format=torch.channels_last))
 
     def _folded_weight(self, bn) -> tuple[torch.Tensor, torch.Tensor]:
         """``bn`` (in evaluation) folded into this convolution: (channels-last weight, bias), cached outside
         ``state_dict`` and refreshed whenever a parameter or running statistic changes."""
-        tensors = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = (id(bn), bn.eps) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
-        cached = self.__dict__.get("_bn_fold")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                w, b = fold_batchnorm(self.weight, self.bias, bn)
-            cached = self.__dict__["_bn_fold"] = (key, (w.contiguous(memory_format=torch.channels_last), b))
-        return cached[1]
+        def make():
+            w, b = fold_batchnorm(self.weight, self.bias, bn)
+            return w.contiguous(memory_format=torch.channels_last), b
+
+        return self._cached("_bn_fold", (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+                            make, (id(bn), bn.eps))
 
 
 def fold_batchnorm(w: torch.Tensor, b: "torch.Tensor | None", bn) -> tuple[torch.Tensor, torch.Tensor]:
