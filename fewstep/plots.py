@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -167,10 +168,14 @@ def ablation_paired(diffs: dict[str, dict[str, dict]], metrics: list[tuple[str, 
     the difference is beyond seed noise."""
     plt = _plt()
     variants = list(diffs)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 0.55 * len(variants) + 1.6), dpi=120,
+    ncols = len(metrics) if len(metrics) <= 4 else math.ceil(len(metrics) / 2)  # more than four panels: two rows
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, nrows * (0.55 * len(variants) + 1.2) + 0.4), dpi=120,
                              squeeze=False, sharey=True)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
     colors = _colors(len(variants) + 1)[1:]  # the baseline (the ablation's first variant) keeps colour 0 elsewhere
-    for ax, (key, label, scale) in zip(axes[0], metrics):
+    for ax, (key, label, scale) in zip(axes.flat, metrics):
         for i, v in enumerate(variants):
             st = diffs[v].get(key) or {}
             if st.get("mean") is None:

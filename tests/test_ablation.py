@@ -101,9 +101,24 @@ def test_fixed_T_baseline_is_the_timestep_policy_chosen_on_validation():
 
     spec = {"command": "x", "seeds": [0], "base": quick(None).to_dict()}
     md = markdown(aggregate({"tet": {0: a}}, ["tet"], spec["base"], spec))
-    assert "| tet | fixed T | 0.6 pt | 1.67× | 3.00 | 3.00 | 1 | – |" in md
-    assert "| tet | softmax | 0.6 pt | 2.00× | 2.50 | 0.40 | 1.20× | 1.000 |" in md
-    assert "| tet | topk | 1 pt | 2.00× | 2.50 | 0.40 | 0.80× | 1.000 |" in md
+    # the accuracy at each exit: the fixed T's step accuracy, or final − drop (0.91 − 0.004)
+    assert s["timestep@0.006:exit_accuracy"] == pytest.approx(0.88)
+    assert s["softmax@0.006:exit_accuracy"] == pytest.approx(0.906)
+    assert "| tet | fixed T | 0.6 pt | 1.67× | 3.00 | 3.00 | 88.00 | 1 | – |" in md
+    assert "| tet | softmax | 0.6 pt | 2.00× | 2.50 | 0.40 | 90.60 | 1.20× | 1.000 |" in md
+    assert "| tet | topk | 1 pt | 2.00× | 2.50 | 0.40 | 90.60 | 0.80× | 1.000 |" in md
+    # a variant that ends 2 pt lower exits sooner within its own drop, yet answers less accurately at its exit:
+    # the paired exit accuracy shows it where the speed-up does not
+    b = json.loads(json.dumps(a))
+    b["test_accuracy_per_step"] = [0.6, 0.85, 0.87, 0.88, 0.89]
+    for n in ("softmax", "topk"):
+        b["calibrated"][n]["0.006"].update(speedup=5 / 2.0, mean_exit_step=2.0, test_drop=0.005, test_accuracy=0.885)
+    summ = aggregate({"tet": {0: a, 1: a}, "other": {0: b, 1: b}}, ["tet", "other"], spec["base"], spec)
+    pd = summ["variants"]["other"]["paired_diff"]
+    assert pd["softmax@0.006:speedup"]["mean"] == pytest.approx(0.5)
+    assert pd["softmax@0.006:exit_accuracy"]["mean"] == pytest.approx(0.885 - 0.906)
+    md = markdown(summ)
+    assert "| -2.10 ± 0.00 | -2.10 ± 0.00 | +0.0000 ± 0.0000 |" in md
 
 
 def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
