@@ -3,7 +3,8 @@
 :func:`aggregate` turns ``{variant: {seed: analysis}}`` (:mod:`fewstep.ablation` writes one
 ``analysis.json`` per run, plus the validation accuracy of every training epoch) into mean ± sample
 standard deviation per variant and the paired difference of each variant from the first (same
-seed). :func:`markdown` writes the tables of ``results.md``; :func:`plot_summary` the plots
+seed), including the paired exits at the same validation bar (:func:`matched_paired`), which take away
+the advantage a lower-ending variant gets from measuring its drop from its own accuracy. :func:`markdown` writes the tables of ``results.md``; :func:`plot_summary` the plots
 ``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png``, ``speedup.png`` and, beside a
 baseline, ``paired.png``.
 """
@@ -24,7 +25,9 @@ PAIRED_PLOT = [("acc_t1", "accuracy at t = 1 (pt)", 100.0), ("final_accuracy", "
                ("softmax@0.006:speedup", "softmax speed-up @0.6 pt (×)", 1.0),
                ("topk@0.006:speedup", "top-k speed-up @0.6 pt (×)", 1.0),
                ("softmax@0.006:exit_accuracy", "accuracy at the softmax exit @0.6 pt (pt)", 100.0),
-               ("topk@0.006:exit_accuracy", "accuracy at the top-k exit @0.6 pt (pt)", 100.0)]
+               ("topk@0.006:exit_accuracy", "accuracy at the top-k exit @0.6 pt (pt)", 100.0),
+               ("softmax@0.006:matched_steps_saved", "softmax steps saved, same val bar @0.6 pt", 1.0),
+               ("topk@0.006:matched_steps_saved", "top-k steps saved, same val bar @0.6 pt", 1.0)]
 
 
 def _ms(values: list[float]) -> dict:
@@ -105,6 +108,42 @@ def _exit_accuracy(c: dict, test_per_step: list[float]) -> float:
     return c["test_accuracy"] if "test_accuracy" in c else test_per_step[-1] - c["test_drop"]
 
 
+def matched_exit(a: dict, name: str, bar: float) -> dict:
+    """The fastest setting of policy ``name`` whose *validation* accuracy is at least ``bar`` (an absolute
+    accuracy, not a drop from the run's own full T), read off the run's trade-off curve (thresholds fitted on
+    validation) and measured on test: ``{mean_exit_step, speedup, exit_accuracy}``. Running to T is always a
+    candidate. With ``bar`` = the run's full-T validation accuracy − d it is the calibrated exit at drop d."""
+    T = a["T"]
+    best = {"val_mean_exit_step": float(T), "mean_exit_step": float(T), "accuracy": a["test_accuracy_per_step"][-1]}
+    for p in a["curves"][name]:
+        if p["val_accuracy"] >= bar - 1e-9 and p["val_mean_exit_step"] < best["val_mean_exit_step"]:
+            best = p
+    return {"mean_exit_step": best["mean_exit_step"], "speedup": T / best["mean_exit_step"],
+            "exit_accuracy": best["accuracy"]}
+
+
+def matched_paired(runs: dict, base_runs: dict) -> dict:
+    """Paired differences at **the same validation bar**: for each seed both runs' exits are chosen to keep
+    validation accuracy at or above the lower of the two networks' full-T validation accuracies minus d
+    (:func:`matched_exit`). A variant that ends lower cannot exit sooner by it (the calibrated exits each
+    measure d from their own network's accuracy), so a speed-up here is an earlier answer at the same accuracy.
+    Keys ``{policy}@{d}:matched_{speedup,exit_accuracy,steps_saved}`` (steps saved: the baseline's mean exit step
+    minus the variant's, comparable across T), each a :func:`_paired`."""
+    diffs: dict = {}
+    for k in (k for k in runs if k in base_runs):
+        a, b = runs[k], base_runs[k]
+        if not all("val_accuracy" in p for r in (a, b) for c in r["curves"].values() for p in c):
+            continue  # (curves of analyses made before they carried validation figures)
+        for drop in DROPS:
+            bar = min(a["val_accuracy_per_step"][-1], b["val_accuracy_per_step"][-1]) - drop
+            for name in POLICIES:
+                mv, mb = matched_exit(a, name, bar), matched_exit(b, name, bar)
+                for key in ("speedup", "exit_accuracy"):
+                    diffs.setdefault(f"{name}@{drop}:matched_{key}", []).append(mv[key] - mb[key])
+                diffs.setdefault(f"{name}@{drop}:matched_steps_saved", []).append(mb["mean_exit_step"] - mv["mean_exit_step"])
+    return {key: _paired(vals) for key, vals in diffs.items()}
+
+
 def exit_rules(stats: dict) -> tuple:
     """The rows of the calibrated-exit table: the fixed T, each policy, and each policy with its step cap where
     every run of the variant has one."""
@@ -133,6 +172,8 @@ def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dic
         entry["paired_diff"] = {key: _paired([sc[k][key] - base_scalars[k][key] for k in paired
                                           if sc[k].get(key) is not None and base_scalars[k].get(key) is not None])
                                 for key in keys}
+        if v != variants[0]:
+            entry["paired_diff"].update(matched_paired(runs, results.get(variants[0], {})))
         any_run = next(iter(runs.values()))
         entry["T"] = any_run["T"]
         entry["n_test"], entry["n_val"] = any_run["n_test"], any_run["n_val"]
@@ -318,6 +359,24 @@ def markdown(summary: dict) -> str:
             L.append(f"| {v} | {_fmt_ci(pd['acc_t1'], 100)} | {_fmt_ci(pd['final_accuracy'], 100)} | "
                      f"{_fmt_ci(pd['softmax@0.006:speedup'])} | {_fmt_ci(pd['topk@0.006:speedup'])} | "
                      f"{_fmt_ci(pd['softmax@0.006:exit_accuracy'], 100)} | {_fmt_ci(pd['topk@0.006:exit_accuracy'], 100)} |")
+        matched = [v for v in others if "softmax@0.006:matched_speedup" in vs[v]["paired_diff"]]
+        if matched:
+            L += ["", f"## Paired at the same validation bar (from {base_v})", "",
+                  "The calibrated exits above measure d from each network's own full-T accuracy, so a variant that "
+                  "ends lower may exit sooner by that alone. Here both runs of a seed exit at the fastest threshold "
+                  "that keeps their *validation* accuracy at or above the same bar: the lower of the two full-T "
+                  "validation accuracies minus d. Steps saved (the baseline's mean exit step minus the variant's; "
+                  "steps, not speed-ups, so that a variant of another T compares too) above 0 is an earlier answer at "
+                  "the same accuracy. Paired mean ± std, then the 95 % interval and the seeds ahead / level / behind.",
+                  "",
+                  "| variant | d | softmax steps saved | topk steps saved | acc at softmax exit (pt) | "
+                  "acc at topk exit (pt) |", "|---|---|---|---|---|---|"]
+            for v in matched:
+                pd = vs[v]["paired_diff"]
+                for d in DROPS:
+                    cell = [f"{_fmt_diff(pd[f'{n}@{d}:matched_{k}'], sc)}, {_fmt_ci(pd[f'{n}@{d}:matched_{k}'], sc)}"
+                            for k, sc in (("steps_saved", 1.0), ("exit_accuracy", 100.0)) for n in POLICIES]
+                    L.append(f"| {v} | {100 * d:g} pt | " + " | ".join(cell) + " |")
     L += ["", "## For comparison with the papers: speed-up read off the test curve", "",
           "The papers report the fastest point of the trade-off curve within d of full-T accuracy *on the test "
           "set*; that selects on test, so it is shown only for comparison, never as a calibrated result.", "",

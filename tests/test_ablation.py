@@ -283,3 +283,64 @@ def test_reuse_copies_a_finished_run_with_the_same_config_and_nothing_else(tmp_p
     assert cli(["ablate", str(cfg), "--variants", "tet", "--out", str(tmp_path / "x"), "--reuse",
                 str(tmp_path / "nowhere")]) == 2
     assert f"--reuse {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+def test_exits_at_the_same_validation_bar():
+    import torch
+
+    from fewstep import cutoff
+    from fewstep.ablation import calibrated_exits
+    from fewstep.ablation_report import aggregate, markdown, matched_exit
+
+    # hand-computed: T = 4; three thresholds on the curve (validation accuracy, validation exit, test figures)
+    curve = [{"epsilon": 0.0, "val_accuracy": 0.90, "val_mean_exit_step": 3.0, "accuracy": 0.89, "mean_exit_step": 3.2},
+             {"epsilon": 0.1, "val_accuracy": 0.89, "val_mean_exit_step": 2.0, "accuracy": 0.88, "mean_exit_step": 2.5},
+             {"epsilon": 0.2, "val_accuracy": 0.85, "val_mean_exit_step": 1.0, "accuracy": 0.84, "mean_exit_step": 1.1}]
+    a = {"T": 4, "val_accuracy_per_step": [0.8, 0.85, 0.88, 0.90], "test_accuracy_per_step": [0.8, 0.85, 0.88, 0.90],
+         "curves": {"softmax": curve, "topk": curve}}
+    assert matched_exit(a, "softmax", 0.885) == {"mean_exit_step": 2.5, "speedup": 4 / 2.5, "exit_accuracy": 0.88}
+    assert matched_exit(a, "softmax", 0.80)["mean_exit_step"] == 1.1
+    assert matched_exit(a, "softmax", 0.95) == {"mean_exit_step": 4.0, "speedup": 1.0, "exit_accuracy": 0.90}  # to T
+    # with the bar at the run's own full-T validation accuracy − d it is the calibrated exit
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        n = 400
+        y = torch.arange(n) % 5
+        O = torch.randn(6, n, 5, generator=g) + 0.5 * torch.eye(5)[y]
+        Yv, Yt = cutoff.running(O[:, : n // 2]), cutoff.running(O[:, n // 2:])
+        yv, yt = y[: n // 2], y[n // 2:]
+        full_val = (Yv[-1].argmax(-1) == yv).float().mean().item()
+        run = {"T": 6, "val_accuracy_per_step": [full_val], "test_accuracy_per_step": [0.0],
+               "curves": {p: cutoff.sweep(p, Yv, yv, Yt, yt) for p in ("softmax", "topk")}}
+        cal = calibrated_exits(Yv, yv, Yt, yt)
+        for p in ("softmax", "topk"):
+            for d in (0.006, 0.01, 0.05):
+                m = matched_exit(run, p, full_val - d)
+                ref = cal[p][str(d)] if str(d) in cal[p] else None
+                if ref is None:
+                    pol, _ = cutoff.fastest_within(p, Yv, yv, d)
+                    dd = cutoff.simulate(pol, Yt)
+                    ref = {"mean_exit_step": dd.mean_exit_step(), "test_accuracy": dd.accuracy(yt)}
+                assert m["mean_exit_step"] == pytest.approx(ref["mean_exit_step"])
+                assert m["exit_accuracy"] == pytest.approx(ref["test_accuracy"])
+    # paired: a variant that ends 2 pt lower on validation; the bar is its full T − d for both runs of the seed
+    b = json.loads(json.dumps(a))
+    b["val_accuracy_per_step"][-1] = 0.88
+    b["curves"] = {p: [{**q, "val_accuracy": q["val_accuracy"] - 0.02} for q in curve] for p in ("softmax", "topk")}
+    calibrated = {p: {str(d): {"speedup": 2.0, "mean_exit_step": 2.0, "test_drop": 0.0, "energy_uj": None,
+                               "setting": {"epsilon": 0.1}} for d in (0.006, 0.01)} for p in ("softmax", "topk")}
+    common = {"firing_rate": 0.1, "energy_uj_full": 1.0, "spikes_per_sample": 1.0, "n_test": 10, "n_val": 10,
+              "oct": {"accuracy": 0.9, "mean_exit_step": 1.0}, "calibrated": calibrated,
+              "test_curve": {p: {str(d): {"speedup": 2.0} for d in (0.006, 0.01)} for p in ("softmax", "topk")}}
+    a.update(common)
+    b.update(json.loads(json.dumps(common)))
+    spec = {"command": "x", "seeds": [0, 1], "base": quick(None).to_dict()}
+    summ = aggregate({"tet": {0: a, 1: a}, "low": {0: b, 1: b}}, ["tet", "low"], spec["base"], spec)
+    pd = summ["variants"]["low"]["paired_diff"]
+    # bar 0.88 − 0.006: tet exits at 2.5 steps (val 0.89), low only at 3.2 (its 0.89 − 0.02 = 0.87 misses the bar)
+    assert pd["softmax@0.006:matched_steps_saved"]["mean"] == pytest.approx(2.5 - 3.2)
+    assert pd["softmax@0.006:matched_speedup"]["mean"] == pytest.approx(4 / 3.2 - 4 / 2.5)
+    assert pd["topk@0.006:matched_exit_accuracy"]["mean"] == pytest.approx(0.89 - 0.88)
+    md = markdown(summ)
+    assert "## Paired at the same validation bar (from tet)" in md
+    assert "| low | 0.6 pt | -0.70 ± 0.00, [-0.70, -0.70] 0/0/2 **beyond noise** |" in md
