@@ -27,264 +27,30 @@ validation accuracy per step, and the exit's step saving over it ("vs fixed T").
 The aggregate goes to ``OUT/results.md`` (mean ± sample std over seeds, and each variant's paired
 difference from the first), ``OUT/summary.json`` and the plots ``accuracy_per_step.png``,
 ``learning_curves.png`` (validation accuracy per epoch), ``tradeoff.png``, ``speedup.png`` and ``paired.png``
-(each variant's paired differences with their 95 % interval over seeds). The report
-itself lives in :mod:`fewstep.ablation_report`.
+(each variant's paired differences with their 95 % interval over seeds).
+
+By concern: the variant tokens live in :mod:`fewstep.ablation_variants`, the per-run analysis in
+:mod:`fewstep.ablation_analysis`, the report in :mod:`fewstep.ablation_report`; this module runs the command
+(their public names are importable from here too).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 
 from . import config as _config
 from . import cutoff as _cf
-from . import ops as _ops
-from . import regularizers as _regs
-from .ablation_report import DROPS, POLICIES, aggregate, markdown, plot_summary
-
-ANALYSIS_VERSION = 1
-
-# ------------------------------------------------------------------------------------------ variants
-TOKENS: dict[str, tuple[Callable[[dict], None], str]] = {}
-
-
-def register_token(name: str, doc: str):
-    """Decorator: ``fn(config_dict)`` edits the config for the variant token ``name``."""
-
-    def deco(fn):
-        if name in TOKENS:
-            raise ValueError(f"ablation token {name!r} is already registered")
-        TOKENS[name] = (fn, doc)
-        return fn
-
-    return deco
-
-
-def _add_regularizer(d: dict, name: str) -> None:
-    reg = d.setdefault("regularizer", {})
-    names = _regs.parse(reg.get("name", "none"))
-    if name not in names:
-        reg["name"] = "+".join(names + [name])
-
-
-@register_token("ce", "loss: cross-entropy of the time-averaged logits")
-def _ce(d):
-    d.setdefault("train", {})["loss"] = "ce"
-
-
-@register_token("tet", "loss: TET (per-step cross-entropy)")
-def _tet(d):
-    d.setdefault("train", {})["loss"] = "tet"
-
-
-@register_token("rcs", "add the RCS regulariser (regularizer.rcs_* options)")
-def _rcs(d):
-    _add_regularizer(d, "rcs")
-
-
-@register_token("str", "add the STR regulariser (regularizer.str_* options)")
-def _str(d):
-    _add_regularizer(d, "str")
-
-
-@register_token("tebn", "TEBN instead of BatchNorm (model.norm: tebn)")
-def _tebn(d):
-    d.setdefault("model", {})["norm"] = "tebn"
-
-
-@register_token("trt", "temporal reversed training (trt.enabled: true; trt.* options)")
-def _trt(d):
-    d.setdefault("trt", {})["enabled"] = True
-
-
-@register_token("qcfs", "an ANN with QCFS activations (model.neuron: qcfs, data.T: 1), analysed as the SNN it "
-                "converts to at --convert-T steps (fewstep/qcfs.py)")
-def _qcfs(d):
-    d.setdefault("model", {})["neuron"] = "qcfs"
-    d.setdefault("data", {})["T"] = 1
-
-
-@register_token("rcs_ann", "add the RCS-ANN regulariser to a QCFS ANN (regularizer.rcs_ann_* options)")
-def _rcs_ann(d):
-    _add_regularizer(d, "rcs_ann")
-
-
-@register_token("general12", "the general SNN at T = 1 (model.name: general12_cnn with the paper's neuron: tau 0.4, "
-                "theta 0.5, rectangle surrogate; data.T: 1; model.options reset to the paper's network, sized with "
-                "--variant-set VARIANT:model.options.dims=[...] and .depths=[...]; fewstep/models/general12.py)")
-def _general12(d):
-    d["model"] = {**d.get("model", {}), "name": "general12_cnn", "tau": 0.4, "theta": 0.5,
-                  "surrogate": "rectangle", "options": {}}
-    d.setdefault("data", {})["T"] = 1
-
-
-LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.@")
-
-
-def tokens(variant: str) -> list[str]:
-    """The tokens of ``TOKENS`` or ``LABEL=TOKENS``."""
-    label, _, spec = variant.rpartition("=")
-    if label and (not set(label) <= LABEL_CHARS or label.startswith(".")):
-        raise ValueError(f"variant label {label!r} must be letters, digits and + - _ . @ (it names a folder)")
-    parts = [p.strip() for p in spec.split("+")]
-    bad = [p for p in parts if p not in TOKENS]
-    if not variant.strip() or bad:
-        valid = ", ".join(f"{k} ({doc})" for k, (_, doc) in sorted(TOKENS.items()))
-        raise ValueError(f"unknown ablation token(s) {bad or [variant]} in variant {variant!r}; valid tokens: {valid}")
-    return parts
-
-
-def variant_dict(base: dict, variant: str, seed: int, variant_sets: "list[str] | None" = None) -> dict:
-    """The config dict of one (variant, seed): base → the variant's tokens → its --variant-set → the seed."""
-    d = {k: dict(v or {}) for k, v in base.items()}
-    for tok in tokens(variant):  # (a variant LABEL=TOKENS is built from its TOKENS)
-        TOKENS[tok][0](d)
-    d = _config.apply_overrides(d, variant_sets or [])
-    d.setdefault("train", {})["seed"] = int(seed)
-    return d
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (nested dicts only; lists stay values)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def parse_seeds(spec) -> list[int]:
-    """``3`` → ``[0, 1, 2]``; ``"0,5,7"`` → ``[0, 5, 7]``; ``"4,"`` → ``[4]`` (a lone number is a count)."""
-    s = str(spec).strip()
-    if "," in s:
-        seeds = [int(p) for p in s.split(",") if p.strip()]
-    else:
-        if not s.isdigit() or int(s) < 1:
-            raise ValueError(f"--seeds takes a count (3 → seeds 0, 1, 2) or a list (0,5,7; one seed: 0,), got {spec!r}")
-        seeds = list(range(int(s)))
-    if len(set(seeds)) != len(seeds) or any(k < 0 for k in seeds):
-        raise ValueError(f"--seeds must be distinct non-negative integers, got {spec!r}")
-    return seeds
-
-
-def parse_variant_sets(items: list[str], variants: list[str]) -> dict[str, list[str]]:
-    """``["tet+rcs:regularizer.rcs_weight=0.01", ...]`` → ``{"tet+rcs": ["regularizer.rcs_weight=0.01"]}``."""
-    out: dict[str, list[str]] = {v: [] for v in variants}
-    for item in items or []:
-        if ":" not in item or "=" not in item.split(":", 1)[1]:
-            raise ValueError(f"--variant-set expects VARIANT:KEY=VALUE, got {item!r}")
-        v, kv = item.split(":", 1)
-        if v not in out:
-            raise ValueError(f"--variant-set names variant {v!r}, which is not among --variants {variants}")
-        out[v].append(kv)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ analysis
-def _acc(Y, y) -> list[float]:
-    return (Y.argmax(-1) == y).float().mean(1).tolist()
-
-
-def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
-    """Anytime figures of one trained run (see the module doc); thresholds only ever fitted on validation."""
-    from . import anytime as _any
-    from .metrics import predict
-
-    T, kind, enc = cfg.data.T, bundle.kind, cfg.data.encoding
-    bs = batch_size or cfg.train.eval_batch_size
-    Ov, yv, _ = predict(model, bundle.val, T, kind, enc, bs)
-    chunks, yt = _any.prepare(bundle.test, T, kind, enc, bs)
-    # one pass over test gives its logits, firing rates and operation counts (the same inputs predict() encodes)
-    ops = _ops.ops_per_step(model, chunks, outputs=True, firing_rates=True)
-    Ot, rates = ops["logits"], ops["firing_rates"]
-    Yv, Yt = _cf.running(Ov), _cf.running(Ot)
-    full_test = _acc(Yt, yt)[-1]
-    energy_full = float(ops["energy_pj"].sum(0).mean()) * 1e-6
-    oct_d = _cf.oracle(Yt, yt)
-    out = {
-        "version": ANALYSIS_VERSION, "T": T, "n_val": int(len(yv)), "n_test": int(len(yt)),
-        "val_accuracy_per_step": _acc(Yv, yv), "test_accuracy_per_step": _acc(Yt, yt),
-        "firing_rates": rates, "firing_rate": sum(rates.values()) / max(1, len(rates)),
-        "spikes_per_sample": float(ops["spikes"].sum(0).mean()),
-        "energy_uj_full": energy_full,
-        "oct": {"accuracy": oct_d.accuracy(yt), "mean_exit_step": oct_d.mean_exit_step()},
-        "curves": {}, "calibrated": {}, "test_curve": {},
-    }
-    for name in POLICIES:
-        curve = _cf.sweep(name, Yv, yv, Yt, yt)
-        out["curves"][name] = curve
-        out["test_curve"][name] = {}
-        for drop in DROPS:
-            best = _cf.fastest_point(curve, full_test, drop, on="test") or {"mean_exit_step": float(T)}
-            out["test_curve"][name][str(drop)] = {"mean_exit_step": best["mean_exit_step"],
-                                                  "speedup": T / best["mean_exit_step"]}
-    out["calibrated"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"])
-    out["capped"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"], cap=True)
-    return out
-
-
-def calibrated_exits(Yv, yv, Yt, yt, energy_pj=None, cap: bool = False) -> dict:
-    """``{policy: {drop: ...}}``: the fastest setting within each drop on validation (with ``cap``, the step cap
-    chosen with it: :func:`fewstep.cutoff.fastest_within`), measured on test; energy at exit when the per-step
-    energy of the test samples (``energy_pj[T, N]``) is given."""
-    T = Yt.shape[0]
-    full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
-    out: dict = {}
-    for name in POLICIES:
-        out[name] = {}
-        for drop in DROPS:
-            pol, val = _cf.fastest_within(name, Yv, yv, drop, cap=cap)
-            d = _cf.simulate(pol, Yt)
-            setting = {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}
-            if cap:
-                setting["max_step"] = pol.max_step
-            out[name][str(drop)] = {
-                "setting": setting,
-                "val_accuracy": val["accuracy"], "val_drop": full_val - val["accuracy"],
-                "val_mean_exit_step": val["mean_exit_step"],
-                "test_accuracy": d.accuracy(yt), "test_drop": full_test - d.accuracy(yt),
-                "mean_exit_step": d.mean_exit_step(), "speedup": T / d.mean_exit_step(),
-                "energy_uj": None if energy_pj is None else float(_ops.ops_at_exit(energy_pj, d.exit_step).mean()) * 1e-6,
-            }
-    return out
-
-
-@torch.no_grad()
-def images_per_second(model, cfg, bundle, n: int = 2000, repeats: int = 3) -> float:
-    """Inference throughput at full T: test images per second through the multi-step forward pass
-    (evaluation mode, batches of ``train.eval_batch_size``, inputs encoded before the clock; the best of
-    ``repeats`` passes over the first ``n`` test images — fewer beyond T = 4, down to one batch, so that a
-    T = 64 network costs no more time — after one untimed warm-up batch)."""
-    from torch.utils.data import Subset
-
-    from . import anytime as _any
-    from .metrics import MAX_SAMPLE_STEPS
-
-    test = bundle.test
-    n = max(cfg.train.eval_batch_size, n * 4 // max(4, cfg.data.T))  # about as many sample-steps at any T
-    sub = Subset(test, range(min(n, len(test))))
-    bs = min(cfg.train.eval_batch_size, max(1, MAX_SAMPLE_STEPS // cfg.data.T))  # the memory predict() allows
-    chunks, _ = _any.prepare(sub, cfg.data.T, bundle.kind, cfg.data.encoding, bs)
-    model.eval()
-    model(chunks[0])
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for x in chunks:
-            model(x)
-        best = min(best, time.perf_counter() - t0)
-    return sum(x.shape[1] for x in chunks) / best
-
+from .ablation_analysis import ANALYSIS_VERSION, analyse, calibrated_exits, images_per_second  # noqa: F401
+from .ablation_report import aggregate, markdown, plot_summary
+from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
+                                register_token, tokens, variant_dict)
 
 # ------------------------------------------------------------------------------------------ the command
 class Ablation:
