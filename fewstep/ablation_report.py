@@ -4,7 +4,8 @@
 ``analysis.json`` per run, plus the validation accuracy of every training epoch) into mean ± sample
 standard deviation per variant and the paired difference of each variant from the first (same
 seed), including the paired exits at the same validation bar (:func:`matched_paired`), which take away
-the advantage a lower-ending variant gets from measuring its drop from its own accuracy. :func:`markdown` writes the tables of ``results.md``; :func:`plot_summary` the plots
+the advantage a lower-ending variant gets from measuring its drop from its own accuracy. :func:`markdown`
+writes the tables of ``results.md``; :func:`plot_summary` the plots
 ``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png``, ``speedup.png`` and, beside a
 baseline, ``paired.png``.
 """
@@ -140,7 +141,8 @@ def matched_paired(runs: dict, base_runs: dict) -> dict:
                 mv, mb = matched_exit(a, name, bar), matched_exit(b, name, bar)
                 for key in ("speedup", "exit_accuracy"):
                     diffs.setdefault(f"{name}@{drop}:matched_{key}", []).append(mv[key] - mb[key])
-                diffs.setdefault(f"{name}@{drop}:matched_steps_saved", []).append(mb["mean_exit_step"] - mv["mean_exit_step"])
+                saved = mb["mean_exit_step"] - mv["mean_exit_step"]
+                diffs.setdefault(f"{name}@{drop}:matched_steps_saved", []).append(saved)
     return {key: _paired(vals) for key, vals in diffs.items()}
 
 
@@ -374,8 +376,9 @@ def markdown(summary: dict) -> str:
             for v in matched:
                 pd = vs[v]["paired_diff"]
                 for d in DROPS:
-                    cell = [f"{_fmt_diff(pd[f'{n}@{d}:matched_{k}'], sc)}, {_fmt_ci(pd[f'{n}@{d}:matched_{k}'], sc)}"
-                            for k, sc in (("steps_saved", 1.0), ("exit_accuracy", 100.0)) for n in POLICIES]
+                    sts = [(pd[f"{n}@{d}:matched_{k}"], sc)
+                           for k, sc in (("steps_saved", 1.0), ("exit_accuracy", 100.0)) for n in POLICIES]
+                    cell = [f"{_fmt_diff(st, sc)}, {_fmt_ci(st, sc)}" for st, sc in sts]
                     L.append(f"| {v} | {100 * d:g} pt | " + " | ".join(cell) + " |")
     L += ["", "## For comparison with the papers: speed-up read off the test curve", "",
           "The papers report the fastest point of the trade-off curve within d of full-T accuracy *on the test "
