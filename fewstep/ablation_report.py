@@ -114,11 +114,12 @@ def matched_exit(a: dict, name: str, bar: float) -> dict:
     accuracy, not a drop from the run's own full T), read off the run's trade-off curve (thresholds fitted on
     validation) and measured on test: ``{mean_exit_step, speedup, exit_accuracy}``. Running to T is always a
     candidate. With ``bar`` = the run's full-T validation accuracy − d it is the calibrated exit at drop d."""
+    from .cutoff import fastest_point
+
     T = a["T"]
-    best = {"val_mean_exit_step": float(T), "mean_exit_step": float(T), "accuracy": a["test_accuracy_per_step"][-1]}
-    for p in a["curves"][name]:
-        if p["val_accuracy"] >= bar - 1e-9 and p["val_mean_exit_step"] < best["val_mean_exit_step"]:
-            best = p
+    best = fastest_point(a["curves"][name], bar, 0.0, on="val")
+    if best is None or best["val_mean_exit_step"] >= T:  # no threshold exits sooner on validation: run to T
+        best = {"mean_exit_step": float(T), "accuracy": a["test_accuracy_per_step"][-1]}
     return {"mean_exit_step": best["mean_exit_step"], "speedup": T / best["mean_exit_step"],
             "exit_accuracy": best["accuracy"]}
 
