@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from . import calibration as _cal
 from . import cutoff as _cf
 from . import ops as _ops
 from .ablation_report import DROPS, POLICIES
@@ -46,11 +47,11 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
         "curves": {}, "calibrated": {}, "test_curve": {},
     }
     for name in POLICIES:
-        curve = _cf.sweep(name, Yv, yv, Yt, yt)
+        curve = _cal.sweep(name, Yv, yv, Yt, yt)
         out["curves"][name] = curve
         out["test_curve"][name] = {}
         for drop in DROPS:
-            best = _cf.fastest_point(curve, full_test, drop, on="test") or {"mean_exit_step": float(T)}
+            best = _cal.fastest_point(curve, full_test, drop, on="test") or {"mean_exit_step": float(T)}
             out["test_curve"][name][str(drop)] = {"mean_exit_step": best["mean_exit_step"],
                                                   "speedup": T / best["mean_exit_step"]}
     out["calibrated"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"])
@@ -60,7 +61,7 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
 
 def calibrated_exits(Yv, yv, Yt, yt, energy_pj=None, cap: bool = False) -> dict:
     """``{policy: {drop: ...}}``: the fastest setting within each drop on validation (with ``cap``, the step cap
-    chosen with it: :func:`fewstep.cutoff.fastest_within`), measured on test; energy at exit when the per-step
+    chosen with it: :func:`fewstep.calibration.fastest_within`), measured on test; energy at exit when the per-step
     energy of the test samples (``energy_pj[T, N]``) is given."""
     T = Yt.shape[0]
     full_val, full_test = _acc(Yv, yv)[-1], _acc(Yt, yt)[-1]
@@ -68,7 +69,7 @@ def calibrated_exits(Yv, yv, Yt, yt, energy_pj=None, cap: bool = False) -> dict:
     for name in POLICIES:
         out[name] = {}
         for drop in DROPS:
-            pol, val = _cf.fastest_within(name, Yv, yv, drop, cap=cap)
+            pol, val = _cal.fastest_within(name, Yv, yv, drop, cap=cap)
             d = _cf.simulate(pol, Yt)
             setting = {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}
             if cap:

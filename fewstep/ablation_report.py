@@ -63,7 +63,7 @@ def _paired(diffs: list[float]) -> dict:
 
 def fixed_step(val_accuracy_per_step: list[float], max_drop: float) -> int:
     """The fixed T a user without a cutoff would run: the fewest steps whose *validation* accuracy is within
-    ``max_drop`` of running to T (the ``timestep`` policy of :func:`fewstep.cutoff.fastest_within`, read off the
+    ``max_drop`` of running to T (the ``timestep`` policy of :func:`fewstep.calibration.fastest_within`, read off the
     per-step accuracies). The baseline a calibrated exit must beat to save anything, the comparison the RCS paper
     makes (arXiv 2301.09522: "fewer timesteps" than the T that reaches the same accuracy)."""
     full = val_accuracy_per_step[-1]
@@ -114,7 +114,7 @@ def matched_exit(a: dict, name: str, bar: float) -> dict:
     accuracy, not a drop from the run's own full T), read off the run's trade-off curve (thresholds fitted on
     validation) and measured on test: ``{mean_exit_step, speedup, exit_accuracy}``. Running to T is always a
     candidate. With ``bar`` = the run's full-T validation accuracy − d it is the calibrated exit at drop d."""
-    from .cutoff import fastest_point
+    from .calibration import fastest_point
 
     T = a["T"]
     best = fastest_point(a["curves"][name], bar, 0.0, on="val")

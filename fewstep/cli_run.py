@@ -19,8 +19,8 @@ def _table(rows: dict[str, list[float]]) -> str:
 
 def _tradeoff_table(r: dict, max_drop: float = 0.01) -> str:
     """For each policy: the fastest setting whose *validation* accuracy is within ``max_drop`` of full T
-    (:func:`fewstep.cutoff.fastest_point`), read on the report's split."""
-    from . import cutoff as _cf
+    (:func:`fewstep.calibration.fastest_point`), read on the report's split."""
+    from . import calibration as _cal
 
     s = r["split"]
     lines = [f"{'policy':10s} {'setting':>14s} {'val acc':>8s} {s + ' acc':>9s} {'drop':>6s} {'mean exit':>9s} "
@@ -31,7 +31,7 @@ def _tradeoff_table(r: dict, max_drop: float = 0.01) -> str:
              f"{100 * (r['full_accuracy'] - r['oct']['accuracy']):+6.1f} {r['oct']['mean_exit_step']:9.2f} "
              f"{r['T'] / r['oct']['mean_exit_step']:7.2f}x"]
     for name, pts in r["policies"].items():
-        p = _cf.fastest_point(pts, r["val_full_accuracy"], max_drop)
+        p = _cal.fastest_point(pts, r["val_full_accuracy"], max_drop)
         if p is None:
             continue
         setting = f"t={p['t']}" if "t" in p else f"eps={p['epsilon']:g}"

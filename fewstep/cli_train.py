@@ -48,12 +48,13 @@ def cmd_demo(args) -> int:
     r = tradeoff_report(out, "test")
     print(_tradeoff_table(r))
     from . import anytime as _any
+    from . import calibration as _cal
     from . import cutoff as _cf
     from .train import load_run
 
     model, _, bundle = load_run(out)
     Yv, yv = _any.calibration_outputs(model, bundle.val, cfg.data.T, bundle.kind, cfg.data.encoding)
-    picks = [(n, *_cf.fastest_within(n, Yv, yv, 0.01)) for n in ("softmax", "topk", "spikecp", "timestep")]
+    picks = [(n, *_cal.fastest_within(n, Yv, yv, 0.01)) for n in ("softmax", "topk", "spikecp", "timestep")]
     name, pol, val = min(picks, key=lambda p: p[2]["mean_exit_step"])
     cal = _cf.save(pol, out / f"calibration_{name}.json", {"model": cfg.model.name, "dataset": cfg.data.name,
                                                           "T": cfg.data.T, "calibration_split": "val"})

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import anytime as _any
+from . import calibration as _cal
 from . import cutoff as _cf
 from . import ops as _ops
 from . import plots
@@ -58,12 +59,12 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
         raise ValueError("'oct' is the oracle (it needs the labels); it appears in 'fewstep tradeoff', "
                          "not as a deployable policy")
     if max_drop is not None:
-        res = _cf.calibrate_to_target(policy, Yv, yv, max_drop, confidence, max_step=max_step)
+        res = _cal.calibrate_to_target(policy, Yv, yv, max_drop, confidence, max_step=max_step)
         pol = res.policy
         target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested,
                   "passed": any(t["accepted"] for t in res.tested),
                   # the bound of a setting that harms no sample: below it no target can be met on this split
-                  "smallest_bound": _cf.harm_upper_bound(0, res.n_test, confidence) if confidence else 0.0}
+                  "smallest_bound": _cal.harm_upper_bound(0, res.n_test, confidence) if confidence else 0.0}
     elif policy == "timestep":
         if step is not None and not 1 <= step <= T:
             raise ValueError(f"--step {step} is outside 1..T = 1..{T} for this run")
@@ -165,7 +166,7 @@ def tradeoff_report(run_dir, split: str = "test", policies=("timestep", "softmax
     T = cfg.data.T
     Yv, yv = _outputs(model, bundle, cfg, "val")
     Y, y = _outputs(model, bundle, cfg, split)
-    curves = {name: _cf.sweep(name, Yv, yv, Y, y) for name in policies}
+    curves = {name: _cal.sweep(name, Yv, yv, Y, y) for name in policies}
     oct_d = _cf.oracle(Y, y)
     out = {"split": split, "T": T, "n": int(len(y)),
            "full_accuracy": (Y[-1].argmax(-1) == y).float().mean().item(),
