@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
+from fewstep import wallclock as wc  # noqa: E402
 from fewstep.reports import cutoff_report  # noqa: E402
 
 
@@ -102,8 +103,8 @@ def main():
                "differ_from_simulation": max(a["differ_from_simulation"], r[False]["differ_from_simulation"])}
         extra = ""
         if K > 1:
-            rounds = at.speedup_rounds(dmodel, stream, pol, T, args.batch_size, True, args.repeats, graphs=args.graphs)
-            sp = at.spread(*rounds)
+            rounds = wc.speedup_rounds(dmodel, stream, pol, T, args.batch_size, True, args.repeats, graphs=args.graphs)
+            sp = wc.spread(*rounds)
             row.update(stream_passes=K, wallclock_speedup_stream=sp["median"], ratio_stream=sp["median"] / sx,
                        ratio_stream_iqr=[sp["q1"] / sx, sp["q3"] / sx])
             extra = (f" {row['wallclock_speedup_stream']:6.2f}x {row['ratio_stream']:6.2f} "

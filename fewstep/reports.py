@@ -3,7 +3,7 @@
 Thresholds are always fitted on the validation split; the report split (``test`` by default) is
 only evaluated. Wall-clock figures time the same streaming runner with and without early exit, on
 the same split and batch size: the median of the per-round speed-ups over ``repeats`` rounds, each
-timing both back to back (about half a second each), with their quartiles (:func:`fewstep.anytime.spread`).
+timing both back to back (about half a second each), with their quartiles (:func:`fewstep.wallclock.spread`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from . import calibration as _cal
 from . import cutoff as _cf
 from . import ops as _ops
 from . import plots
+from . import wallclock as _wc
 from .metrics import predict
 from .train import load_checkpoint, load_run
 
@@ -106,10 +107,10 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, continuous=continuous,
                           graphs=graphs)
     chunks, _ = _any.prepare(ds, T, bundle.kind, cfg.data.encoding, batch_size, dev)
-    rounds = _any.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
+    rounds = _wc.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
     t_full, t_exit = (statistics.median(r) for r in rounds)
-    sp = _any.spread(*rounds)
-    t_multi = _any.multistep_seconds(model, chunks, repeats)
+    sp = _wc.spread(*rounds)
+    t_multi = _wc.multistep_seconds(model, chunks, repeats)
     ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
     ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
                                 count_ops=True)

@@ -6,7 +6,7 @@ import torch
 import fewstep
 from fewstep import anytime as at
 from fewstep import cutoff as cf
-from fewstep import models
+from fewstep import models, wallclock
 from fewstep.cli import main as cli
 
 from .test_models import SMALL
@@ -153,29 +153,6 @@ def test_calibration_refuses_the_test_split_and_mc_dropout(digits_run):
     assert torch.equal(Y, Y2)  # the dropout hooks are gone afterwards
 
 
-def test_spread_pairs_the_rounds_and_gives_their_quartiles():
-    # rounds of (full, early exit) seconds -> speed-ups 2, 4, 3, 5, 6; sorted 2 3 4 5 6: quartiles 3, 4, 5
-    s = at.spread([2.0, 4.0, 3.0, 5.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0])
-    assert s["rounds"] == [2.0, 4.0, 3.0, 5.0, 6.0] and (s["q1"], s["median"], s["q3"]) == (3.0, 4.0, 5.0)
-    s = at.spread([1.0, 3.0], [0.5, 1.0])  # speed-ups 2 and 3: the inclusive quartiles interpolate
-    assert (s["q1"], s["median"], s["q3"]) == (2.25, 2.5, 2.75)
-    assert at.spread([3.0], [2.0])["q1"] == at.spread([3.0], [2.0])["q3"] == 1.5
-    with pytest.raises(ValueError, match="at least one round"):
-        at.spread([], [])
-
-
-def test_multistep_seconds_times_a_plain_pass_and_restores_the_network(monkeypatch):
-    net = warmed("mlp").train()
-    fewstep.set_step_mode(net, "s")
-    chunks = [torch.rand(3, 4, *net.input_shape), torch.rand(3, 2, *net.input_shape)]
-    calls = []
-    net.register_forward_pre_hook(lambda m, i: calls.append(tuple(i[0].shape[:2])))
-    t = at.multistep_seconds(net, chunks, repeats=5, min_seconds=0.0)
-    assert t > 0 and net.training and net.current_step_mode() == "s"
-    assert set(calls) == {(3, 4), (3, 2)}  # one multi-step call per chunk, all T steps at once
-    assert len(calls) == 2 * 3  # repeats capped at 3; a pass past min_seconds (any, here) counts from the first
-
-
 def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05", "--repeats", "1"]) == 0
     r = json.loads((digits_run / "cutoff_topk.json").read_text())
@@ -237,7 +214,7 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
 
 def test_cutoff_says_when_a_multi_step_pass_is_faster(digits_run, capsys, monkeypatch):
     """On a GPU one multi-step pass can beat early exit (bench/README.md); the report then says what to do."""
-    monkeypatch.setattr(at, "multistep_seconds", lambda *a, **k: 1e-9)
+    monkeypatch.setattr(wallclock, "multistep_seconds", lambda *a, **k: 1e-9)
     capsys.readouterr()
     assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--epsilon", "0.05", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
