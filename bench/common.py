@@ -31,5 +31,5 @@ def nmnist_run(run, data):
 def tune_allocator(device) -> str:
     """Tune glibc's allocator for a CPU run, as the CLI's inference commands do (``FEWSTEP_TUNE_MALLOC=0``
     keeps glibc's defaults, for comparison); returns the line the benchmarks print."""
-    runtime.tune_for_device(device)
+    runtime.tune_for_device(device, inference=True)
     return runtime.allocator_status()

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd in INFERENCE_COMMANDS:  # training tunes it in the Trainer (train.tune_malloc)
-            tune_for_device(getattr(args, "device", "cpu"))
+            tune_for_device(getattr(args, "device", "cpu"), inference=True)
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"fewstep {args.cmd}: error: {exc}", file=sys.stderr)

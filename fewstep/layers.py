@@ -292,15 +292,33 @@ class TEBN(StatefulModule):
             # (the check syncs with the device, which a CUDA graph capture cannot; replays never pass step T)
             if self._bound > self.T and not _capturing(x) and int(self.step.max()) >= self.T:
                 raise ValueError(f"TEBN was built for T = {self.T} steps; a sample is at step {int(self.step.max()) + 1}")
-            y = (x if self.__dict__.get("_bn_folded") else self.bn(x)) * self._scale(self.p[self.step], 1, x)
+            y = self._times_p(x, self.p[self.step], multi=False)
             self.step = self.step + 1
             return y
         if x.dim() < 3:
             raise ValueError(f"TEBN: multi-step input must be [T, N, C, ...], got {tuple(x.shape)}")
         if x.shape[0] > self.T:
             raise ValueError(f"TEBN was built for T = {self.T} steps but the input has T = {x.shape[0]}")
-        y = x if self.__dict__.get("_bn_folded") else self.bn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        return y * self._scale(self.p[: x.shape[0]], 1, x)
+        return self._times_p(x, self.p[: x.shape[0]], multi=True)
+
+    def _times_p(self, x: torch.Tensor, p: torch.Tensor, multi: bool) -> torch.Tensor:
+        """``p · BN(x)`` with ``p`` per leading row: per sample when streaming, per step in multi-step mode (BN
+        then over the flattened ``[T·N]``). Without autograd the scale is applied in place, on a tensor this
+        layer owns: BN's output or, where :class:`Sequential` folded the BatchNorm into the convolution before
+        it (``_bn_folded``), that convolution's fresh output. A multi-step activation is ``T·N·C·H·W`` floats
+        (380 MB in the N-MNIST ``cnn``'s first layer at batch 256), and on a CPU a fresh buffer of that size
+        costs more in page faults than the multiply itself (docs/performance.md)."""
+        folded = self.__dict__.get("_bn_folded")
+        if folded:
+            y = x
+        elif multi:
+            y = self.bn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        else:
+            y = self.bn(x)
+        scale = self._scale(p, 1, y)
+        # (a forward hook on the BatchNorm may hold its output: then that output stays as it was)
+        owned = folded or not (self.bn._forward_hooks or nn.modules.module._global_forward_hooks)
+        return y.mul_(scale) if owned and not torch.is_grad_enabled() else y * scale
 
     def extra_repr(self) -> str:
         return f"T={self.T}, step_mode={self.step_mode!r}"

@@ -22,11 +22,21 @@ glibc's defaults the heap is trimmed and mapped again over and over (about 27,00
 pass of the N-MNIST benchmark, docs/anytime.md). :func:`tune_for_device` applies the tuning when
 the device is the CPU.
 
+Inference in a fresh process needs a higher threshold than training. A full-T pass folds T and the
+evaluation batch into one batch (up to 4096 sample-steps, :data:`fewstep.metrics.MAX_SAMPLE_STEPS`), so a
+convolution's output reaches hundreds of MB (411 MB in the Fashion-MNIST ``cnn``'s first layer), and nothing a
+training run left in the heap is there to recycle it. ``fewstep eval`` over Fashion-MNIST's 10 000 test
+images on a 2-core CPU: 8.5 s at 64 MiB (4.2 s of it in the kernel), 6.7 s at 1 GiB (0.7 s), peak RSS
+885 → 1180 MB; the N-MNIST ``cnn``'s full-T throughput at batch 100, T = 10: 434 → 912 images/s
+(docs/performance.md). Training itself gained nothing from the higher threshold (its heap already holds
+such buffers), so the Trainer keeps 64 MiB.
+
 It trades memory for time: a heap fragments, and memory freed after the peak stays with the
-process. The Trainer calls it when it trains on the CPU (``train.tune_malloc``), and so do the
-inference commands of the CLI (``eval``, ``cutoff``, ``tradeoff``, ``stream``, ``energy``) and the
-benchmarks; a library caller decides for its own process. ``FEWSTEP_TUNE_MALLOC=0`` makes it a
-no-op everywhere and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` sets the threshold. It does nothing where the
+process. The Trainer calls it when it trains on the CPU (``train.tune_malloc``; 64 MiB), and so do the
+inference commands of the CLI (``eval``, ``cutoff``, ``tradeoff``, ``stream``, ``energy``; 1 GiB) and the
+benchmarks (as the CLI's inference commands); a library caller decides for its own process.
+``FEWSTEP_TUNE_MALLOC=0`` makes it a no-op everywhere and ``FEWSTEP_MALLOC_MMAP_MB=<MiB>`` (1 to 2047:
+glibc takes the threshold as a C ``int`` of bytes) sets the threshold for both. It does nothing where the
 C library is not glibc.
 """
 
@@ -41,21 +51,27 @@ import sys
 log = logging.getLogger("fewstep")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-DEFAULT_MMAP_THRESHOLD_MB = 64
+DEFAULT_MMAP_THRESHOLD_MB = 64  # training
+INFERENCE_MMAP_THRESHOLD_MB = 1024  # the CLI's inference commands
+MAX_MMAP_THRESHOLD_MB = 2047  # mallopt takes the threshold in bytes as a C int
 _applied: dict = {}
 
 
-def tune_cpu_allocator(mmap_threshold_mb: "int | None" = None) -> bool:
-    """Let glibc recycle CPU buffers up to ``mmap_threshold_mb`` MiB (default 64, or
-    ``$FEWSTEP_MALLOC_MMAP_MB``); True if the setting is in force. Process-wide; idempotent.
+def tune_cpu_allocator(mmap_threshold_mb: "int | None" = None, default_mb: int = DEFAULT_MMAP_THRESHOLD_MB) -> bool:
+    """Let glibc recycle CPU buffers up to ``mmap_threshold_mb`` MiB (else ``$FEWSTEP_MALLOC_MMAP_MB``, else
+    ``default_mb``); True if the setting is in force. Process-wide; idempotent.
     ``FEWSTEP_TUNE_MALLOC=0`` makes it a no-op."""
     if os.environ.get("FEWSTEP_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
+    where = "mmap_threshold_mb"
     if mmap_threshold_mb is None:
-        env = os.environ.get("FEWSTEP_MALLOC_MMAP_MB", "")
+        env = os.environ.get("FEWSTEP_MALLOC_MMAP_MB", "").strip()
         if env and not env.isdigit():
             raise ValueError(f"FEWSTEP_MALLOC_MMAP_MB must be a whole number of MiB, got {env!r}")
-        mmap_threshold_mb = int(env) if env else DEFAULT_MMAP_THRESHOLD_MB
+        mmap_threshold_mb, where = (int(env), "FEWSTEP_MALLOC_MMAP_MB") if env else (default_mb, "default_mb")
+    if not 1 <= int(mmap_threshold_mb) <= MAX_MMAP_THRESHOLD_MB:
+        raise ValueError(f"{where} must be 1 to {MAX_MMAP_THRESHOLD_MB} MiB (glibc takes the threshold in bytes as "
+                         f"a C int), got {mmap_threshold_mb}")
     if mmap_threshold_mb in _applied:
         return _applied[mmap_threshold_mb]
     ok = False
@@ -72,11 +88,14 @@ def tune_cpu_allocator(mmap_threshold_mb: "int | None" = None) -> bool:
     return ok
 
 
-def tune_for_device(device) -> bool:
+def tune_for_device(device, inference: bool = False) -> bool:
     """:func:`tune_cpu_allocator` when ``device`` (a name such as ``"cpu"`` or ``"cuda:0"``, or a
-    ``torch.device``) is the CPU; False, and nothing changed, for any other device."""
+    ``torch.device``) is the CPU; False, and nothing changed, for any other device. ``inference=True`` (the
+    CLI's inference commands) recycles buffers up to 1 GiB, training's 64 MiB otherwise."""
     kind = device.type if hasattr(device, "type") else str(device or "cpu").split(":")[0].strip().lower()
-    return tune_cpu_allocator() if kind == "cpu" else False
+    if kind != "cpu":
+        return False
+    return tune_cpu_allocator(default_mb=INFERENCE_MMAP_THRESHOLD_MB if inference else DEFAULT_MMAP_THRESHOLD_MB)
 
 
 def allocator_status() -> str:

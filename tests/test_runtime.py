@@ -227,9 +227,28 @@ def test_tune_cpu_allocator_keeps_freed_large_buffers_for_reuse(monkeypatch):
 
 def test_tune_for_device_tunes_for_the_cpu_only(monkeypatch):
     calls = []
-    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda *a, **k: calls.append(a) or True)
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda *a, **k: calls.append(k["default_mb"]) or True)
     assert runtime.tune_for_device("cuda:0") is False and runtime.tune_for_device(torch.device("meta")) is False
     assert calls == []
     assert runtime.tune_for_device("cpu") is True and runtime.tune_for_device(torch.device("cpu")) is True
     assert runtime.tune_for_device(None) is True  # no device given: the CPU
-    assert len(calls) == 3
+    assert runtime.tune_for_device("cpu", inference=True) is True
+    assert calls == [64, 64, 64, 1024]  # training's threshold, and the inference commands' 1 GiB
+
+
+def test_an_mmap_threshold_glibc_cannot_take_is_refused_by_name(monkeypatch):
+    """mallopt takes the threshold in bytes as a C int: 2048 MiB would wrap around (to a negative number, 4096 MiB
+    to 0, which maps every buffer afresh), so anything outside 1..2047 MiB is an error that names its source."""
+    monkeypatch.setenv("FEWSTEP_TUNE_MALLOC", "1")
+    for value in ("4096", "2048", "0"):
+        monkeypatch.setenv("FEWSTEP_MALLOC_MMAP_MB", value)
+        with pytest.raises(ValueError, match=f"FEWSTEP_MALLOC_MMAP_MB must be 1 to 2047 MiB .* got {value}"):
+            runtime.tune_cpu_allocator()
+    monkeypatch.setenv("FEWSTEP_MALLOC_MMAP_MB", "64k")
+    with pytest.raises(ValueError, match="whole number of MiB, got '64k'"):
+        runtime.tune_cpu_allocator()
+    monkeypatch.delenv("FEWSTEP_MALLOC_MMAP_MB")
+    with pytest.raises(ValueError, match="mmap_threshold_mb must be 1 to 2047 MiB"):
+        runtime.tune_cpu_allocator(5000)
+    with pytest.raises(ValueError, match="default_mb must be 1 to 2047 MiB"):
+        runtime.tune_cpu_allocator(default_mb=2048)

@@ -52,6 +52,39 @@ def test_tebn_scales_each_step_by_hand():
     assert "p" in dict(tebn.named_parameters()) and not any("step" in k for k in tebn.state_dict())
 
 
+def test_tebn_scales_in_place_at_inference_only_what_it_owns():
+    """Without autograd p·BN(x) is written over BN's own output (a multi-step activation is large, and a fresh
+    buffer costs more than the multiply); the input, and an output a hook on the BatchNorm kept, stay as they were."""
+    tebn, bn = pair()
+    p = torch.tensor([0.5, 2.0, -1.0])
+    with torch.no_grad():
+        tebn.p.copy_(p)
+    tebn.eval(), bn.eval()
+    x = torch.randn(3, 5, 4, 6, 6)
+    x0 = x.clone()
+    want = bn(x) * p.view(3, 1, 1, 1, 1)
+    made = []
+    forward = tebn.bn.forward
+    tebn.bn.forward = lambda t: made.append(forward(t)) or made[-1]  # not a hook: sees BN's output buffer
+    with torch.no_grad():
+        out = tebn(x)
+    torch.testing.assert_close(out, want)
+    assert out.data_ptr() == made[-1].data_ptr()  # in place: no second activation-sized buffer
+    assert torch.equal(x, x0)
+    del tebn.bn.forward
+    kept = []
+    tebn.bn.register_forward_hook(lambda m, i, o: kept.append(o))
+    with torch.no_grad():
+        out = tebn(x)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(kept[-1].unflatten(0, (3, 5)), bn(x))  # the hook's tensor is BN's, unscaled
+    fewstep.set_step_mode(tebn, "s")
+    with torch.no_grad():
+        steps = torch.stack([tebn(f) for f in x])
+    torch.testing.assert_close(steps, want)
+    assert torch.equal(x, x0)
+
+
 def test_tebn_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs the number of timesteps"):
         L.TEBN(4, None)

@@ -109,7 +109,7 @@ def test_cli_train_eval_and_errors(tmp_path, capsys, monkeypatch):
     from fewstep import runtime
 
     tuned = []
-    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda *a, **k: tuned.append(a) or True)
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda *a, **k: tuned.append(k.get("default_mb", 64)) or True)
     cfgfile = tmp_path / "c.yaml"
     cfgfile.write_text(yaml.safe_dump(quick(tmp_path, epochs=2).to_dict()))
     assert cli(["train", str(cfgfile), "--out", str(tmp_path / "run"), "--set", "train.epochs=1"]) == 0
@@ -120,9 +120,9 @@ def test_cli_train_eval_and_errors(tmp_path, capsys, monkeypatch):
     assert {"dataset", "model", "T", "val_accuracy", "accuracy_per_step"} <= set(metrics)
     assert metrics["dataset"] == "digits" and len(metrics["accuracy_per_step"]) == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
-    assert len(tuned) == 1  # the Trainer, on the CPU
+    assert tuned == [64]  # the Trainer, on the CPU
     assert cli(["eval", str(run), "--split", "val"]) == 0
-    assert len(tuned) == 2  # an inference command on the CPU tunes the allocator too
+    assert tuned == [64, 1024]  # an inference command on the CPU tunes the allocator too, for its larger passes
     assert json.loads((run / "eval_val.json").read_text())["split"] == "val"
     model, cfg, _ = load_run(run)
     assert cfg.data.T == 3
