@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
+from common import nmnist_run, step_us, tune_allocator  # noqa: E402  (bench/common.py)
 import fewstep  # noqa: E402
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
@@ -32,19 +31,6 @@ MODES = ("folded", "unfolded")
 
 def use(mode: str) -> None:
     os.environ["FEWSTEP_FOLD_BN"] = "1" if mode == "folded" else "0"
-
-
-@torch.no_grad()
-def step_us(net, x, n: int = 100) -> float:
-    """Median µs of one streaming step on ``x`` (state carried, reset every 10 steps)."""
-    ts = []
-    for i in range(n + 10):
-        if i % 10 == 0:
-            fewstep.reset(net)
-        t = time.perf_counter()
-        net(x)
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts[10:])
 
 
 def main():

@@ -1,14 +1,19 @@
-"""Shared by bench/anytime.py and bench/latency.py: the trained N-MNIST run they measure, and its
-validation outputs for calibration."""
+"""Shared by the benchmarks: the trained N-MNIST run they measure, its validation outputs for calibration, the
+allocator setting of the CLI's inference commands, and the timing of one streaming step."""
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import fewstep  # noqa: E402
 from fewstep import anytime as at  # noqa: E402
 from fewstep import config as C  # noqa: E402
 from fewstep import runtime  # noqa: E402
@@ -33,3 +38,18 @@ def tune_allocator(device) -> str:
     keeps glibc's defaults, for comparison); returns the line the benchmarks print."""
     runtime.tune_for_device(device, inference=True)
     return runtime.allocator_status()
+
+
+@torch.no_grad()
+def step_us(net, x, n: int = 100) -> float:
+    """Median µs of one streaming step of ``net`` on the frame batch ``x`` (state carried, reset every 10 steps;
+    the first 10 steps untimed)."""
+    fewstep.set_step_mode(net, "s")
+    ts = []
+    for i in range(n + 10):
+        if i % 10 == 0:
+            fewstep.reset(net)
+        t = time.perf_counter()
+        net(x)
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts[10:])

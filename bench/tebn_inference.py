@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
+from common import nmnist_run, step_us, tune_allocator  # noqa: E402  (bench/common.py)
 import fewstep  # noqa: E402
 from fewstep import anytime as at  # noqa: E402
 from fewstep import layers as L  # noqa: E402
@@ -71,19 +71,6 @@ def multi_s(net, chunks) -> float:
     return time.perf_counter() - t
 
 
-@torch.no_grad()
-def step_us(net, frame, n: int = 60) -> float:
-    fewstep.set_step_mode(net, "s")
-    ts = []
-    for i in range(n + 10):
-        if i % 10 == 0:
-            fewstep.reset(net)
-        t = time.perf_counter()
-        net(frame)
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts[10:])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
@@ -116,7 +103,7 @@ def main():
             try:
                 multi_s(net, chunks[:1])  # warm
                 res[name]["multi"].append(multi_s(net, chunks))
-                res[name]["step"].append(step_us(net, frame))
+                res[name]["step"].append(step_us(net, frame, 60))
             finally:
                 L.TEBN._times_p = IN_PLACE
     med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in res.items()}
