@@ -26,9 +26,9 @@ Inference in a fresh process needs a higher threshold than training. A full-T pa
 evaluation batch into one batch (up to 4096 sample-steps, :data:`fewstep.metrics.MAX_SAMPLE_STEPS`), so a
 convolution's output reaches hundreds of MB (411 MB in the Fashion-MNIST ``cnn``'s first layer), and nothing a
 training run left in the heap is there to recycle it. ``fewstep eval`` over Fashion-MNIST's 10 000 test
-images on a 2-core CPU: 8.5 s at 64 MiB (4.2 s of it in the kernel), 6.7 s at 1 GiB (0.7 s), peak RSS
-885 → 1180 MB; the N-MNIST ``cnn``'s full-T throughput at batch 100, T = 10: 434 → 912 images/s
-(docs/performance.md). Training itself gained nothing from the higher threshold (its heap already holds
+images on a 2-core CPU: 8.0–8.6 s at 64 MiB (2.5–4.2 s of it in the kernel), 6.7–7.0 s at 1 GiB (0.5–0.8 s),
+peak RSS 885–1032 against 837–1180 MB (it moves with how the heap fragments); the N-MNIST ``cnn``'s full-T
+throughput at batch 100, T = 10: 413 → 826 images/s (docs/performance.md). Training itself gained nothing from the higher threshold (its heap already holds
 such buffers), so the Trainer keeps 64 MiB.
 
 It trades memory for time: a heap fragments, and memory freed after the peak stays with the
