@@ -34,12 +34,7 @@ IN_PLACE = L.TEBN._times_p
 
 def out_of_place(self, x, p, multi):
     """TEBN's scale as it was computed before: always into a fresh buffer."""
-    if self.__dict__.get("_bn_folded"):
-        y = x
-    elif multi:
-        y = self.bn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-    else:
-        y = self.bn(x)
+    y = self._normalised(x, multi)
     return y * self._scale(p, 1, y)
 
 

@@ -308,17 +308,19 @@ class TEBN(StatefulModule):
         it (``_bn_folded``), that convolution's fresh output. A multi-step activation is ``T·N·C·H·W`` floats
         (380 MB in the N-MNIST ``cnn``'s first layer at batch 256), and on a CPU a fresh buffer of that size
         costs more in page faults than the multiply itself (docs/performance.md)."""
-        folded = self.__dict__.get("_bn_folded")
-        if folded:
-            y = x
-        elif multi:
-            y = self.bn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        else:
-            y = self.bn(x)
+        y = self._normalised(x, multi)
         scale = self._scale(p, 1, y)
         # (a forward hook on the BatchNorm may hold its output: then that output stays as it was)
-        owned = folded or not (self.bn._forward_hooks or nn.modules.module._global_forward_hooks)
+        owned = y is x or not (self.bn._forward_hooks or nn.modules.module._global_forward_hooks)
         return y.mul_(scale) if owned and not torch.is_grad_enabled() else y * scale
+
+    def _normalised(self, x: torch.Tensor, multi: bool) -> torch.Tensor:
+        """BN(x); ``x`` itself where :class:`Sequential` already folded the BatchNorm into the convolution."""
+        if self.__dict__.get("_bn_folded"):
+            return x
+        if multi:
+            return self.bn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return self.bn(x)
 
     def extra_repr(self) -> str:
         return f"T={self.T}, step_mode={self.step_mode!r}"
