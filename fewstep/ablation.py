@@ -48,7 +48,8 @@ import yaml
 from . import config as _config
 from . import cutoff as _cf
 from .ablation_analysis import ANALYSIS_VERSION, analyse, calibrated_exits, images_per_second  # noqa: F401
-from .ablation_report import aggregate, markdown, plot_summary
+from .ablation_markdown import markdown
+from .ablation_report import aggregate, plot_summary
 from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
                                 register_token, tokens, variant_dict)
 

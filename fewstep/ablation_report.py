@@ -1,10 +1,11 @@
-"""The report of ``fewstep ablate``: per-run analyses aggregated over seeds, as tables and plots.
+"""The report of ``fewstep ablate``: per-run analyses aggregated over seeds, and its plots.
 
 :func:`aggregate` turns ``{variant: {seed: analysis}}`` (:mod:`fewstep.ablation` writes one
 ``analysis.json`` per run, plus the validation accuracy of every training epoch) into mean ± sample
 standard deviation per variant and the paired difference of each variant from the first (same
 seed), including the paired exits at the same validation bar (:func:`matched_paired`), which take away
-the advantage a lower-ending variant gets from measuring its drop from its own accuracy. :func:`markdown`
+the advantage a lower-ending variant gets from measuring its drop from its own accuracy, and each exit against its
+own network run for the fixed T, seed by seed (:func:`vs_fixed`). :func:`fewstep.ablation_markdown.markdown`
 writes the tables of ``results.md``; :func:`plot_summary` the plots
 ``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png``, ``speedup.png`` and, beside a
 baseline, ``paired.png``.
@@ -12,7 +13,6 @@ baseline, ``paired.png``.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -39,18 +39,20 @@ def _ms(values: list[float]) -> dict:
             "n": len(vals), "values": vals}
 
 
-def _paired(diffs: list[float]) -> dict:
+def _paired(diffs: list[float], ref: float = 0.0) -> dict:
     """:func:`_ms` of paired differences plus what says whether they are beyond seed noise: the 95 %
     confidence interval of their mean (Student's t over seeds, ``ci95``; needs two seeds) and the
-    seeds on which the variant is ahead, level or behind (``ahead``, ``level``, ``behind``).
+    seeds on which the variant is ahead, level or behind (``ahead``, ``level``, ``behind``): above, at or below
+    ``ref`` (0 for a difference; 1 for a ratio such as a step saving over the fixed T).
 
     The interval is over seeds (initial weights, validation split, data order) on a fixed test split:
     it says whether another seed would likely reproduce the sign, not how the method fares on other data.
     """
     st = _ms(diffs)
     vals = st["values"]
-    st["ahead"] = sum(v > 1e-12 for v in vals)
-    st["behind"] = sum(v < -1e-12 for v in vals)
+    st["ahead"] = sum(v - ref > 1e-12 for v in vals)
+    st["behind"] = sum(v - ref < -1e-12 for v in vals)
+    st["ref"] = ref
     st["level"] = len(vals) - st["ahead"] - st["behind"]
     st["ci95"] = None
     if len(vals) > 1:
@@ -91,6 +93,7 @@ def _scalars(a: dict) -> dict:
                 s[f"{name}@{drop}:{k}"] = c[k]
             s[f"{name}@{drop}:exit_accuracy"] = _exit_accuracy(c, test)
             s[f"{name}@{drop}:vs_fixed"] = t / c["mean_exit_step"]
+            s[f"{name}@{drop}:vs_fixed_accuracy"] = s[f"{name}@{drop}:exit_accuracy"] - test[t - 1]
             s[f"{name}@{drop}:test_curve_speedup"] = a["test_curve"][name][str(drop)]["speedup"]
             if "capped" in a:  # (analyses made before the step cap existed lack it)
                 c = a["capped"][name][str(drop)]
@@ -98,6 +101,7 @@ def _scalars(a: dict) -> dict:
                     s[f"{name}+cap@{drop}:{k}"] = c[k]
                 s[f"{name}+cap@{drop}:exit_accuracy"] = _exit_accuracy(c, test)
                 s[f"{name}+cap@{drop}:vs_fixed"] = t / c["mean_exit_step"]
+                s[f"{name}+cap@{drop}:vs_fixed_accuracy"] = s[f"{name}+cap@{drop}:exit_accuracy"] - test[t - 1]
                 s[f"{name}+cap@{drop}:max_step"] = c["setting"]["max_step"] or T
     return s
 
@@ -147,6 +151,18 @@ def matched_paired(runs: dict, base_runs: dict) -> dict:
     return {key: _paired(vals) for key, vals in diffs.items()}
 
 
+def vs_fixed(scalars: dict) -> dict:
+    """Each calibrated exit against **its own network run for the fixed T** (:func:`fixed_step`), seed by seed:
+    ``{rule@d:vs_fixed}``, the fixed T's steps over the exit's mean exit step (:func:`_paired` around 1: seeds
+    above 1 save steps), and ``{rule@d:vs_fixed_accuracy}``, the exit's test accuracy minus the fixed T's (around 0).
+    A ratio whose interval lies above 1 with an accuracy difference whose interval holds 0 is a step saving at the
+    same accuracy: the RCS paper's claim, "fewer timesteps" than the T that reaches the same accuracy."""
+    keys = next(iter(scalars.values())).keys()
+    return {key: _paired([s[key] for s in scalars.values() if s.get(key) is not None],
+                         ref=1.0 if key.endswith(":vs_fixed") else 0.0)
+            for key in keys if key.endswith((":vs_fixed", ":vs_fixed_accuracy"))}
+
+
 def exit_rules(stats: dict) -> tuple:
     """The rows of the calibrated-exit table: the fixed T, each policy, and each policy with its step cap where
     every run of the variant has one."""
@@ -177,6 +193,7 @@ def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dic
                                 for key in keys}
         if v != variants[0]:
             entry["paired_diff"].update(matched_paired(runs, results.get(variants[0], {})))
+        entry["vs_fixed"] = vs_fixed(sc)
         any_run = next(iter(runs.values()))
         entry["T"] = any_run["T"]
         entry["n_test"], entry["n_val"] = any_run["n_test"], any_run["n_val"]
@@ -201,197 +218,6 @@ def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dic
                                     for d in DROPS} for name in POLICIES}
         out["variants"][v] = entry
     return out
-
-
-def _fmt(st: dict, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
-    """``mean ± std`` of a :func:`_ms` entry (just the mean for one seed; "–" for none)."""
-    if not st or st.get("mean") is None:
-        return "–"
-    mean = f"{st['mean'] * scale:{'+' if signed else ''}.{digits}f}"
-    return mean if st["n"] < 2 else f"{mean} ± {st['std'] * scale:.{digits}f}"
-
-
-def _fmt_diff(st: dict, scale: float = 1.0, digits: int = 2) -> str:
-    return _fmt(st, scale, digits, signed=True)
-
-
-def _fmt_ci(st: dict, scale: float = 1.0, digits: int = 2) -> str:
-    """``[lo, hi] (a/l/b)``: the paired mean's 95 % interval and the seeds ahead / level / behind."""
-    if not st or st.get("mean") is None:
-        return "–"
-    counts = f"{st['ahead']}/{st['level']}/{st['behind']}"
-    if not st.get("ci95"):
-        return counts
-    lo, hi = st["ci95"]
-    mark = " **beyond noise**" if lo > 0 or hi < 0 else ""
-    return f"[{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}] {counts}{mark}"
-
-
-def shown_steps(T: int) -> list[int]:
-    """Every step up to T = 12; beyond, powers of two and T (a 64-step table would not be read)."""
-    if T <= 12:
-        return list(range(1, T + 1))
-    return sorted({2 ** i for i in range(T.bit_length()) if 2 ** i <= T} | {T})
-
-
-def learning_table(vs: dict) -> list[str]:
-    """Validation accuracy after each epoch (%), as the runs logged it: does a gap close with more training?"""
-    n = max((len(e.get("val_per_epoch") or []) for e in vs.values()), default=0)
-    if n < 2:
-        return []
-    shown = shown_steps(n)
-    L = ["", "## Validation accuracy per epoch (%)", "",
-         "Logged during training (validation split, the network as trained, at its full T; a QCFS variant's figures "
-         "are its ANN's). Learning curves: `learning_curves.png`.", "",
-         "| variant | " + " | ".join(f"ep {e}" for e in shown) + " |", "|---|" + "---|" * len(shown)]
-    for v, e in vs.items():
-        h = e.get("val_per_epoch") or []
-        L.append(f"| {v} | " + " | ".join(_fmt(h[k - 1], 100) if k <= len(h) else "–" for k in shown) + " |")
-    return L
-
-
-def markdown(summary: dict) -> str:
-    """The ablation as markdown tables (accuracies in %, drops in points)."""
-    spec, vs = summary["spec"], summary["variants"]
-    if not vs:
-        return "# Ablation\n\nNo finished runs yet.\n"
-    base = spec["base"]
-    first = next(iter(vs.values()))
-    tr, dt, md = base["train"], base["data"], base["model"]
-    seeds = ", ".join(str(s) for s in spec["seeds"])
-    times = {v: e["stats"]["train_time_s"] for v, e in vs.items()}
-    Ts = " / ".join(str(t) for t in sorted({e["T"] for e in vs.values()}))
-    diffs = spec.get("differences")  # absent from the ablation.json of older versions
-    models = list(dict.fromkeys((diffs or {}).get(v, {}).get("model.name", md["name"]) for v in vs))
-    L = [f"# Ablation: {dt['name']}, {' / '.join(models)}, T = {Ts}", "",
-         f"Reproduce: `{spec['command']}`", "",
-         f"- Budget per run: {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']:g} "
-         f"({tr['schedule']}), loss {tr['loss']} unless the variant says otherwise; the same for every variant"
-         + (" except where listed below." if diffs and any(diffs.get(v) for v in vs) else "."),
-         f"- Seeds {seeds} (paired: a seed fixes the initial weights, the validation split and the data order). "
-         f"Validation: {first['n_val']} samples carved from training; test: {first['n_test']} samples, used only "
-         "for the figures below.",
-         f"- Machine: {summary['machine']}. Training time per run (s): "
-         + "; ".join(f"{v} {_fmt(st, 1, 0)}" for v, st in times.items()) + ".",
-         "- Mean ± sample standard deviation over seeds. Cutoff thresholds are always fitted on validation."]
-    if diffs:
-        listed = [(v, diffs[v]) for v in vs if diffs.get(v)]
-        if listed:
-            L.append("- Where each variant differs from the base config (its tokens and `--variant-set`):")
-            L += [f"  - {v}: " + ", ".join(f"`{k}={json.dumps(val)}`" for k, val in ds.items()) for v, ds in listed]
-    L.append("")
-    steps = shown_steps(max(e["T"] for e in vs.values()))
-    L += ["## Accuracy per timestep (test, %)", "",
-          "| variant | " + " | ".join(f"t={t}" for t in steps) + " |",
-          "|---|" + "---|" * len(steps)]
-    for v, e in vs.items():
-        acc = e["acc_per_step"]["test"]
-        L.append(f"| {v} | " + " | ".join(_fmt(acc[t - 1], 100) if t <= len(acc) else "–" for t in steps) + " |")
-    converted = {v: e for v, e in vs.items() if e["stats"].get("ann_accuracy", {}).get("n")}
-    if converted:
-        L += ["", "## ANN→SNN conversion (test, %)", "",
-              "QCFS variants are trained as ANNs (T = 1) and analysed as the SNN they convert to; every figure "
-              "above and below is the converted SNN's.", "",
-              "| variant | ANN acc | SNN steps | SNN acc at T | SNN − ANN (pt) |", "|---|---|---|---|---|"]
-        for v, e in converted.items():
-            gap = _ms([f - a for f, a in zip(e["stats"]["final_accuracy"]["values"], e["stats"]["ann_accuracy"]["values"])])
-            L.append(f"| {v} | {_fmt(e['stats']['ann_accuracy'], 100)} | {e['T']} | "
-                     f"{_fmt(e['stats']['final_accuracy'], 100)} | {_fmt_diff(gap, 100)} |")
-    L += learning_table(vs)
-    L += ["", "## Calibrated early exit (test)", "",
-          "For each policy and tolerated drop d, the fastest threshold whose accuracy on **validation** is within d "
-          "of running to T, then measured on test: timestep speed-up T / mean exit step, the realised test drop "
-          "(pt), the test accuracy at the exit (%) and the energy per sample at exit (µJ, METHODS §8). Compare "
-          "variants on the accuracy at their exits, not only on speed-up: each drop is measured from the variant's "
-          "own full-T accuracy, so a variant that ends lower may exit sooner without answering better. "
-          "**fixed T** is what a user without a cutoff would run: the fewest steps whose validation accuracy is "
-          "within d of T, for every sample; "
-          "*vs fixed T* is its step count over the policy's mean exit (above 1: the cutoff saves steps over "
-          "simply running fewer of them). **+ cap** is the policy with a step cap chosen on validation together "
-          "with its threshold (`max_step`, shown as its mean over seeds): a sample that has not fired by then "
-          "stops there. Energy is shown where every seed's analysis counted it (capped exits added to an older "
-          "analysis are not counted).", "",
-          "| variant | policy | d | speed-up | mean exit | test drop (pt) | acc at exit (%) | vs fixed T | energy (µJ) |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for v, e in vs.items():
-        st = e["stats"]
-        for d in DROPS:
-            for name in exit_rules(st):
-                k = f"{name}@{d}:"
-                energy = st.get(k + "energy_uj") or {}
-                energy = _fmt(energy, 1, 3) if energy.get("n") == len(e["seeds"]) else "–"
-                label = {"timestep": "fixed T"}.get(name, name)
-                if name.endswith("+cap"):
-                    label = f"{name[:-4]} + cap {_fmt(st[k + 'max_step'], 1, 1)}"
-                L.append(f"| {v} | {label} | {100 * d:g} pt | "
-                         f"{_fmt(st[k + 'speedup'])}× | {_fmt(st[k + 'mean_exit_step'])} | "
-                         f"{_fmt(st[k + 'test_drop'], 100)} | {_fmt(st.get(k + 'exit_accuracy'), 100)} | "
-                         + ("1" if name == "timestep" else f"{_fmt(st[k + 'vs_fixed'])}×")
-                         + f" | {energy} |")
-    L += ["", "## Full-T cost and the oracle (test)", "",
-          "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
-          "OCT mean exit | images/s (full T) |", "|---|---|---|---|---|---|---|---|"]
-    for v, e in vs.items():
-        st = e["stats"]
-        L.append(f"| {v} | {_fmt(st['final_accuracy'], 100)} | {_fmt(st['val_accuracy'], 100)} | "
-                 f"{_fmt(st['firing_rate'], 1, 4)} | {_fmt(st['spikes_per_sample'], 1, 0)} | "
-                 f"{_fmt(st['energy_uj_full'], 1, 3)} | {_fmt(st['oct_mean_exit'])} | "
-                 f"{_fmt(st.get('images_per_s'), 1, 0)} |")
-    base_v = summary["baseline"]
-    others = [v for v in vs if v != base_v]
-    if others:
-        L += ["", f"## Paired differences from {base_v} (same seed; mean ± std over seeds)", "",
-              "| variant | acc t=1 (pt) | final acc (pt) | softmax speed-up @0.6 | topk speed-up @0.6 | "
-              "softmax @1 | topk @1 | acc at softmax exit @0.6 (pt) | acc at topk exit @0.6 (pt) | firing rate |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-        for v in others:
-            pd = vs[v]["paired_diff"]
-            L.append(f"| {v} | {_fmt_diff(pd['acc_t1'], 100)} | {_fmt_diff(pd['final_accuracy'], 100)} | "
-                     f"{_fmt_diff(pd['softmax@0.006:speedup'])} | {_fmt_diff(pd['topk@0.006:speedup'])} | "
-                     f"{_fmt_diff(pd['softmax@0.01:speedup'])} | {_fmt_diff(pd['topk@0.01:speedup'])} | "
-                     f"{_fmt_diff(pd['softmax@0.006:exit_accuracy'], 100)} | "
-                     f"{_fmt_diff(pd['topk@0.006:exit_accuracy'], 100)} | {_fmt_diff(pd['firing_rate'], 1, 4)} |")
-        L += ["", "Beyond seed noise? The 95 % confidence interval of each paired mean (Student's t over seeds) "
-              "and the seeds on which the variant is ahead / level / behind the baseline; **beyond noise** where "
-              "the interval excludes 0. The interval is over seeds on this one test split: with n test samples, "
-              "one sample is 100/n pt.", "",
-              "| variant | acc t=1 (pt) | final acc (pt) | softmax speed-up @0.6 | topk speed-up @0.6 | "
-              "acc at softmax exit @0.6 (pt) | acc at topk exit @0.6 (pt) |", "|---|---|---|---|---|---|---|"]
-        for v in others:
-            pd = vs[v]["paired_diff"]
-            L.append(f"| {v} | {_fmt_ci(pd['acc_t1'], 100)} | {_fmt_ci(pd['final_accuracy'], 100)} | "
-                     f"{_fmt_ci(pd['softmax@0.006:speedup'])} | {_fmt_ci(pd['topk@0.006:speedup'])} | "
-                     f"{_fmt_ci(pd['softmax@0.006:exit_accuracy'], 100)} | {_fmt_ci(pd['topk@0.006:exit_accuracy'], 100)} |")
-        matched = [v for v in others if "softmax@0.006:matched_speedup" in vs[v]["paired_diff"]]
-        if matched:
-            L += ["", f"## Paired at the same validation bar (from {base_v})", "",
-                  "The calibrated exits above measure d from each network's own full-T accuracy, so a variant that "
-                  "ends lower may exit sooner by that alone. Here both runs of a seed exit at the fastest threshold "
-                  "that keeps their *validation* accuracy at or above the same bar: the lower of the two full-T "
-                  "validation accuracies minus d. Steps saved (the baseline's mean exit step minus the variant's; "
-                  "steps, not speed-ups, so that a variant of another T compares too) above 0 is an earlier answer at "
-                  "the same accuracy. Paired mean ± std, then the 95 % interval and the seeds ahead / level / behind.",
-                  "",
-                  "| variant | d | softmax steps saved | topk steps saved | acc at softmax exit (pt) | "
-                  "acc at topk exit (pt) |", "|---|---|---|---|---|---|"]
-            for v in matched:
-                pd = vs[v]["paired_diff"]
-                for d in DROPS:
-                    sts = [(pd[f"{n}@{d}:matched_{k}"], sc)
-                           for k, sc in (("steps_saved", 1.0), ("exit_accuracy", 100.0)) for n in POLICIES]
-                    cell = [f"{_fmt_diff(st, sc)}, {_fmt_ci(st, sc)}" for st, sc in sts]
-                    L.append(f"| {v} | {100 * d:g} pt | " + " | ".join(cell) + " |")
-    L += ["", "## For comparison with the papers: speed-up read off the test curve", "",
-          "The papers report the fastest point of the trade-off curve within d of full-T accuracy *on the test "
-          "set*; that selects on test, so it is shown only for comparison, never as a calibrated result.", "",
-          "| variant | softmax @0.6 | topk @0.6 | softmax @1 | topk @1 |", "|---|---|---|---|---|"]
-    for v, e in vs.items():
-        st = e["stats"]
-        L.append(f"| {v} | " + " | ".join(f"{_fmt(st[f'{n}@{d}:test_curve_speedup'])}×"
-                                            for d in DROPS for n in POLICIES) + " |")
-    L += ["", "Plots: `accuracy_per_step.png`, `learning_curves.png`, `tradeoff.png`, `speedup.png`, `paired.png`. Per run: `<variant>/seed<k>/` "
-          "(config.yaml, log.csv, metrics.json, analysis.json).", ""]
-    return "\n".join(L)
 
 
 def plot_summary(summary: dict, out: Path) -> None:

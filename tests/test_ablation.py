@@ -49,7 +49,8 @@ def write_config(tmp_path):
 
 
 def test_paired_differences_carry_a_t_interval_and_the_seeds_ahead():
-    from fewstep.ablation_report import _fmt_ci, _paired
+    from fewstep.ablation_markdown import _fmt_ci
+    from fewstep.ablation_report import _paired
 
     # mean 0.02, std 0.01 over 3 seeds; t(0.975, 2 dof) = 4.302653 -> half-width 4.302653 * 0.01 / sqrt(3)
     p = _paired([0.01, 0.03, 0.02])
@@ -63,13 +64,21 @@ def test_paired_differences_carry_a_t_interval_and_the_seeds_ahead():
     assert r["ci95"][1] == pytest.approx(-1 + 0.248414, abs=1e-5) and _fmt_ci(r).endswith("0/0/3 **beyond noise**")
     assert _paired([0.5])["ci95"] is None and _fmt_ci(_paired([0.5])) == "1/0/0"
     assert _fmt_ci(_paired([])) == "–"
+    # a ratio is judged against 1, and its bounds are unsigned: 1.2 and 1.5 -> mean 1.35, std 0.212132,
+    # t(0.975, 1 dof) = 12.706205 -> half-width 1.905931
+    ratio = _paired([1.2, 1.5], ref=1.0)
+    assert (ratio["ahead"], ratio["level"], ratio["behind"]) == (2, 0, 0)
+    assert _fmt_ci(ratio) == "[-0.56, 3.26] 2/0/0"
+    assert _fmt_ci(_paired([1.0, 0.9, 1.2], ref=1.0)).endswith(" 1/1/1")
+    assert _fmt_ci(_paired([1.50, 1.52], ref=1.0)) == "[1.38, 1.64] 2/0/0 **beyond noise**"
 
 
 def test_fixed_T_baseline_is_the_timestep_policy_chosen_on_validation():
     import torch
 
     from fewstep import cutoff
-    from fewstep.ablation_report import _scalars, fixed_step, markdown
+    from fewstep.ablation_markdown import markdown
+    from fewstep.ablation_report import _scalars, fixed_step
 
     # hand-computed: full 0.90; within 0.6 pt from t = 3 (0.895), within 1 pt from t = 2 (0.89 >= 0.89)
     val = [0.70, 0.89, 0.895, 0.89, 0.90]
@@ -119,6 +128,19 @@ def test_fixed_T_baseline_is_the_timestep_policy_chosen_on_validation():
     assert pd["softmax@0.006:exit_accuracy"]["mean"] == pytest.approx(0.885 - 0.906)
     md = markdown(summ)
     assert "| -2.10 ± 0.00 | -2.10 ± 0.00 | +0.0000 ± 0.0000 |" in md
+    # each exit against its own network's fixed T (3 steps at 0.6 pt, 88 % on test), seed by seed: a second
+    # seed whose softmax exit comes at 2.0 steps and 90 % -> ratios 1.2, 1.5; accuracy +2.6, +2.0 pt
+    assert s["softmax@0.006:vs_fixed_accuracy"] == pytest.approx(0.906 - 0.88)
+    a2 = json.loads(json.dumps(a))
+    a2["calibrated"]["softmax"]["0.006"].update(mean_exit_step=2.0, test_accuracy=0.90)
+    vf = aggregate({"tet": {0: a, 1: a2}}, ["tet"], spec["base"], spec)["variants"]["tet"]["vs_fixed"]
+    assert vf["softmax@0.006:vs_fixed"]["values"] == pytest.approx([1.2, 1.5])
+    assert vf["softmax@0.006:vs_fixed_accuracy"]["values"] == pytest.approx([0.026, 0.02])
+    md = markdown(aggregate({"tet": {0: a, 1: a2}}, ["tet"], spec["base"], spec))
+    # mean 2.3 pt, std 0.424264 -> half-width 12.706205 * 0.424264 / sqrt(2) = 3.811862
+    assert ("| tet | softmax | 0.6 pt | 1.35 ± 0.21× | [-0.56, 3.26] 2/0/0 | +2.30 ± 0.42 | [-1.51, +6.11] 2/0/0 |"
+            in md)
+    assert "| tet | topk | 1 pt | 0.80 ± 0.00× | [0.80, 0.80] 0/0/2 **beyond noise** |" in md
 
 
 def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -290,7 +312,8 @@ def test_exits_at_the_same_validation_bar():
 
     from fewstep import cutoff
     from fewstep.ablation import calibrated_exits
-    from fewstep.ablation_report import aggregate, markdown, matched_exit
+    from fewstep.ablation_markdown import markdown
+    from fewstep.ablation_report import aggregate, matched_exit
 
     # hand-computed: T = 4; three thresholds on the curve (validation accuracy, validation exit, test figures)
     curve = [{"epsilon": 0.0, "val_accuracy": 0.90, "val_mean_exit_step": 3.0, "accuracy": 0.89, "mean_exit_step": 3.2},
