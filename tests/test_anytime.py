@@ -238,7 +238,8 @@ def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
         in _target_missed("softmax", made)
     assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.2", "--repeats", "1"]) == 0
     assert json.loads((digits_run / "cutoff_softmax.json").read_text())["target"]["passed"]
-    assert "note" not in capsys.readouterr().out
+    out = capsys.readouterr().out  # (a timing note may follow on a busy machine: that one is about wall-clock)
+    assert "met the target" not in out and "every sample runs to T" not in out
 
 def test_tradeoff_table_chooses_each_setting_on_validation(digits_run, capsys):
     """The table `fewstep tradeoff` and the demo print picks each policy's setting on validation (the choice
