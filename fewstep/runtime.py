@@ -28,8 +28,8 @@ convolution's output reaches hundreds of MB (411 MB in the Fashion-MNIST ``cnn``
 training run left in the heap is there to recycle it. ``fewstep eval`` over Fashion-MNIST's 10 000 test
 images on a 2-core CPU: 8.0–8.6 s at 64 MiB (2.5–4.2 s of it in the kernel), 6.7–7.0 s at 1 GiB (0.5–0.8 s),
 peak RSS 885–1032 against 837–1180 MB (it moves with how the heap fragments); the N-MNIST ``cnn``'s full-T
-throughput at batch 100, T = 10: 413 → 826 images/s (docs/performance.md). Training itself gained nothing from the higher threshold (its heap already holds
-such buffers), so the Trainer keeps 64 MiB.
+throughput at batch 100, T = 10: 413 → 826 images/s (docs/performance.md). Training itself gained nothing from
+the higher threshold (its heap already holds such buffers), so the Trainer keeps 64 MiB.
 
 It trades memory for time: a heap fragments, and memory freed after the peak stays with the
 process. The Trainer calls it when it trains on the CPU (``train.tune_malloc``; 64 MiB), and so do the
