@@ -14,6 +14,7 @@ Every name here is also reachable as ``fewstep.cutoff.<name>``.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -55,15 +56,81 @@ class TargetResult:
     n_fit: int
     n_test: int
     tested: list          # (params, harmed, bound, accepted) for every candidate tried
+    cap: "int | None" = None  # the chosen policy's step cap
+    cap_auto: bool = False    # ... chosen on the fit half (``max_step="auto"``)
 
     def summary(self) -> dict:
         return {"bound": self.bound, "observed_drop": self.observed_drop, "mean_exit_step": self.mean_exit_step,
-                "n_fit": self.n_fit, "n_test": self.n_test}
+                "n_fit": self.n_fit, "n_test": self.n_test, "max_step": self.cap, "max_step_auto": self.cap_auto}
+
+
+def _chain(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor, max_drop: float, confidence: float | None,
+           cap: "int | None") -> dict:
+    """Fixed-sequence testing of the fitted candidates ``pols`` (conservative first), each with the step cap
+    ``cap`` (``None``: uncapped), on (``Y``, ``y``), stopping at the first failure. Returns ``{"last": index of
+    the last accepted candidate (-1: none), "bound", "drop", "tested"}``."""
+    out = {"last": -1, "bound": 0.0, "drop": 0.0, "tested": []}
+    for i, pol in enumerate(pols):
+        r = _judge(pol, simulate(pol.with_max_step(cap), Y), Y, y, max_drop, confidence)
+        out["tested"].append(r)
+        if not r["accepted"]:
+            break
+        out.update(last=i, bound=r["bound"], drop=r["drop"])
+    return out
+
+
+def _judge(pol: Policy, d, Y: torch.Tensor, y: torch.Tensor, max_drop: float, confidence: float | None) -> dict:
+    """One setting's decision ``d`` on (``Y``, ``y``): the samples it harms (right at T, wrong at exit), the bound
+    on their share, whether that is within ``max_drop``, and the accuracy drop observed."""
+    right_at_T, right = Y[-1].argmax(-1) == y, d.prediction.to(y.device) == y
+    harmed = int((right_at_T & ~right).sum())
+    bound = harmed / len(y) if confidence is None else harm_upper_bound(harmed, len(y), confidence)
+    return {"params": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}, "harmed": harmed,
+            "bound": bound, "mean_exit_step": d.mean_exit_step(), "accepted": bound <= max_drop,
+            "drop": (right_at_T.float().mean() - right.float().mean()).item()}
+
+
+def _cap_path(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor) -> list[tuple[int, "int | None"]]:
+    """Every (candidate index, cap) on (``Y``, ``y``), reduced to those no other setting beats on both samples
+    harmed and mean exit step, ordered from least harmful (slowest) to most (fastest)."""
+    T = Y.shape[0]
+    right_at_T = Y[-1].argmax(-1) == y
+    scored = []
+    for i, pol in enumerate(pols):
+        d = simulate(pol.with_max_step(None), Y)
+        for k in [None] + list(range(1, int(d.exit_step.max()))):
+            dk = d if k is None else capped(d, Y, k)
+            harmed = int((right_at_T & ~(dk.prediction.to(y.device) == y)).sum())
+            scored.append((harmed, dk.mean_exit_step(), i, k or T))
+    path, fastest = [], float("inf")
+    for harmed, ex, i, k in sorted(scored):
+        if ex < fastest - 1e-9:
+            path.append((i, None if k == T else k))
+            fastest = ex
+    return path
+
+
+def _auto_cap(pols, Yf, yf, Yt, yt, max_drop, confidence) -> TargetResult:
+    """:func:`calibrate_to_target` with ``max_step="auto"``: the path on the fit half, the test on the other."""
+    T = Yt.shape[0]
+    sims, tested = {}, []
+    chosen, bound, drop, best = Timestep(T, T=T), 0.0, 0.0, float(T)
+    for i, k in _cap_path(pols, Yf, yf):
+        if i not in sims:
+            sims[i] = simulate(pols[i].with_max_step(None), Yt)
+        r = _judge(pols[i], sims[i] if k is None else capped(sims[i], Yt, k), Yt, yt, max_drop, confidence)
+        tested.append({**r, "max_step": k})
+        if not r["accepted"]:
+            break
+        if r["mean_exit_step"] < best:
+            chosen, best = copy.deepcopy(pols[i]).with_max_step(k), r["mean_exit_step"]
+            bound, drop = r["bound"], r["drop"]
+    return TargetResult(chosen, bound, drop, best, yf.shape[0], len(yt), tested, cap=chosen.max_step, cap_auto=True)
 
 
 def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float,
                         confidence: float | None = 0.95, epsilons=None, seed: int = 0,
-                        max_step: int | None = None) -> TargetResult:
+                        max_step: "int | str | None" = None) -> TargetResult:
     """Pick the most aggressive policy whose upper confidence bound on the accuracy drop is ≤ ``max_drop``.
 
     Validation data only. The drop of a cutoff against running to T is at most the share of samples it
@@ -75,43 +142,43 @@ def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: f
     passes, the result exits everyone at T (drop 0). ``confidence=None`` uses the observed harm rate
     instead of a bound (a plain validation choice, with no guarantee). ``max_step`` caps every candidate
     (:attr:`Policy.max_step`), so the bound covers the capped policy.
+
+    ``max_step="auto"`` chooses the cap too (fewstep's addition; docs/anytime.md). The data are halved (every
+    policy; ``softmax``'s bound then rests on half the samples). On the first half, every candidate with every cap
+    (1..T-1, and none) is scored by the samples it harms and its mean exit step, and the settings that no other
+    beats on both form a path from least harm (slowest) to most (fastest). The fixed sequence then runs along that
+    path on the second half, which no choice has seen, and the fastest setting accepted before the first failure
+    wins: the order is fixed before the test, so the guarantee holds as above. ``timestep`` takes no cap.
     """
     check_Y(Y)
     if not 0.0 <= max_drop < 1.0:
         raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop} (0.005 = 0.5 pt)")
     if confidence is not None and not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    auto = max_step == "auto" and name != "timestep"
+    if isinstance(max_step, str) and max_step != "auto":
+        raise ValueError(f"max_step is a step >= 1, None or 'auto', got {max_step!r}")
+    if name == "timestep":
+        max_step = None
     T, N = Y.shape[:2]
     y = y.to(Y.device)
-    if name in POLICIES and POLICIES[name].needs_calibration:
+    if auto or (name in POLICIES and POLICIES[name].needs_calibration):
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed)).to(Y.device)
         fit, test = perm[: N // 2], perm[N // 2:]
     else:
         fit, test = None, torch.arange(N, device=Y.device)
-    Yt, yt = Y[:, test], y[test]
-    right_at_T = Yt[-1].argmax(-1) == yt
-    chosen = Timestep(T, T=T)
-    chosen_bound, chosen_drop = 0.0, 0.0
-    tested = []
-    for pol in candidates(name, T, epsilons):
-        if fit is not None:
+    pols = candidates(name, T, epsilons)
+    for pol in pols:
+        if fit is not None and pol.needs_calibration:
             pol.calibrate(Y[:, fit], y[fit])
         pol.T = T
-        if name != "timestep":
-            pol.with_max_step(max_step)
-        d = simulate(pol, Yt)
-        right = d.prediction.to(yt.device) == yt
-        harmed = int((right_at_T & ~right).sum())
-        bound = harmed / len(yt) if confidence is None else harm_upper_bound(harmed, len(yt), confidence)
-        ok = bound <= max_drop
-        tested.append({"params": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}, "harmed": harmed,
-                       "bound": bound, "mean_exit_step": d.mean_exit_step(), "accepted": ok})
-        if not ok:
-            break
-        chosen, chosen_bound = pol, bound
-        chosen_drop = (right_at_T.float().mean() - right.float().mean()).item()
-    mean_exit = simulate(chosen, Yt).mean_exit_step()
-    return TargetResult(chosen, chosen_bound, chosen_drop, mean_exit, 0 if fit is None else len(fit), len(test), tested)
+    Yt, yt = Y[:, test], y[test]
+    if auto:
+        return _auto_cap(pols, Y[:, fit], y[fit], Yt, yt, max_drop, confidence)
+    c = _chain(pols, Yt, yt, max_drop, confidence, max_step)
+    chosen = Timestep(T, T=T) if c["last"] < 0 else pols[c["last"]].with_max_step(max_step)
+    return TargetResult(chosen, c["bound"], c["drop"], simulate(chosen, Yt).mean_exit_step(),
+                        0 if fit is None else len(fit), len(test), c["tested"], cap=chosen.max_step)
 
 
 def sweep(name: str, Y_cal: torch.Tensor, y_cal: torch.Tensor, Y: torch.Tensor, y: torch.Tensor,

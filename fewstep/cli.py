@@ -28,6 +28,11 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _step_or_auto(text: str):
+    """A step >= 1, or 'auto'."""
+    return "auto" if text.strip().lower() == "auto" else _int_at_least(1)(text)
+
+
 def _fraction(lo_open: bool, hi_open: bool):
     """A float in [0, 1] with the chosen ends open, e.g. (0, 1) or [0, 1)."""
     def parse(text: str) -> float:
@@ -89,14 +94,19 @@ def main(argv=None) -> int:
     c.add_argument("--batch-size", type=_int_at_least(1), default=64)
     c.add_argument("--repeats", type=_int_at_least(1), default=5, help="timing rounds of ~0.5 s each, full T and early exit "
                    "interleaved; the median is reported (default 5)")
+    c.add_argument("--timing-samples", type=_int_at_least(0), default=2048, metavar="N",
+                   help="time the wall clock on N samples of the split, evenly spaced (default 2048; 0: all); "
+                        "accuracy, exits and counts always use the whole split")
     c.add_argument("--calibration", help="reuse a saved calibration JSON instead of calibrating")
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (early exit runs there)")
     c.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
                    help="step runner: auto replays CUDA graphs on CUDA and steps eagerly elsewhere (docs/anytime.md)")
     c.add_argument("--mc-dropout", type=_fraction(False, True), default=0.0, help="calibrate under dropout of this rate on every "
                    "synaptic layer's input (the seed code's conservative perturbation; 0 = off)")
-    c.add_argument("--max-step", type=_int_at_least(1), help="step cap: a sample that has not exited by this step "
-                   "stops there (with --max-drop, the bound covers the capped policy); docs/anytime.md")
+    c.add_argument("--max-step", type=_step_or_auto, help="step cap: a sample that has not exited by this step "
+                   "stops there (with --max-drop, the bound covers the capped policy); 'auto' (with --max-drop) "
+                   "chooses the cap on half of the validation data and tests the bound on the other half; "
+                   "docs/anytime.md")
     _data_root_arg(c)
     c.set_defaults(fn=cmd_cutoff)
 

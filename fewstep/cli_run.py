@@ -73,11 +73,10 @@ def cmd_cutoff(args) -> int:
                                          or args.mc_dropout or args.max_step is not None):
         raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step, --max-step and "
                          "--mc-dropout would be ignored; give one or the other")
-    if args.max_step is not None and args.policy == "timestep":
-        raise ValueError("--max-step caps a threshold policy; the timestep policy's exit step is --step")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
                       args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
-                      device=args.device, graphs=args.graphs, max_step=args.max_step, data_root=args.data_root)
+                      device=args.device, graphs=args.graphs, max_step=args.max_step, data_root=args.data_root,
+                      progress=True, timing_samples=args.timing_samples or None)
     cap = "" if r.get("max_step") is None else f", max_step={r['max_step']}"
     setting = f"{r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap}"
     name = r["policy"]
@@ -89,8 +88,10 @@ def cmd_cutoff(args) -> int:
     print(f"  mean exit     {r['mean_exit_step']:.2f} of {r['T']} -> timestep speed-up {r['timestep_speedup']:.2f}x "
           f"(OCT oracle: {r['oct_mean_exit_step']:.2f})")
     q1, q3 = r["wallclock_speedup_iqr"]
-    print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s per pass: {r['wallclock_speedup']:.2f}x "
-          f"(median of {len(r['wallclock_speedup_rounds'])} paired rounds, quartiles {q1:.2f}-{q3:.2f})")
+    on = "" if r["timing_samples"] == r["n"] else f" on {r['timing_samples']} of the {r['n']} samples"
+    print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s per pass{on}: "
+          f"{r['wallclock_speedup']:.2f}x (median of {len(r['wallclock_speedup_rounds'])} paired rounds, "
+          f"quartiles {q1:.2f}-{q3:.2f})")
     vs = r["wallclock_speedup_vs_multistep"]
     print(f"  vs multi-step {r['seconds_full_multistep']:.3f}s per pass running all T steps in one call per batch: "
           f"early exit is {vs:.2f}x {'faster' if vs >= 1 else 'slower'}")
@@ -105,6 +106,10 @@ def cmd_cutoff(args) -> int:
         t = r["target"]
         print(f"  target        drop <= {100 * t['max_drop']:.2f} pt at {100 * t['confidence']:.0f}% confidence: "
               f"upper bound {100 * t['bound']:.2f} pt on {t['n_test']} validation samples")
+        if t.get("max_step_auto") and t["passed"]:
+            k = t["max_step"]
+            print(f"  step cap      {'none' if k is None else k} (--max-step auto: its path of settings was chosen "
+                  f"on the other {t['n_fit']} validation samples{'; no cap passed faster' if k is None else ''})")
         if not t["passed"]:
             print(_target_missed(args.policy, t))
     print(f"wrote {Path(args.run) / ('cutoff_' + args.policy + '.json')} and the exit histogram PNG")

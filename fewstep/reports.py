@@ -8,11 +8,15 @@ timing both back to back (about half a second each), with their quartiles (:func
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from . import anytime as _any
 from . import calibration as _cal
@@ -28,6 +32,17 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def _stage(on: bool, what: str):
+    """One line on stderr per stage of a long report (a T = 64 CIFAR-10 cutoff report takes ~25 min on 2 cores)."""
+    t0 = time.perf_counter()
+    if on:
+        print(f"  {what} ...", end="", file=sys.stderr, flush=True)
+    yield
+    if on:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def _outputs(model, bundle, cfg, split):
     O, y, _ = predict(model, bundle.split(split), cfg.data.T, bundle.kind, cfg.data.encoding,
                       cfg.train.eval_batch_size, _device(model))
@@ -40,17 +55,27 @@ def _meta(run_dir: Path, cfg) -> dict:
             "best_epoch": ckpt["best_epoch"], "calibration_split": "val"}
 
 
+def _check_auto_cap(policy: str, max_drop, max_step) -> None:
+    if max_step == "auto" and max_drop is None:
+        raise ValueError("--max-step auto chooses the step cap together with the threshold to meet a target: "
+                         "give --max-drop D (and --confidence), or a fixed --max-step K")
+    if max_step is not None and policy == "timestep":
+        raise ValueError("--max-step caps a threshold policy; the timestep policy's exit step is --step")
+
+
 def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | None = None,
               max_drop: float | None = None, confidence: float = 0.95, mc_dropout: float = 0.0, mc_samples: int = 4,
               model=None, cfg=None, bundle=None, max_step: int | None = None, data_root=None):
     """Fit ``policy`` on the validation split of a run; returns ``(policy, target_info_or_None)``. ``max_step``
-    caps the policy (:attr:`fewstep.cutoff.Policy.max_step`); with ``max_drop`` the bound covers the capped policy.
+    caps the policy (:attr:`fewstep.cutoff.Policy.max_step`); with ``max_drop`` the bound covers the capped policy,
+    and ``max_step="auto"`` chooses the cap too (:func:`fewstep.calibration.calibrate_to_target`).
     ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`)."""
     run_dir = Path(run_dir)
+    _check_auto_cap(policy, max_drop, max_step)
     if model is None:
         model, cfg, bundle = load_run(run_dir, data_root=data_root)
     T = cfg.data.T
-    if max_step is not None and not 1 <= max_step <= T:
+    if max_step != "auto" and max_step is not None and not 1 <= max_step <= T:
         raise ValueError(f"--max-step {max_step} is outside 1..T = 1..{T} for this run")
     Yv, yv = _any.calibration_outputs(model, bundle.val, T, bundle.kind, cfg.data.encoding,
                                       cfg.train.eval_batch_size, _device(model), mc_dropout=mc_dropout,
@@ -86,11 +111,15 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
 def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
                   batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
                   continuous: bool = True, device: str = "cpu", graphs: str = "auto", max_step: int | None = None,
-                  data_root=None) -> dict:
+                  data_root=None, progress: bool = False, timing_samples: "int | None" = None) -> dict:
     """Calibrate (or load) ``policy``, run early exit on ``split`` for real on ``device`` (``graphs``: see
     :func:`fewstep.anytime.early_exit`), time it against full T, count operations; writes cutoff_POLICY.json.
-    ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`)."""
+    ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`).
+    ``progress`` prints each stage and its time on stderr. ``timing_samples`` times the wall clock on that many
+    samples of the split, evenly spaced (``None``: all of them; every other figure uses the whole split)."""
     run_dir = Path(run_dir)
+    if calibration is None:
+        _check_auto_cap(policy, max_drop, max_step)
     model, cfg, bundle = load_run(run_dir, device=device, data_root=data_root)
     dev = _device(model)
     T = cfg.data.T
@@ -100,21 +129,30 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         pol = _cf.load(calibration, expect={"model": cfg.model.name, "T": T, "dataset": cfg.data.name})
         target = None
     else:
-        pol, target = calibrate(run_dir, policy, epsilon, step, max_drop, confidence, mc_dropout,
-                                model=model, cfg=cfg, bundle=bundle, max_step=max_step)
+        with _stage(progress, f"calibrating {policy} on the validation split (T = {T})"):
+            pol, target = calibrate(run_dir, policy, epsilon, step, max_drop, confidence, mc_dropout,
+                                    model=model, cfg=cfg, bundle=bundle, max_step=max_step)
     ds = bundle.split(split)
     full_pol = _cf.Timestep(T, T=T)
-    ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, continuous=continuous,
-                          graphs=graphs)
-    chunks, _ = _any.prepare(ds, T, bundle.kind, cfg.data.encoding, batch_size, dev)
-    rounds = _wc.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
-    t_full, t_exit = (statistics.median(r) for r in rounds)
-    sp = _wc.spread(*rounds)
-    t_multi = _wc.multistep_seconds(model, chunks, repeats)
-    ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
-    ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
-                                count_ops=True)
-    Y, y = _outputs(model, bundle, cfg, split)
+    with _stage(progress, f"early exit on {split} ({len(ds)} samples)"):
+        ee = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
+                              continuous=continuous, graphs=graphs)
+    timed = ds
+    if timing_samples and timing_samples < len(ds):
+        timed = Subset(ds, torch.linspace(0, len(ds) - 1, timing_samples).round().long().tolist())
+    with _stage(progress, f"timing full T against early exit on {len(timed)} samples ({repeats} rounds) and "
+                          "multi-step passes"):
+        chunks, _ = _any.prepare(timed, T, bundle.kind, cfg.data.encoding, batch_size, dev)
+        rounds = _wc.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
+        t_full, t_exit = (statistics.median(r) for r in rounds)
+        sp = _wc.spread(*rounds)
+        t_multi = _wc.multistep_seconds(model, chunks, repeats)
+    with _stage(progress, "counting operations up to the exits and at full T"):
+        ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
+        ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
+                                    count_ops=True)
+    with _stage(progress, f"full-T outputs on {split} (the simulation check and the oracle)"):
+        Y, y = _outputs(model, bundle, cfg, split)
     sim = _cf.simulate(pol, Y)
     d = ee.decision
     differ = d.differs(sim)
@@ -130,6 +168,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         "full_accuracy": full_acc, "accuracy": acc, "accuracy_drop": full_acc - acc,
         "mean_exit_step": d.mean_exit_step(), "timestep_speedup": T / d.mean_exit_step(),
         "wallclock_speedup": sp["median"], "seconds_full": t_full, "seconds_early_exit": t_exit,
+        "timing_samples": len(timed),
         "wallclock_speedup_rounds": sp["rounds"], "wallclock_speedup_iqr": [sp["q1"], sp["q3"]],
         # the plain way to run to T: one multi-step call per batch (faster than stepping on a GPU, slower on the CPU)
         "seconds_full_multistep": t_multi, "wallclock_speedup_vs_multistep": t_multi / t_exit,

@@ -165,8 +165,16 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert r["wallclock_speedup"] == pytest.approx(r["wallclock_speedup_rounds"][0])
     assert sum(r["exit_histogram"]) == r["n"]
     assert r["differ_from_simulation"] == 0 and r["seconds_full_multistep"] > 0
+    assert r["timing_samples"] == r["n"]  # a split under --timing-samples' 2048 is timed whole
     assert r["wallclock_speedup_vs_multistep"] == pytest.approx(r["seconds_full_multistep"] / r["seconds_early_exit"])
     assert "vs multi-step" in capsys.readouterr().out
+    # a subset times the wall clock; exits, accuracy and counts stay on the whole split
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05", "--repeats", "1",
+                "--timing-samples", "40"]) == 0
+    r2 = json.loads((digits_run / "cutoff_topk.json").read_text())
+    assert r2["timing_samples"] == 40 and sum(r2["exit_histogram"]) == r2["n"] == r["n"] > 40
+    assert r2["mean_exit_step"] == r["mean_exit_step"] and r2["accuracy"] == r["accuracy"]
+    assert f"per pass on 40 of the {r['n']} samples" in capsys.readouterr().out
     assert r["spikes_per_sample"] <= r["spikes_per_sample_full"] + 1e-9
     cal = json.loads((digits_run / "calibration_topk.json").read_text())
     assert cal["meta"]["calibration_split"] == "val" and len(cal["betas"]) == 4
@@ -201,6 +209,13 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert "--max-step caps a threshold policy" in capsys.readouterr().err
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--max-step", "5"]) == 2
     assert "--max-step 5 is outside 1..T = 1..4" in capsys.readouterr().err
+    # --max-step auto: the cap is chosen with the threshold, on one half of validation, the bound on the other
+    assert cli(["cutoff", str(digits_run), "--policy", "topk", "--max-drop", "0.05", "--confidence", "0.9",
+                "--max-step", "auto", "--repeats", "1"]) == 0
+    r, out = json.loads((digits_run / "cutoff_topk.json").read_text()), capsys.readouterr().out
+    t, n_val = r["target"], json.loads((digits_run / "calibration_topk.json").read_text())["meta"]["n_val"]
+    assert t["max_step_auto"] and t["passed"] and t["bound"] <= 0.05 and t["n_fit"] + t["n_test"] == n_val
+    assert r["max_step"] == t["max_step"] and f"chosen on the other {t['n_fit']} validation samples" in out
     assert cli(["tradeoff", str(digits_run)]) == 0
     t = json.loads((digits_run / "tradeoff.json").read_text())
     assert set(t["policies"]) == {"timestep", "softmax", "topk", "spikecp"}

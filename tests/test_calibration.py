@@ -86,3 +86,69 @@ def test_fastest_within_chooses_a_cap_where_hard_samples_never_fire():
     assert d.exit_step[:70].eq(1).all() and d.exit_step[70:].eq(3).all() and d.accuracy(y) == pytest.approx(0.8)
     t, _ = cal.fastest_within("timestep", Y, y, 0.0, cap=True)  # a fixed T takes no cap
     assert t.t == 3 and t.max_step is None
+
+
+def cap_pattern(copies: int, T: int = 8):
+    """The pattern of the test above, ``copies`` times over: 70 % easy, 10 % medium, 20 % hard (wrong throughout)."""
+    n = 100 * copies
+    O = torch.zeros(T, n, 3)
+    easy, medium = slice(0, 70 * copies), slice(70 * copies, 80 * copies)
+    O[:, easy, 0] = 5.0
+    O[:2, medium, 1] = 1.0
+    O[2:, medium, 0] = 3.0
+    O[:, 80 * copies:, 1] = 0.1
+    return cf.running(O), torch.zeros(n, dtype=torch.long)
+
+
+def test_calibrate_to_target_chooses_the_cap_on_one_half_and_bounds_it_on_the_other():
+    Y, y = cap_pattern(10)  # 1000 samples; the seeded split puts ~500 of each kind's share in each half
+    plain = cal.calibrate_to_target("topk", Y, y, max_drop=0.02, confidence=0.9)
+    auto = cal.calibrate_to_target("topk", Y, y, max_drop=0.02, confidence=0.9, max_step="auto")
+    # a cap at 3 harms nobody (the hard samples are wrong at every step); at 2 it stops the medium ones while
+    # wrong (10 % > 2 pt): the auto cap is 3, and the hard samples stop there instead of at T = 8
+    assert auto.cap == 3 and auto.policy.max_step == 3 and auto.cap_auto and auto.bound <= 0.02
+    assert auto.n_fit == auto.n_test == 500 and auto.observed_drop == 0.0
+    assert plain.cap is None and plain.policy.max_step is None
+    assert auto.mean_exit_step < plain.mean_exit_step - 0.8  # ~1.6 against ~2.6 steps (hand count above)
+    # the same split with the cap given by hand: the same bound and exits
+    fixed = cal.calibrate_to_target("topk", Y, y, max_drop=0.02, confidence=0.9, max_step=3)
+    assert (fixed.bound, fixed.mean_exit_step) == (auto.bound, auto.mean_exit_step)
+    assert auto.summary()["max_step"] == 3 and auto.summary()["max_step_auto"] is True
+    assert all(t["accepted"] for t in auto.tested[:-1]) and auto.tested[0]["max_step"] == 3
+    # the bound is tested on the other half alone: wreck that half (every sample wrong at steps 1..3) and the
+    # first setting of the path (cap 3) fails there, so everyone runs to T
+    test = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[500:]
+    Yw = Y.clone()
+    Yw[:3, test, 1] += 100.0
+    wrecked = cal.calibrate_to_target("topk", Yw, y, max_drop=0.02, confidence=0.9, max_step="auto")
+    assert [(t["max_step"], t["accepted"]) for t in wrecked.tested] == [(3, False)]
+    assert isinstance(wrecked.policy, cf.Timestep) and wrecked.policy.t == 8 and wrecked.cap is None
+    # softmax: no threshold to fit, but the auto cap still splits the data, so its bound rests on one half
+    s = cal.calibrate_to_target("softmax", Y, y, max_drop=0.02, confidence=0.9, max_step="auto")
+    assert s.n_fit == s.n_test == 500 and s.cap == 3
+    assert cal.calibrate_to_target("softmax", Y, y, max_drop=0.02, confidence=0.9).n_fit == 0
+    assert cal.calibrate_to_target("timestep", Y, y, max_drop=0.02, max_step="auto").cap is None
+    with pytest.raises(ValueError, match="'auto'"):
+        cal.calibrate_to_target("topk", Y, y, max_drop=0.02, max_step="sometimes")
+
+
+def test_the_auto_cap_keeps_the_safe_cap_when_a_faster_one_fails_on_the_held_out_half():
+    """Softmax (ε ≤ 0.1 lets easy samples go at t = 1, never a medium one while wrong). Medium samples are right
+    from t = 3 only: a cap below 3 harms them. The fit half holds 2 of them, the held-out half 30 (6 %). On the
+    fit half the path is [cap 3: harms 0, cap 1: harms 2 but everyone exits at once]; cap 1 would pass a bound
+    there, fails on the held-out half, and the fixed sequence keeps cap 3 instead of running everyone to T."""
+    T, n = 8, 1000
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    fit, held = perm[:500], perm[500:]
+    medium = torch.cat([fit[:2], held[:30]])
+    hard = torch.cat([fit[2:102], held[30:130]])
+    O = torch.zeros(T, n, 3)
+    O[:, :, 0] = 5.0                        # easy: right from t = 1, p_max 0.987
+    O[:, hard] = torch.tensor([0.0, 0.1, 0.0])   # wrong throughout
+    O[:2, medium] = torch.tensor([0.0, 1.0, 0.0])
+    O[2:, medium] = torch.tensor([3.0, 0.0, 0.0])
+    Y, y = cf.running(O), torch.zeros(n, dtype=torch.long)
+    r = cal.calibrate_to_target("softmax", Y, y, max_drop=0.02, confidence=0.9, max_step="auto")
+    assert [(t["max_step"], t["harmed"], t["accepted"]) for t in r.tested] == [(3, 0, True), (1, 30, False)]
+    assert r.cap == 3 and r.bound <= 0.02 and r.observed_drop == 0.0
+    assert r.mean_exit_step == pytest.approx((370 * 1 + 130 * 3) / 500)  # easy at 1; medium and hard at the cap

@@ -158,6 +158,10 @@ def test_cli_options_out_of_range_or_meaningless_together(tmp_path, capsys):
         (["--policy", "timestep", "--step", "9"], r"--step 9 is outside 1..T = 1..3"),
         (["--policy", "topk", "--calibration", "x.json", "--epsilon", "0.1"], "--calibration reuses saved"),
         (["--policy", "topk", "--repeats", "0"], "--repeats: must be >= 1"),
+        (["--policy", "topk", "--max-step", "soon"], "--max-step: expected a whole number >= 1, got 'soon'"),
+        (["--policy", "topk", "--max-step", "auto"], "--max-step auto chooses the step cap together with the "
+                                                     "threshold to meet a target: give --max-drop D"),
+        (["--policy", "timestep", "--max-drop", "0.01", "--max-step", "auto"], "--max-step caps a threshold policy"),
     ]:
         assert run_cli(["cutoff", str(run), *args]) == 2, args
         assert re.search(match, capsys.readouterr().err), (args, match)
