@@ -126,5 +126,6 @@ def cmd_convert(args) -> int:
     from .qcfs import convert_run
 
     convert_run(args.run, args.out, T=args.T, weights=args.weights, overwrite=args.overwrite)
-    print(f"next: fewstep eval {args.out}; fewstep cutoff {args.out} --policy topk --max-drop 0.01")
+    # the converted networks measured so far answered soonest under a bound with softmax (docs/results.md)
+    print(f"next: fewstep eval {args.out}; fewstep cutoff {args.out} --policy softmax --max-drop 0.01 --max-step auto")
     return 0
