@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     c.add_argument("--split", default="test", choices=["test", "val"], help="split to report on (calibration "
                    "always uses val)")
     c.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    c.add_argument("--repeats", type=_int_at_least(1), default=5, help="timing rounds of ~0.5 s each, full T and early exit "
-                   "interleaved; the median is reported (default 5)")
+    c.add_argument("--repeats", type=_int_at_least(1), default=5, help="timing rounds of at least ~0.5 s each, full T and "
+                   "early exit interleaved; the median is reported (default 5)")
     c.add_argument("--timing-samples", type=_int_at_least(0), default=2048, metavar="N",
                    help="time the wall clock on N samples of the split, evenly spaced (default 2048; 0: all); "
                         "accuracy, exits and counts always use the whole split")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -174,7 +175,11 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     r2 = json.loads((digits_run / "cutoff_topk.json").read_text())
     assert r2["timing_samples"] == 40 and sum(r2["exit_histogram"]) == r2["n"] == r["n"] > 40
     assert r2["mean_exit_step"] == r["mean_exit_step"] and r2["accuracy"] == r["accuracy"]
-    assert f"per pass on 40 of the {r['n']} samples" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"per pass on 40 of the {r['n']} samples" in out
+    assert "  calibrating topk on the validation split (T = 4) ... " in err  # each stage on stderr, with its time
+    assert re.search(r"timing full T against early exit on 40 samples \(1 rounds\) and multi-step passes \.\.\. "
+                     r"\d+\.\d s\n", err)
     assert r["spikes_per_sample"] <= r["spikes_per_sample_full"] + 1e-9
     cal = json.loads((digits_run / "calibration_topk.json").read_text())
     assert cal["meta"]["calibration_split"] == "val" and len(cal["betas"]) == 4
@@ -225,6 +230,18 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert (digits_run / "accuracy_per_step.png").stat().st_size > 1000
     assert len(t["accuracy_per_step"]) == 4 and t["accuracy_per_step"][-1] == t["full_accuracy"]
     assert (digits_run / "cutoff_topk_exits.png").stat().st_size > 1000
+
+
+def test_report_stages_end_their_line_when_stopped(capsys):
+    from fewstep.reports import _stage
+
+    with _stage(True, "counting"):
+        pass
+    with pytest.raises(RuntimeError), _stage(True, "timing"):
+        raise RuntimeError("interrupted")
+    with _stage(False, "quiet"):
+        pass
+    assert re.fullmatch(r"  counting \.\.\. \d+\.\d s\n  timing \.\.\. stopped\n", capsys.readouterr().err)
 
 
 def test_cutoff_says_when_a_multi_step_pass_is_faster(digits_run, capsys, monkeypatch):
