@@ -58,7 +58,11 @@ def _meta(run_dir: Path, cfg) -> dict:
             "best_epoch": ckpt["best_epoch"], "calibration_split": "val"}
 
 
-def _check_auto_cap(policy: str, max_drop, max_step) -> None:
+def _check_target(policy: str, max_drop, max_step, mc_dropout: float = 0.0) -> None:
+    """Options that cannot go together with (or without) a ``--max-drop`` target, refused before any work."""
+    if max_drop is not None and mc_dropout:
+        raise ValueError("--mc-dropout stacks perturbed copies of every validation sample, which the --max-drop bound "
+                         "would count as independent samples (a bound that is too tight): give one or the other")
     if max_step == "auto" and max_drop is None:
         raise ValueError("--max-step auto chooses the step cap together with the threshold to meet a target: "
                          "give --max-drop D (and --confidence), or a fixed --max-step K")
@@ -74,7 +78,7 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     and ``max_step="auto"`` chooses the cap too (:func:`fewstep.calibration.calibrate_to_target`).
     ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`)."""
     run_dir = Path(run_dir)
-    _check_auto_cap(policy, max_drop, max_step)
+    _check_target(policy, max_drop, max_step, mc_dropout)
     if model is None:
         model, cfg, bundle = load_run(run_dir, data_root=data_root)
     T = cfg.data.T
@@ -122,7 +126,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     samples of the split, evenly spaced (``None``: all of them; every other figure uses the whole split)."""
     run_dir = Path(run_dir)
     if calibration is None:
-        _check_auto_cap(policy, max_drop, max_step)
+        _check_target(policy, max_drop, max_step, mc_dropout)
     model, cfg, bundle = load_run(run_dir, device=device, data_root=data_root)
     dev = _device(model)
     T = cfg.data.T

@@ -162,6 +162,7 @@ def test_cli_options_out_of_range_or_meaningless_together(tmp_path, capsys):
         (["--policy", "topk", "--max-step", "auto"], "--max-step auto chooses the step cap together with the "
                                                      "threshold to meet a target: give --max-drop D"),
         (["--policy", "timestep", "--max-drop", "0.01", "--max-step", "auto"], "--max-step caps a threshold policy"),
+        (["--policy", "softmax", "--max-drop", "0.01", "--mc-dropout", "0.3"], "--mc-dropout stacks perturbed copies"),
     ]:
         assert run_cli(["cutoff", str(run), *args]) == 2, args
         assert re.search(match, capsys.readouterr().err), (args, match)
