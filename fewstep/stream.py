@@ -141,7 +141,10 @@ def decide(model, rec: Recording, policy: _cf.Policy, realtime: bool = False, de
         set_step_mode(model, prev)
     prediction, step = answer
     wall_ms = 1e3 * (time.perf_counter() - start)
-    return {"exit_step": step, "T": T, "prediction": prediction,
+    # what ended the stream: the policy's rule, its step cap (a calibration may carry one), or the last frame
+    fired = bool(policy.fire(live.Y, step)[0])
+    stopped_by = "policy" if fired else "step cap" if policy.max_step is not None and step >= policy.max_step else "T"
+    return {"exit_step": step, "T": T, "prediction": prediction, "stopped_by": stopped_by,
             "sensor_ms": step * rec.frame_us / 1e3, "recording_ms": rec.span_us / 1e3,
             "frame_ms": rec.frame_us / 1e3, "compute_ms_per_step": compute_ms, "wall_ms": wall_ms,
             "warmup_ms": warmup_ms,
@@ -257,8 +260,10 @@ def _decided_class(r: dict) -> str:
 def summary_lines(r: dict) -> list[str]:
     c = r["compute_ms_per_step"]
     med = float(np.median(c))
+    why = {"policy": "", "step cap": f"; stopped by its step cap {r['exit_step']}: the policy had not fired",
+           "T": "; the policy had not fired by the last frame"}.get(r.get("stopped_by"), "")
     lines = [f"decision: {_decided_class(r)} at step {r['exit_step']} of {r['T']} "
-             f"(policy {r['policy']['policy']})"]
+             f"(policy {r['policy']['policy']}{why})"]
     if r["frame_ms"] == r["frame_ms"]:
         lines.append(f"answered after {r['sensor_ms']:.1f} ms of a {r['recording_ms']:.1f} ms recording "
                      f"({r['frame_ms']:.2f} ms per frame, {r['n_events']} events)")

@@ -63,6 +63,28 @@ def test_stream_decides_like_the_batched_early_exit_on_a_real_recording(nmnist_r
     assert j["exit_step"] == r["exit_step"] and j["prediction"] == r["prediction"]
 
 
+def test_stream_says_what_stopped_it(nmnist_run, capsys):
+    """The policy's rule, a calibration's step cap before the rule fired, or the last frame."""
+    out, tr = nmnist_run
+    model = tr.model.eval()
+    test = tr.bundle.test
+    path = test.source.items[int(test.index[0])].path
+    rec = S.read_recording(tr.cfg, path)
+    never = _cf.make("softmax", epsilon=0.0)  # 1 - p_max < 0 never holds: only a cap or T stops it
+    never.T = 6
+    assert S.decide(model, rec, never)["stopped_by"] == "T" and S.decide(model, rec, never)["exit_step"] == 6
+    r = S.decide(model, rec, never.with_max_step(3))
+    assert (r["exit_step"], r["stopped_by"]) == (3, "step cap")
+    assert (S.decide(model, rec, _cf.Timestep(2, T=6))["stopped_by"]) == "policy"
+    meta = {"model": tr.cfg.model.name, "dataset": tr.cfg.data.name, "T": 6, "calibration_split": "val"}
+    _cf.save(never, out / "capped.json", meta)
+    capsys.readouterr()
+    assert main(["stream", str(out), "--events", path, "--policy", "softmax", "--calibration",
+                 str(out / "capped.json")]) == 0
+    assert "at step 3 of 6 (policy softmax; stopped by its step cap 3: the policy had not fired)" in \
+        capsys.readouterr().out
+
+
 def test_stream_calibrates_first_when_the_run_has_no_calibration(nmnist_run, capsys):
     out, _ = nmnist_run
     (out / "calibration_softmax.json").unlink(missing_ok=True)
