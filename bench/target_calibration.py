@@ -6,9 +6,10 @@ step cap as well, on one half of validation, and tests the bound on the other. F
 QCFS ANN converted on the fly to `--convert-T` steps) this computes the running logits of the validation and test
 splits once, then for every policy and drop: the bounded setting with no cap, with `max_step="auto"`, and the
 bounded fixed T (the `timestep` policy under the same bound: what a user without a cutoff would run), each read on
-test (mean exit step, the drop from full-T accuracy, whether it stays within D). Exits are `cutoff.simulate`'s on
-the full-length outputs, which the real early-exit runner matches sample for sample (tests/test_anytime.py); the
-wall-clock of the real runner is `fewstep cutoff`'s job.
+test (mean exit step, the drop from full-T accuracy, whether it stays within D). The same calibrations as `fewstep
+ablate`'s "bounded" exits (`fewstep.ablation_analysis.bounded_exits`), for any run folder, with a per-run plot.
+Exits are `cutoff.simulate`'s on the full-length outputs, which the real early-exit runner matches sample for sample
+(tests/test_anytime.py); the wall-clock of the real runner is `fewstep cutoff`'s job.
 
     python bench/target_calibration.py --runs runs/abl-cifar-qcfs4/qcfs/seed{0,1,2,3} --convert-T 64 \\
         --out runs/target-calibration-cifar.json
@@ -30,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fewstep import anytime as at  # noqa: E402
-from fewstep import calibration as cal  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
+from fewstep.ablation_analysis import bounded_exits  # noqa: E402
 from fewstep.metrics import predict  # noqa: E402
 from fewstep.qcfs import convert_run  # noqa: E402
 from fewstep.runfolder import load_run  # noqa: E402
@@ -50,15 +51,21 @@ def outputs(run: Path, convert_T: int | None):
     return Yv, yv, cf.running(O), y
 
 
-def measure(Yv, yv, Y, y, policy: str, drop: float, confidence: float, cap) -> dict:
-    r = cal.calibrate_to_target(policy, Yv, yv, drop, confidence, max_step=cap)
-    d = cf.simulate(r.policy, Y)
-    full = (Y[-1].argmax(-1) == y).float().mean().item()
-    acc = d.accuracy(y)
-    return {"policy": policy, "max_drop": drop, "cap": cap, "setting": r.policy.params(), "max_step": r.cap,
-            "bound": r.bound, "val_mean_exit_step": r.mean_exit_step, "n_test_val": r.n_test,
-            "mean_exit_step": d.mean_exit_step(), "accuracy": acc, "drop": full - acc, "within": full - acc <= drop,
-            "ran_to_T": float((d.exit_step == Y.shape[0]).float().mean())}
+def measure(Yv, yv, Y, y, policies: list[str], drops: list[float], confidence: float) -> list[dict]:
+    """One row per (drop, rule): the bounded fixed T, and each policy bounded without and with the auto cap
+    (:func:`fewstep.ablation_analysis.bounded_exits`, which `fewstep ablate` reports too), read on test."""
+    rows = []
+    b = bounded_exits(Yv, yv, Y, y, confidence, drops, policies)
+    for drop in drops:
+        for rule in ["timestep"] + [p + c for p in policies for c in ("", "+cap")]:
+            r = b[rule][str(drop)]
+            rows.append({"policy": rule.removesuffix("+cap"), "max_drop": drop,
+                         "cap": "auto" if rule.endswith("+cap") else None, "setting": r["setting"],
+                         "max_step": r["max_step"], "bound": r["bound"], "val_mean_exit_step": r["val_mean_exit_step"],
+                         "n_test_val": r["n_tested"], "mean_exit_step": r["mean_exit_step"],
+                         "accuracy": r["test_accuracy"], "drop": r["test_drop"], "within": r["test_drop"] <= drop,
+                         "ran_to_T": r["ran_to_T"]})
+    return rows
 
 
 def plot(rows, drops, policies, confidence, path) -> None:
@@ -107,11 +114,7 @@ def main(argv=None) -> int:
         for run in map(Path, a.runs):
             t0 = time.perf_counter()
             Yv, yv, Y, y = outputs(run, a.convert_T)
-            for drop in drops:
-                rows.append({"run": str(run), **measure(Yv, yv, Y, y, "timestep", drop, a.confidence, None)})
-                for policy in a.policies.split(","):
-                    for cap in (None, "auto"):
-                        rows.append({"run": str(run), **measure(Yv, yv, Y, y, policy, drop, a.confidence, cap)})
+            rows += [{"run": str(run), **r} for r in measure(Yv, yv, Y, y, a.policies.split(","), drops, a.confidence)]
             print(f"{run}: outputs and calibrations in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"confidence": a.confidence, "rows": rows}, indent=2))

@@ -23,11 +23,13 @@ fitted on validation, evaluated on test) with the OCT oracle, the calibrated exi
 test), firing rates, and energy per sample at full T and at the calibrated exits (METHODS §8).
 Beside each calibrated exit the report puts the baseline it must beat: the fixed T a user without a
 cutoff would run (the fewest steps whose validation accuracy is within the same drop), read off the
-validation accuracy per step, and the exit's step saving over it ("vs fixed T").
+validation accuracy per step, and the exit's step saving over it ("vs fixed T"). The same exits are also
+calibrated with a 95 % bound on the drop, as ``fewstep cutoff --max-drop d`` calibrates them (the fixed T, each
+policy, and each policy with a step cap chosen for the bound), and measured on test: did each stay within d?
 The aggregate goes to ``OUT/results.md`` (mean ± sample std over seeds, and each variant's paired
 difference from the first), ``OUT/summary.json`` and the plots ``accuracy_per_step.png``,
-``learning_curves.png`` (validation accuracy per epoch), ``tradeoff.png``, ``speedup.png`` and ``paired.png``
-(each variant's paired differences with their 95 % interval over seeds).
+``learning_curves.png`` (validation accuracy per epoch), ``tradeoff.png``, ``speedup.png``, ``bounded.png`` (the
+bounded exits) and ``paired.png`` (each variant's paired differences with their 95 % interval over seeds).
 
 By concern: the variant tokens live in :mod:`fewstep.ablation_variants`, the per-run analysis in
 :mod:`fewstep.ablation_analysis`, the report in :mod:`fewstep.ablation_report`; this module runs the command
@@ -47,7 +49,8 @@ import yaml
 
 from . import config as _config
 from . import cutoff as _cf
-from .ablation_analysis import ANALYSIS_VERSION, analyse, calibrated_exits, images_per_second  # noqa: F401
+from .ablation_analysis import (ANALYSIS_VERSION, analyse, bounded_exits, calibrated_exits,  # noqa: F401
+                                images_per_second)
 from .ablation_markdown import markdown
 from .ablation_report import aggregate, plot_summary
 from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
@@ -204,9 +207,8 @@ class Ablation:
         summary = aggregate(results, self.variants, self.base, self._spec())
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "results.md").write_text(markdown(summary))
-        plot_summary(summary, self.out)
-        self.log(f"wrote {self.out / 'results.md'}, summary.json, accuracy_per_step.png, learning_curves.png, "
-                 "tradeoff.png, speedup.png" + (", paired.png" if len(summary["variants"]) > 1 else ""))
+        plotted = plot_summary(summary, self.out)
+        self.log(f"wrote {self.out / 'results.md'}, summary.json" + "".join(f", {name}" for name in plotted))
         return summary
 
     @staticmethod
@@ -256,7 +258,7 @@ class Ablation:
             return None
         a = json.loads(path.read_text())
         ann = cfg.model.neuron == "qcfs"
-        if (a.get("version") != ANALYSIS_VERSION or "images_per_s" not in a or "capped" not in a
+        if (a.get("version") != ANALYSIS_VERSION or any(k not in a for k in ("images_per_s", "capped", "bounded"))
                 or (ann and a.get("T") != self.convert_T)):
             return None
         ckpt = load_checkpoint(ck)
@@ -277,14 +279,16 @@ class Ablation:
             model, cfg = _qcfs.convert(model).eval(), _qcfs.converted_config(cfg, self.convert_T)
         return model, cfg
 
-    def _capped(self, trainer, ann: bool) -> dict:
+    def _outputs(self, trainer, ann: bool) -> tuple:
+        """Running logits and labels of validation and test (``Yv, yv, Yt, yt``), for figures added to an analysis
+        after it was made."""
         from .metrics import predict
 
         model, cfg = self._judged_model(trainer, ann)
         b, T, bs = trainer.bundle, cfg.data.T, cfg.train.eval_batch_size
         Ov, yv, _ = predict(model, b.val, T, b.kind, cfg.data.encoding, bs)
         Ot, yt, _ = predict(model, b.test, T, b.kind, cfg.data.encoding, bs)
-        return calibrated_exits(_cf.running(Ov), yv, _cf.running(Ot), yt, cap=True)
+        return _cf.running(Ov), yv, _cf.running(Ot), yt
 
     def _analysis(self, trainer, metrics: dict, tag: str) -> dict:
         rd = trainer.out
@@ -297,9 +301,13 @@ class Ablation:
                 if "images_per_s" not in a:  # added after version 1: measured alone, kept with the rest
                     a["images_per_s"] = images_per_second(*self._judged_model(trainer, ann), trainer.bundle)
                     path.write_text(json.dumps(a, indent=2))
-                if "capped" not in a:  # added after version 1: the outputs again, not the energy counts
-                    self.log(f"{tag}: adding the capped exits to its analysis")
-                    a["capped"] = self._capped(trainer, ann)
+                missing = [k for k in ("capped", "bounded") if k not in a]  # added after version 1
+                if missing:  # the outputs again, not the energy counts
+                    self.log(f"{tag}: adding the {' and the '.join(missing)} exits to its analysis")
+                    outputs = self._outputs(trainer, ann)
+                    if "capped" in missing:
+                        a["capped"] = calibrated_exits(*outputs, cap=True)
+                    a["bounded"] = bounded_exits(*outputs)
                     path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"

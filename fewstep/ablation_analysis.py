@@ -1,5 +1,6 @@
 """The per-run analysis of ``fewstep ablate`` (``analysis.json``): accuracy per step, trade-off curves, calibrated
-exits and energy of one trained network. Thresholds are only ever fitted on validation; test is only measured.
+exits (by validation accuracy, and with a bound on the drop) and energy of one trained network. Thresholds are only
+ever fitted on validation; test is only measured.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from . import calibration as _cal
 from . import cutoff as _cf
 from . import ops as _ops
-from .ablation_report import DROPS, POLICIES
+from .ablation_report import BOUND_CONFIDENCE, DROPS, POLICIES  # noqa: F401
 
 ANALYSIS_VERSION = 1
 
@@ -56,6 +57,37 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
                                                   "speedup": T / best["mean_exit_step"]}
     out["calibrated"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"])
     out["capped"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"], cap=True)
+    out["bounded"] = bounded_exits(Yv, yv, Yt, yt)
+    return out
+
+
+def bounded_exits(Yv, yv, Yt, yt, confidence: float = BOUND_CONFIDENCE, drops=DROPS, policies=POLICIES) -> dict:
+    """``{rule: {drop: ...}}``: each rule calibrated on validation *with a guarantee*, as ``fewstep cutoff --max-drop
+    d --confidence 0.95`` calibrates it (:func:`fewstep.calibration.calibrate_to_target`: the most aggressive setting
+    whose one-sided Clopper-Pearson bound on the share of samples it harms is <= d), then measured on test. Rules:
+    ``timestep`` (the fixed T under the same bound), each policy, and each policy ``+cap`` with its step cap chosen
+    for the bound (``--max-step auto``). Where no setting passes (too few validation samples to bound d: with none
+    harmed, n >= ln(1 - confidence) / ln(1 - d) are needed) the rule runs every sample to T."""
+    T = Yt.shape[0]
+    right_at_T = Yt[-1].argmax(-1) == yt
+    full_test = right_at_T.float().mean().item()
+    out: dict = {}
+    for rule in ("timestep",) + tuple(policies) + tuple(f"{n}+cap" for n in policies):
+        name, auto = rule.removesuffix("+cap"), rule.endswith("+cap")
+        out[rule] = {}
+        for drop in drops:
+            r = _cal.calibrate_to_target(name, Yv, yv, drop, confidence, max_step="auto" if auto else None)
+            d = _cf.simulate(r.policy, Yt)
+            right = d.prediction == yt
+            out[rule][str(drop)] = {
+                "setting": {k: v for k, v in r.policy.params().items() if k in ("epsilon", "t")},
+                "max_step": r.cap, "bound": r.bound, "n_fit": r.n_fit, "n_tested": r.n_test,
+                "val_mean_exit_step": r.mean_exit_step,
+                "test_accuracy": right.float().mean().item(), "test_drop": full_test - right.float().mean().item(),
+                "test_harmed": int((right_at_T & ~right).sum()),
+                "mean_exit_step": d.mean_exit_step(), "speedup": T / d.mean_exit_step(),
+                "ran_to_T": (d.exit_step >= T).float().mean().item(),
+            }
     return out
 
 

@@ -203,6 +203,19 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
         assert k is None or 1 <= k < 4
         assert c["val_mean_exit_step"] <= a["calibrated"][name]["0.006"]["val_mean_exit_step"] + 1e-9  # never slower on val
         assert f"| tet | {name} + cap " in md
+    # the exits calibrated with a bound on the drop, as `fewstep cutoff --max-drop` makes them; an analysis made
+    # before them gets them added from the network's outputs, the same as a fresh one
+    assert set(a["bounded"]) == {"timestep", "softmax", "topk", "softmax+cap", "topk+cap"}
+    assert all(c["bound"] <= float(d) for r in a["bounded"].values() for d, c in r.items())
+    assert "## Calibrated with a 95 % bound on the drop (test)" in md
+    fresh = a.pop("bounded")
+    (first / "analysis.json").write_text(json.dumps(a))
+    logs.clear()
+    A.Ablation.from_folder(out, log=logs.append).run(analyse_only=True)
+    assert any(m.startswith("[1/4] tet seed 0: adding the bounded exits") for m in logs)
+    assert json.loads((first / "analysis.json").read_text())["bounded"] == fresh
+    assert logs[-1].endswith("speedup.png, paired.png")  # no bounded.png: too few validation images to bound 1 pt
+    assert a["n_val"] < 299 and not (out / "bounded.png").exists()
     # what each variant changed is listed, so the report never calls a budget shared that is not
     assert summary["spec"]["differences"] == {"tet": {}, "tet+rcs": {"regularizer.name": "rcs",
                                                                       "regularizer.rcs_weight": 0.01}}
@@ -367,3 +380,75 @@ def test_exits_at_the_same_validation_bar():
     md = markdown(summ)
     assert "## Paired at the same validation bar (from tet)" in md
     assert "| low | 0.6 pt | -0.70 ± 0.00, [-0.70, -0.70] 0/0/2 **beyond noise** |" in md
+
+
+def test_bounded_exits_keep_the_guarantee_by_hand_and_report_it(tmp_path):
+    import torch
+
+    from fewstep import calibration as cal
+    from fewstep.ablation_analysis import bounded_exits
+    from fewstep.ablation_markdown import markdown
+    from fewstep.ablation_report import _scalars, aggregate
+
+    def outputs(n: int, wrong: dict) -> tuple:
+        """Running logits [3, n, 2]: every sample right at T = 3; ``wrong[t]`` samples wrong at step t."""
+        y = torch.zeros(n, dtype=torch.long)
+        logits = torch.zeros(3, n, 2)
+        logits[..., 0] = 1.0
+        for t, k in wrong.items():
+            logits[t - 1, :k] = torch.tensor([0.0, 1.0])
+        return logits, y
+
+    # validation: 400 samples, 10 wrong at step 1, none at step 2. With none harmed the 95 % bound is
+    # 1 - 0.05 ** (1 / 400) = 0.746 %: the fixed T may stop at t = 2 within 1 pt, not within 0.6 pt (needs n >= 498)
+    assert cal.harm_upper_bound(0, 400, 0.95) == pytest.approx(1 - 0.05 ** (1 / 400))
+    Yv, yv = outputs(400, {1: 10})
+    Yt, yt = outputs(200, {1: 30, 2: 2})  # test: stopping at t = 2 harms 2 of 200 (1 pt)
+    b = bounded_exits(Yv, yv, Yt, yt)
+    one, tight = b["timestep"]["0.01"], b["timestep"]["0.006"]
+    assert one["setting"] == {"t": 2} and one["bound"] == pytest.approx(1 - 0.05 ** (1 / 400))
+    assert one["mean_exit_step"] == 2.0 and one["test_harmed"] == 2 and one["test_drop"] == pytest.approx(0.01)
+    assert one["ran_to_T"] == 0.0 and one["speedup"] == pytest.approx(1.5)
+    assert tight["setting"] == {"t": 3} and tight["mean_exit_step"] == 3.0 and tight["ran_to_T"] == 1.0
+    for rule in ("softmax", "topk", "softmax+cap", "topk+cap"):  # each as `fewstep cutoff --max-drop` calibrates it
+        name, auto = rule.removesuffix("+cap"), rule.endswith("+cap")
+        for d in (0.006, 0.01):
+            r = cal.calibrate_to_target(name, Yv, yv, d, 0.95, max_step="auto" if auto else None)
+            got = b[rule][str(d)]
+            assert got["bound"] == r.bound <= d and got["max_step"] == r.cap
+            assert got["mean_exit_step"] == pytest.approx(cal.simulate(r.policy, Yt).mean_exit_step())
+    # in the report: within d on test (1 pt exactly: within), the fixed T under the bound, and the n it needs
+    a = {"T": 3, "val_accuracy_per_step": [0.975, 1.0, 1.0], "test_accuracy_per_step": [0.85, 0.99, 1.0],
+         "firing_rate": 0.1, "energy_uj_full": 1.0, "spikes_per_sample": 1.0, "n_val": 400, "n_test": 200,
+         "oct": {"accuracy": 1.0, "mean_exit_step": 1.0}, "bounded": b,
+         "calibrated": {n: {d: {"speedup": 1.0, "mean_exit_step": 3.0, "test_drop": 0.0, "energy_uj": None,
+                                "setting": {}}
+                            for d in ("0.006", "0.01")} for n in ("softmax", "topk")},
+         "test_curve": {n: {d: {"speedup": 1.0} for d in ("0.006", "0.01")} for n in ("softmax", "topk")},
+         "curves": {n: [{"epsilon": 0.1, "accuracy": 1.0, "mean_exit_step": 3.0}] for n in ("softmax", "topk")}}
+    s = _scalars(a)
+    assert s["bound:timestep@0.01:within"] == 1.0 and s["bound:timestep@0.01:exit_accuracy"] == pytest.approx(0.99)
+    spec = {"command": "x", "seeds": [0], "base": quick(None).to_dict()}
+    md = markdown(aggregate({"tet": {0: a}}, ["tet"], spec["base"], spec))
+    assert "## Calibrated with a 95 % bound on the drop (test)" in md
+    assert "from n = 498 validation samples at 0.6 pt and 299 at 1 pt" in md
+    assert "This ablation has 400: at 0.6 pt every bounded rule runs every sample to T (not tabled)." in md
+    assert "| tet | fixed T | 1 pt | 2.00 | 1.50× | 1.00 | 99.00 | 1/1 | 0.0 | 1 |" in md
+    assert "| tet | fixed T | 0.6 pt |" not in md.split("bound on the drop")[1]
+    # a second variant exits one step sooner under the same bound: 1 step saved, paired; with 100 validation
+    # samples no bound reaches either d, and the table says so instead of listing runs to T
+    fast = json.loads(json.dumps(a))
+    fast["bounded"]["softmax"]["0.01"].update(mean_exit_step=b["softmax"]["0.01"]["mean_exit_step"] - 1)
+    md = markdown(aggregate({"tet": {0: a, 1: a}, "fast": {0: fast, 1: fast}}, ["tet", "fast"], spec["base"], spec))
+    assert "| fast | softmax | 1 pt | +1.00 ± 0.00, [+1.00, +1.00] 2/0/0 **beyond noise** | +0.00 ± 0.00," in md
+    from fewstep.ablation_report import plot_summary
+
+    summ = aggregate({"tet": {0: a, 1: a}, "fast": {0: fast, 1: fast}}, ["tet", "fast"], spec["base"], spec)
+    assert "bounded.png" in plot_summary(summ, tmp_path) and (tmp_path / "bounded.png").stat().st_size > 5000
+    small = dict(a, n_val=100)
+    md = markdown(aggregate({"tet": {0: small}}, ["tet"], spec["base"], spec))
+    assert "This ablation has 100: at 0.6 pt and 1 pt every bounded rule runs every sample to T (not tabled)." in md
+    assert "| tet | fixed T | 1 pt | 2.00 |" not in md
+    # analyses made before the bounded exits existed are reported without them
+    old = {k: v for k, v in a.items() if k != "bounded"}
+    assert "bound on the drop" not in markdown(aggregate({"tet": {0: old}}, ["tet"], spec["base"], spec))
