@@ -69,8 +69,7 @@ def bounded_exits(Yv, yv, Yt, yt, confidence: float = BOUND_CONFIDENCE, drops=DR
     for the bound (``--max-step auto``). Where no setting passes (too few validation samples to bound d: with none
     harmed, n >= ln(1 - confidence) / ln(1 - d) are needed) the rule runs every sample to T."""
     T = Yt.shape[0]
-    right_at_T = Yt[-1].argmax(-1) == yt
-    full_test = right_at_T.float().mean().item()
+    full_test = _acc(Yt, yt)[-1]
     out: dict = {}
     for rule in ("timestep",) + tuple(policies) + tuple(f"{n}+cap" for n in policies):
         name, auto = rule.removesuffix("+cap"), rule.endswith("+cap")
@@ -78,13 +77,12 @@ def bounded_exits(Yv, yv, Yt, yt, confidence: float = BOUND_CONFIDENCE, drops=DR
         for drop in drops:
             r = _cal.calibrate_to_target(name, Yv, yv, drop, confidence, max_step="auto" if auto else None)
             d = _cf.simulate(r.policy, Yt)
-            right = d.prediction == yt
             out[rule][str(drop)] = {
                 "setting": {k: v for k, v in r.policy.params().items() if k in ("epsilon", "t")},
                 "max_step": r.cap, "bound": r.bound, "n_fit": r.n_fit, "n_tested": r.n_test,
                 "val_mean_exit_step": r.mean_exit_step,
-                "test_accuracy": right.float().mean().item(), "test_drop": full_test - right.float().mean().item(),
-                "test_harmed": int((right_at_T & ~right).sum()),
+                "test_accuracy": d.accuracy(yt), "test_drop": full_test - d.accuracy(yt),
+                "test_harmed": _cal.harmed(d, Yt, yt),
                 "mean_exit_step": d.mean_exit_step(), "speedup": T / d.mean_exit_step(),
                 "ran_to_T": (d.exit_step >= T).float().mean().item(),
             }

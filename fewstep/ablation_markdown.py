@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from .ablation_report import BOUND_CONFIDENCE, DROPS, POLICIES, _ms, bound_n, bound_rules, exit_rules
+from .ablation_report import (BOUND_CONFIDENCE, DROPS, POLICIES, _ms, _paired, bound_n, bound_rules,
+                              exit_rules)
 
 
 def _fmt(st: dict, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
@@ -111,11 +112,7 @@ def bound_table(vs: dict, base_v: str) -> list[str]:
                             f"{_fmt(st[k + 'ran_to_T'], 100, 1)} | "
                             + ("1" if rule == "timestep" else f"{_fmt(ratio)}×, {_fmt_ci(ratio)}") + " |")
                 if v != base_v and rule != "timestep" and (pd.get(k + "mean_exit_step") or {}).get("n"):
-                    saved = dict(pd[k + "mean_exit_step"])  # the baseline's steps minus the variant's
-                    ci = saved["ci95"]
-                    saved.update(mean=0.0 - saved["mean"], values=[0.0 - x for x in saved["values"]],
-                                 ahead=saved["behind"], behind=saved["ahead"],
-                                 ci95=None if ci is None else [0.0 - ci[1], 0.0 - ci[0]])
+                    saved = _paired([0.0 - x for x in pd[k + "mean_exit_step"]["values"]])  # baseline's − variant's
                     acc = pd[k + "exit_accuracy"]
                     paired.append(f"| {v} | {label} | {100 * d:g} pt | {_fmt_diff(saved)}, {_fmt_ci(saved)} | "
                                   f"{_fmt_diff(acc, 100)}, {_fmt_ci(acc, 100)} |")

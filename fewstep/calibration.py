@@ -79,13 +79,19 @@ def _chain(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor, max_drop: float
     return out
 
 
+def harmed(d, Y: torch.Tensor, y: torch.Tensor) -> int:
+    """How many samples the decision ``d`` harms: right at T (``Y[-1]``), wrong at their exit. Their share bounds
+    the accuracy drop the cutoff costs."""
+    return int(((Y[-1].argmax(-1) == y) & (d.prediction.to(y.device) != y)).sum())
+
+
 def _judge(pol: Policy, d, Y: torch.Tensor, y: torch.Tensor, max_drop: float, confidence: float | None) -> dict:
     """One setting's decision ``d`` on (``Y``, ``y``): the samples it harms (right at T, wrong at exit), the bound
     on their share, whether that is within ``max_drop``, and the accuracy drop observed."""
     right_at_T, right = Y[-1].argmax(-1) == y, d.prediction.to(y.device) == y
-    harmed = int((right_at_T & ~right).sum())
-    bound = harmed / len(y) if confidence is None else harm_upper_bound(harmed, len(y), confidence)
-    return {"params": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}, "harmed": harmed,
+    n_harmed = harmed(d, Y, y)
+    bound = n_harmed / len(y) if confidence is None else harm_upper_bound(n_harmed, len(y), confidence)
+    return {"params": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}, "harmed": n_harmed,
             "bound": bound, "mean_exit_step": d.mean_exit_step(), "accepted": bound <= max_drop,
             "drop": (right_at_T.float().mean() - right.float().mean()).item()}
 
@@ -94,16 +100,14 @@ def _cap_path(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor) -> list[tupl
     """Every (candidate index, cap) on (``Y``, ``y``), reduced to those no other setting beats on both samples
     harmed and mean exit step, ordered from least harmful (slowest) to most (fastest)."""
     T = Y.shape[0]
-    right_at_T = Y[-1].argmax(-1) == y
     scored = []
     for i, pol in enumerate(pols):
         d = simulate(pol.with_max_step(None), Y)
         for k in [None] + list(range(1, int(d.exit_step.max()))):
             dk = d if k is None else capped(d, Y, k)
-            harmed = int((right_at_T & ~(dk.prediction.to(y.device) == y)).sum())
-            scored.append((harmed, dk.mean_exit_step(), i, k or T))
+            scored.append((harmed(dk, Y, y), dk.mean_exit_step(), i, k or T))
     path, fastest = [], float("inf")
-    for harmed, ex, i, k in sorted(scored):
+    for _, ex, i, k in sorted(scored):
         if ex < fastest - 1e-9:
             path.append((i, None if k == T else k))
             fastest = ex

@@ -118,7 +118,8 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
 def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
                   batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
                   continuous: bool = True, device: str = "cpu", graphs: str = "auto",
-                  max_step: "int | str | None" = None, data_root=None, progress: bool = False, timing_samples: "int | None" = None) -> dict:
+                  max_step: "int | str | None" = None, data_root=None, progress: bool = False,
+                  timing_samples: "int | None" = None) -> dict:
     """Calibrate (or load) ``policy``, run early exit on ``split`` for real on ``device`` (``graphs``: see
     :func:`fewstep.anytime.early_exit`), time it against full T, count operations; writes cutoff_POLICY.json.
     ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`).
