@@ -1,7 +1,8 @@
 """Calibrating to a target with a guarantee: does the bound hold on test, and what does a step cap chosen for it save?
 
 `fewstep cutoff --max-drop D --confidence C` picks the fastest setting whose upper confidence bound on the accuracy
-drop is within D, on validation data only (`fewstep.calibration.calibrate_to_target`); `--max-step auto` chooses a
+drop (or, with `--bound harm`, on the share of samples harmed) is within D, on validation data only
+(`fewstep.calibration.calibrate_to_target`); `--max-step auto` chooses a
 step cap as well, on one half of validation, and tests the bound on the other. For each run folder (an SNN, or a
 QCFS ANN converted on the fly to `--convert-T` steps) this computes the running logits of the validation and test
 splits once, then for every policy and drop: the bounded setting with no cap, with `max_step="auto"`, and the
@@ -51,11 +52,12 @@ def outputs(run: Path, convert_T: int | None):
     return Yv, yv, cf.running(O), y
 
 
-def measure(Yv, yv, Y, y, policies: list[str], drops: list[float], confidence: float) -> list[dict]:
+def measure(Yv, yv, Y, y, policies: list[str], drops: list[float], confidence: float,
+            bound: str = "drop") -> list[dict]:
     """One row per (drop, rule): the bounded fixed T, and each policy bounded without and with the auto cap
     (:func:`fewstep.ablation_analysis.bounded_exits`, which `fewstep ablate` reports too), read on test."""
     rows = []
-    b = bounded_exits(Yv, yv, Y, y, confidence, drops, policies)
+    b = bounded_exits(Yv, yv, Y, y, confidence, drops, policies, bound=bound)
     for drop in drops:
         for rule in ["timestep"] + [p + c for p in policies for c in ("", "+cap")]:
             r = b[rule][str(drop)]
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--convert-T", type=int, default=None, help="convert each QCFS ANN run to this many steps first")
     ap.add_argument("--drops", default="0.006,0.01", help="targets, as fractions (default 0.6 and 1 pt)")
     ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--bound", choices=["drop", "harm"], default="drop",
+                    help="what is bounded (fewstep cutoff --bound; the figures of 2026-12-05 and before: harm)")
     ap.add_argument("--policies", default="softmax,topk")
     ap.add_argument("--out", default="runs/target_calibration.json")
     ap.add_argument("--plot", help="also draw each setting's mean exit step per run (PNG)")
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     drops = [float(x) for x in a.drops.split(",")]
     if a.from_json:
-        rows = json.loads(Path(a.out).read_text())["rows"]
+        saved = json.loads(Path(a.out).read_text())
+        rows, a.bound = saved["rows"], saved.get("bound", "harm")  # (files without the key were made with harm)
     elif not a.runs:
         ap.error("give --runs (or --from-json to report an earlier --out)")
     else:
@@ -114,13 +119,15 @@ def main(argv=None) -> int:
         for run in map(Path, a.runs):
             t0 = time.perf_counter()
             Yv, yv, Y, y = outputs(run, a.convert_T)
-            rows += [{"run": str(run), **r} for r in measure(Yv, yv, Y, y, a.policies.split(","), drops, a.confidence)]
+            rows += [{"run": str(run), **r}
+                     for r in measure(Yv, yv, Y, y, a.policies.split(","), drops, a.confidence, a.bound)]
             print(f"{run}: outputs and calibrations in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"confidence": a.confidence, "rows": rows}, indent=2))
+        Path(a.out).write_text(json.dumps({"confidence": a.confidence, "bound": a.bound, "rows": rows}, indent=2))
     if a.plot:
         plot(rows, drops, a.policies.split(","), a.confidence, a.plot)
-    print(f"bounded at {100 * a.confidence:.0f} % confidence on validation; read on test; mean ± std over "
+    on = "the share of samples harmed" if a.bound == "harm" else "the drop"
+    print(f"bounded ({on}) at {100 * a.confidence:.0f} % confidence on validation; read on test; mean ± std over "
           f"{len({r['run'] for r in rows})} runs (per run in {a.out})\n")
     print("| d | policy | cap | mean exit | fixed T's steps / exit's | test drop (pt) | within d | ran to T |")
     print("|---|---|---|---|---|---|---|---|")

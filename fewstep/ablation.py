@@ -56,6 +56,9 @@ from .ablation_report import aggregate, plot_summary
 from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
                                 register_token, tokens, variant_dict)
 
+# the exits added to the analysis after its version 1 (an older analysis gets them from --analyse-only): key -> name
+LATER_EXITS = {"capped": "capped", "bounded": "harm-bounded", "bounded_drop": "drop-bounded"}
+
 # ------------------------------------------------------------------------------------------ the command
 class Ablation:
     """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
@@ -258,7 +261,7 @@ class Ablation:
             return None
         a = json.loads(path.read_text())
         ann = cfg.model.neuron == "qcfs"
-        if (a.get("version") != ANALYSIS_VERSION or any(k not in a for k in ("images_per_s", "capped", "bounded"))
+        if (a.get("version") != ANALYSIS_VERSION or any(k not in a for k in ("images_per_s", *LATER_EXITS))
                 or (ann and a.get("T") != self.convert_T)):
             return None
         ckpt = load_checkpoint(ck)
@@ -301,13 +304,14 @@ class Ablation:
                 if "images_per_s" not in a:  # added after version 1: measured alone, kept with the rest
                     a["images_per_s"] = images_per_second(*self._judged_model(trainer, ann), trainer.bundle)
                     path.write_text(json.dumps(a, indent=2))
-                missing = [k for k in ("capped", "bounded") if k not in a]  # added after version 1
+                missing = [k for k in LATER_EXITS if k not in a]  # added after version 1
                 if missing:  # the outputs again, not the energy counts
-                    self.log(f"{tag}: adding the {' and the '.join(missing)} exits to its analysis")
+                    self.log(f"{tag}: adding the {' and the '.join(LATER_EXITS[k] for k in missing)} exits to its "
+                             "analysis")
                     outputs = self._outputs(trainer, ann)
-                    if "capped" in missing:
-                        a["capped"] = calibrated_exits(*outputs, cap=True)
-                    a["bounded"] = bounded_exits(*outputs)
+                    for k in missing:
+                        a[k] = (calibrated_exits(*outputs, cap=True) if k == "capped"
+                                else bounded_exits(*outputs, bound="harm" if k == "bounded" else "drop"))
                     path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"

@@ -57,17 +57,20 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
                                                   "speedup": T / best["mean_exit_step"]}
     out["calibrated"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"])
     out["capped"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"], cap=True)
-    out["bounded"] = bounded_exits(Yv, yv, Yt, yt)
+    out["bounded"] = bounded_exits(Yv, yv, Yt, yt, bound="harm")  # (the key of the first bounded exits)
+    out["bounded_drop"] = bounded_exits(Yv, yv, Yt, yt, bound="drop")
     return out
 
 
-def bounded_exits(Yv, yv, Yt, yt, confidence: float = BOUND_CONFIDENCE, drops=DROPS, policies=POLICIES) -> dict:
+def bounded_exits(Yv, yv, Yt, yt, confidence: float = BOUND_CONFIDENCE, drops=DROPS, policies=POLICIES,
+                  bound: str = "drop") -> dict:
     """``{rule: {drop: ...}}``: each rule calibrated on validation *with a guarantee*, as ``fewstep cutoff --max-drop
-    d --confidence 0.95`` calibrates it (:func:`fewstep.calibration.calibrate_to_target`: the most aggressive setting
-    whose one-sided Clopper-Pearson bound on the share of samples it harms is <= d), then measured on test. Rules:
-    ``timestep`` (the fixed T under the same bound), each policy, and each policy ``+cap`` with its step cap chosen
-    for the bound (``--max-step auto``). Where no setting passes (too few validation samples to bound d: with none
-    harmed, n >= ln(1 - confidence) / ln(1 - d) are needed) the rule runs every sample to T."""
+    d --confidence 0.95 --bound BOUND`` calibrates it (:func:`fewstep.calibration.calibrate_to_target`: the most
+    aggressive setting whose upper confidence bound on its accuracy drop, ``bound="drop"``, or on the share of
+    samples it harms, ``bound="harm"``, is <= d), then measured on test. Rules: ``timestep`` (the fixed T under the
+    same bound), each policy, and each policy ``+cap`` with its step cap chosen for the bound (``--max-step auto``).
+    Where no setting passes (too few validation samples to bound d:
+    :func:`fewstep.calibration.smallest_n`) the rule runs every sample to T."""
     T = Yt.shape[0]
     full_test = _acc(Yt, yt)[-1]
     out: dict = {}
@@ -75,7 +78,8 @@ def bounded_exits(Yv, yv, Yt, yt, confidence: float = BOUND_CONFIDENCE, drops=DR
         name, auto = rule.removesuffix("+cap"), rule.endswith("+cap")
         out[rule] = {}
         for drop in drops:
-            r = _cal.calibrate_to_target(name, Yv, yv, drop, confidence, max_step="auto" if auto else None)
+            r = _cal.calibrate_to_target(name, Yv, yv, drop, confidence, max_step="auto" if auto else None,
+                                         bound=bound)
             d = _cf.simulate(r.policy, Yt)
             out[rule][str(drop)] = {
                 "setting": {k: v for k, v in r.policy.params().items() if k in ("epsilon", "t")},

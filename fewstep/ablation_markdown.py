@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .ablation_report import (BOUND_CONFIDENCE, DROPS, POLICIES, _ms, _paired, bound_n, bound_rules,
+from .ablation_report import (BOUND_CONFIDENCE, BOUND_KINDS, DROPS, POLICIES, _ms, _paired, bound_n, bound_rules,
                               exit_rules)
 
 
@@ -87,19 +87,30 @@ def fixed_t_table(vs: dict) -> list[str]:
             "(pt) | its interval, seeds ahead / level / behind |", "|---|---|---|---|---|---|---|"] + rows
 
 
-def bound_table(vs: dict, base_v: str) -> list[str]:
-    """The exits calibrated with a 95 % bound on the drop (:func:`fewstep.ablation_analysis.bounded_exits`), measured
-    on test: did each stay within its d, and how many steps does it take against the fixed T under the same bound?
-    Then each variant's paired steps saved and accuracy at the exit against the baseline's bounded exits."""
+BOUND_TEXT = {  # what each bounded table's exits bound, in its description
+    "bound": ("whose upper confidence bound on its accuracy drop on validation is at most d (`--bound drop`, the "
+              "default: the one-sided Clopper-Pearson bound on the share of samples it harms, right at T and wrong at "
+              "the exit, at 97.5 %, minus that on the share it helps, wrong at T and right at the exit, at 97.5 %)"),
+    "harm": ("whose one-sided Clopper-Pearson bound on the share of validation samples it harms (right at T, wrong "
+             "at the exit) is at most d (`--bound harm`: stricter than the drop bound, it keeps full T's answers, "
+             "and where answers change both ways between steps it certifies less)"),
+}
+
+
+def bound_table(vs: dict, base_v: str, kind: str = "bound") -> list[str]:
+    """The exits calibrated with a 95 % bound (:func:`fewstep.ablation_analysis.bounded_exits`) on the drop
+    (``kind="bound"``) or on the share of samples harmed (``"harm"``), measured on test: did each stay within its
+    d, and how many steps does it take against the fixed T under the same bound? Then each variant's paired steps
+    saved and accuracy at the exit against the baseline's bounded exits."""
     n_val = min(e["n_val"] for e in vs.values())
-    need = {d: bound_n(d, BOUND_CONFIDENCE) for d in DROPS}
+    need = {d: bound_n(d, BOUND_CONFIDENCE, kind) for d in DROPS}
     short = [d for d in DROPS if n_val < need[d]]
     rows, paired = [], []
     for v, e in vs.items():
         st, vf, pd = e["stats"], e.get("vs_fixed") or {}, e.get("paired_diff") or {}
         for d in (d for d in DROPS if d not in short):
-            for rule in bound_rules(st):
-                k = f"bound:{rule}@{d}:"
+            for rule in bound_rules(st, kind):
+                k = f"{kind}:{rule}@{d}:"
                 name = rule.removesuffix("+cap")
                 label = {"timestep": "fixed T"}.get(name, name)
                 if rule.endswith("+cap"):
@@ -116,19 +127,19 @@ def bound_table(vs: dict, base_v: str) -> list[str]:
                     acc = pd[k + "exit_accuracy"]
                     paired.append(f"| {v} | {label} | {100 * d:g} pt | {_fmt_diff(saved)}, {_fmt_ci(saved)} | "
                                   f"{_fmt_diff(acc, 100)}, {_fmt_ci(acc, 100)} |")
-    if not any(bound_rules(e["stats"]) for e in vs.values()):
+    if not any(bound_rules(e["stats"], kind) for e in vs.values()):
         return []
-    L = ["", f"## Calibrated with a {100 * BOUND_CONFIDENCE:g} % bound on the drop (test)", "",
-         f"As `fewstep cutoff --max-drop d --confidence {BOUND_CONFIDENCE:g}` calibrates: for each rule the most "
-         "aggressive setting whose one-sided Clopper-Pearson bound on the share of validation samples it harms (right "
-         "at T, wrong at the exit) is at most d, tested in a fixed sequence; top-k's thresholds and the step caps "
+    flag = "" if kind == "bound" else f" --bound {BOUND_KINDS[kind][1]}"
+    L = ["", f"## Calibrated with a {100 * BOUND_CONFIDENCE:g} % bound on {BOUND_KINDS[kind][2]} (test)", "",
+         f"As `fewstep cutoff --max-drop d --confidence {BOUND_CONFIDENCE:g}{flag}` calibrates: for each rule the most "
+         f"aggressive setting {BOUND_TEXT[kind]}, tested in a fixed sequence; top-k's thresholds and the step caps "
          "(**+ cap**, `--max-step auto`, shown as their mean over seeds, T where none was chosen) are fitted on one "
          "half of validation and tested on the other. Then measured on test. Unlike the calibrated exits above, the "
          "drop is bounded, not estimated: "
          "*within d* counts the seeds whose test drop stayed within d. **fixed T** is the fixed step count under "
          "the same bound; *vs fixed T* its steps over the rule's mean exit, seed by seed, with the 95 % interval and "
          "the seeds above / at / below 1. *ran to T*: the share of test samples that ran every step.", ""]
-    L += [f"With none harmed, the bound reaches d only from n = {need[DROPS[0]]} validation samples at "
+    L += [f"With no answer changed, the bound reaches d only from n = {need[DROPS[0]]} validation samples at "
           f"{100 * DROPS[0]:g} pt and {need[DROPS[-1]]} at {100 * DROPS[-1]:g} pt (twice as many for the halved "
           "rules)." + (f" This ablation has {n_val}: at {' and '.join(f'{100 * d:g} pt' for d in short)} every "
                         "bounded rule runs every sample to T (not tabled)." if short else ""), ""]
@@ -223,7 +234,7 @@ def markdown(summary: dict) -> str:
                          + ("1" if name == "timestep" else f"{_fmt(st[k + 'vs_fixed'])}×")
                          + f" | {energy} |")
     L += fixed_t_table(vs)
-    L += bound_table(vs, summary["baseline"])
+    L += bound_table(vs, summary["baseline"], "bound") + bound_table(vs, summary["baseline"], "harm")
     L += ["", "## Full-T cost and the oracle (test)", "",
           "| variant | final acc (%) | val acc (%) | firing rate | spikes / sample | energy full T (µJ) | "
           "OCT mean exit | images/s (full T) |", "|---|---|---|---|---|---|---|---|"]
@@ -286,6 +297,6 @@ def markdown(summary: dict) -> str:
         L.append(f"| {v} | " + " | ".join(f"{_fmt(st[f'{n}@{d}:test_curve_speedup'])}×"
                                             for d in DROPS for n in POLICIES) + " |")
     L += ["", "Plots: `accuracy_per_step.png`, `learning_curves.png`, `tradeoff.png`, `speedup.png`, `bounded.png`, "
-          "`paired.png`. Per run: `<variant>/seed<k>/` "
+          "`bounded_harm.png`, `paired.png` (those that apply). Per run: `<variant>/seed<k>/` "
           "(config.yaml, log.csv, metrics.json, analysis.json).", ""]
     return "\n".join(L)

@@ -7,8 +7,9 @@ seed), including the paired exits at the same validation bar (:func:`matched_pai
 the advantage a lower-ending variant gets from measuring its drop from its own accuracy, and each exit against its
 own network run for the fixed T, seed by seed (:func:`vs_fixed`). :func:`fewstep.ablation_markdown.markdown`
 writes the tables of ``results.md``; :func:`plot_summary` the plots
-``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png``, ``speedup.png``, ``bounded.png`` and, beside a
-baseline, ``paired.png``.
+``accuracy_per_step.png``, ``learning_curves.png``, ``tradeoff.png``, ``speedup.png``, ``bounded.png`` (the exits
+with their drop bounded), ``bounded_harm.png`` (with the share of samples they harm bounded) and, beside a baseline,
+``paired.png``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ DROPS = (0.006, 0.01)  # accuracy drops (fractions) at which the calibrated exit
 POLICIES = ("softmax", "topk")
 BOUND_CONFIDENCE = 0.95  # the bounded exits' confidence (``fewstep cutoff --confidence``'s default)
 BOUNDED_RULES = ("timestep",) + POLICIES + tuple(f"{n}+cap" for n in POLICIES)  # calibrated with a bound on the drop
+# the bounded exits, by the prefix of their scalars: (analysis key, ``fewstep cutoff --bound``, what is bounded)
+BOUND_KINDS = {"bound": ("bounded_drop", "drop", "the drop"),
+               "harm": ("bounded", "harm", "the share of samples harmed")}
 PAIRED_PLOT = [("acc_t1", "accuracy at t = 1 (pt)", 100.0), ("final_accuracy", "accuracy at T (pt)", 100.0),
                ("softmax@0.006:speedup", "softmax speed-up @0.6 pt (×)", 1.0),
                ("topk@0.006:speedup", "top-k speed-up @0.6 pt (×)", 1.0),
@@ -105,15 +109,16 @@ def _scalars(a: dict) -> dict:
                 s[f"{name}+cap@{drop}:vs_fixed"] = t / c["mean_exit_step"]
                 s[f"{name}+cap@{drop}:vs_fixed_accuracy"] = s[f"{name}+cap@{drop}:exit_accuracy"] - test[t - 1]
                 s[f"{name}+cap@{drop}:max_step"] = c["setting"]["max_step"] or T
-    for rule, by_drop in (a.get("bounded") or {}).items():  # (analyses made before the bounded exits lack it)
-        for drop in DROPS:
-            c, k = by_drop[str(drop)], f"bound:{rule}@{drop}:"
-            for key in ("speedup", "mean_exit_step", "test_drop", "ran_to_T"):
-                s[k + key] = c[key]
-            s[k + "exit_accuracy"] = c["test_accuracy"]
-            s[k + "within"] = float(c["test_drop"] <= drop + 1e-12)
-            s[k + "max_step"] = c["max_step"] or T
-            s[k + "vs_fixed"] = a["bounded"]["timestep"][str(drop)]["mean_exit_step"] / c["mean_exit_step"]
+    for prefix, (key, _, _) in BOUND_KINDS.items():
+        for rule, by_drop in (a.get(key) or {}).items():  # (analyses made before the bounded exits lack them)
+            for drop in DROPS:
+                c, k = by_drop[str(drop)], f"{prefix}:{rule}@{drop}:"
+                for name in ("speedup", "mean_exit_step", "test_drop", "ran_to_T"):
+                    s[k + name] = c[name]
+                s[k + "exit_accuracy"] = c["test_accuracy"]
+                s[k + "within"] = float(c["test_drop"] <= drop + 1e-12)
+                s[k + "max_step"] = c["max_step"] or T
+                s[k + "vs_fixed"] = a[key]["timestep"][str(drop)]["mean_exit_step"] / c["mean_exit_step"]
     return s
 
 
@@ -182,17 +187,19 @@ def exit_rules(stats: dict) -> tuple:
     return ("timestep",) + POLICIES + capped
 
 
-def bound_n(drop: float, confidence: float = BOUND_CONFIDENCE) -> int:
-    """The fewest samples with which a rule that harms none has its one-sided Clopper-Pearson bound (at
-    ``confidence``) within ``drop``: 1 - (1 - confidence) ** (1 / n) <= drop. With fewer, every bounded rule runs
-    to T."""
-    return math.ceil(math.log(1 - confidence) / math.log(1 - drop))
+def bound_n(drop: float, confidence: float = BOUND_CONFIDENCE, kind: str = "bound") -> int:
+    """The fewest samples with which a rule that changes no answer has its bound of ``kind`` (:data:`BOUND_KINDS`)
+    within ``drop`` (:func:`fewstep.calibration.smallest_n`). With fewer, every bounded rule runs to T."""
+    from .calibration import smallest_n
+
+    return smallest_n(drop, confidence, BOUND_KINDS[kind][1])
 
 
-def bound_rules(stats: dict) -> tuple:
-    """The rows of the bounded-exit table: the rules every run of the variant was calibrated for with the bound."""
+def bound_rules(stats: dict, kind: str = "bound") -> tuple:
+    """The rows of a bounded-exit table: the rules every run of the variant was calibrated for with the bound of
+    ``kind`` (:data:`BOUND_KINDS`)."""
     runs = stats["final_accuracy"]["n"]
-    return tuple(r for r in BOUNDED_RULES if (stats.get(f"bound:{r}@{DROPS[0]}:speedup") or {}).get("n") == runs)
+    return tuple(r for r in BOUNDED_RULES if (stats.get(f"{kind}:{r}@{DROPS[0]}:speedup") or {}).get("n") == runs)
 
 
 def aggregate(results: dict, variants: list[str], base: dict, spec: dict) -> dict:
@@ -264,12 +271,14 @@ def plot_summary(summary: dict, out: Path) -> list[str]:
     rules = min((exit_rules(e["stats"]) for e in vs.values()), key=len)  # the rows every variant has
     plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, rules, DROPS, out / "speedup.png")
     written += ["tradeoff.png", "speedup.png"]
-    bound = min((bound_rules(e["stats"]) for e in vs.values()), key=len)
-    drops = [d for d in DROPS if min(e["n_val"] for e in vs.values()) >= bound_n(d)]  # (below, all run to T)
-    if bound and drops:
-        plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, [f"bound:{r}" for r in bound], drops,
-                               out / "bounded.png", "Calibrated with a 95 % bound on the drop (validation; test)")
-        written.append("bounded.png")
+    for kind, name in (("bound", "bounded.png"), ("harm", "bounded_harm.png")):
+        bound = min((bound_rules(e["stats"], kind) for e in vs.values()), key=len)
+        drops = [d for d in DROPS if min(e["n_val"] for e in vs.values()) >= bound_n(d, kind=kind)]  # (others: T)
+        if bound and drops:
+            plots.ablation_speedup({v: e["stats"] for v, e in vs.items()}, [f"{kind}:{r}" for r in bound], drops,
+                                   out / name, f"Calibrated with a {100 * BOUND_CONFIDENCE:g} % bound on "
+                                   f"{BOUND_KINDS[kind][2]} (validation; test)")
+            written.append(name)
     others = {v: e["paired_diff"] for v, e in vs.items() if v != summary["baseline"]}
     if others:
         plots.ablation_paired(others, PAIRED_PLOT, summary["baseline"], out / "paired.png")

@@ -5,8 +5,9 @@ or ``t`` for ``timestep``) from running logits ``Y[T, N, C]`` of the **validatio
 
 - :func:`fastest_within`: the setting with the lowest mean exit step whose accuracy is within
   ``max_drop`` of full T (what `fewstep ablate`, `fewstep train`'s summary and `bench/` use);
-- :func:`calibrate_to_target`: the same question with a guarantee, a one-sided Clopper-Pearson bound
-  on the share of samples the cutoff harms (`fewstep cutoff --max-drop D --confidence C`);
+- :func:`calibrate_to_target`: the same question with a guarantee (`fewstep cutoff --max-drop D --confidence C`):
+  an upper confidence bound on the accuracy drop itself (:func:`drop_upper_bound`, the default) or on the share of
+  samples the cutoff harms (:func:`harm_upper_bound`, ``bound="harm"``, stricter);
 - :func:`sweep` / :func:`fastest_point`: the accuracy-latency curve of every setting, on the calibration
   data and on another split, and the fastest point of such a curve on either.
 
@@ -22,15 +23,69 @@ import torch
 from .cutoff import POLICIES, Policy, Timestep, capped, check_Y, make, simulate
 
 
-def harm_upper_bound(harmed: int, n: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson upper bound on a binomial rate (``harmed`` of ``n``)."""
+BOUNDS = ("drop", "harm")  # what calibrate_to_target bounds (``fewstep cutoff --bound``)
+
+
+def _cp_upper(k: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound on a binomial rate (``k`` of ``n``)."""
     from scipy.stats import beta
 
-    if n <= 0:
+    if n <= 0 or k >= n:
         return 1.0
-    if harmed >= n:
-        return 1.0
-    return float(beta.ppf(confidence, harmed + 1, n - harmed))
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
+def _cp_lower(k: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound on a binomial rate (``k`` of ``n``)."""
+    from scipy.stats import beta
+
+    if n <= 0 or k <= 0:
+        return 0.0
+    return float(beta.ppf(1.0 - confidence, k, n - k + 1))
+
+
+def harm_upper_bound(harmed: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound on the share of samples a cutoff harms (right at T, wrong at the exit),
+    ``harmed`` of ``n``. It bounds the accuracy drop too (drop = harmed − helped share), loosely where the exits
+    also put right samples that T gets wrong."""
+    return _cp_upper(harmed, n, confidence)
+
+
+def drop_upper_bound(harmed: int, helped: int, n: int, confidence: float) -> float:
+    """Upper confidence bound on the accuracy drop (harmed − helped) / n of a cutoff, where ``harmed`` samples are
+    right at T and wrong at the exit and ``helped`` ones wrong at T and right at the exit (fewstep's choice; the
+    papers give none). With α = 1 − ``confidence``: the one-sided Clopper-Pearson upper bound on the harmed share
+    at 1 − α/2 minus the lower bound on the helped share at 1 − α/2. Each fails with probability at most α/2, so
+    both hold with probability at least 1 − α (Bonferroni), and then p_harm − p_help ≤ the difference. Against
+    :func:`harm_upper_bound` it pays α/2 for α on the harmed share and gains the helped share's lower bound: where
+    answers change between steps in both directions (a network whose accuracy is level from step 2), it certifies
+    exits the harm bound cannot."""
+    a = (1.0 - confidence) / 2
+    return _cp_upper(harmed, n, 1.0 - a) - _cp_lower(helped, n, 1.0 - a)
+
+
+def upper_bound(bound: str, harmed: int, helped: int, n: int, confidence: "float | None") -> float:
+    """The ``bound`` (:data:`BOUNDS`) of a decision that harms ``harmed`` and helps ``helped`` of ``n`` samples;
+    ``confidence=None``: the observed share instead (no guarantee)."""
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
+    if confidence is None:
+        return (harmed - (helped if bound == "drop" else 0)) / max(n, 1)
+    if bound == "harm":
+        return harm_upper_bound(harmed, n, confidence)
+    return drop_upper_bound(harmed, helped, n, confidence)
+
+
+def smallest_n(max_drop: float, confidence: float, bound: str = "drop") -> int:
+    """The fewest samples with which a setting that changes no answer (none harmed, none helped) has its bound
+    within ``max_drop``: 1 − (1 − c) ** (1 / n) ≤ d, with c = ``confidence`` for ``harm`` and 1 − α/2 for ``drop``.
+    With fewer, no setting can pass and every sample runs to T."""
+    import math
+
+    if not 0.0 < max_drop < 1.0:
+        raise ValueError(f"max_drop must be in (0, 1), got {max_drop}")
+    c = confidence if bound == "harm" else 1.0 - (1.0 - confidence) / 2
+    return math.ceil(math.log(1.0 - c) / math.log(1.0 - max_drop))
 
 
 DEFAULT_EPSILONS = [0.0, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
@@ -50,28 +105,30 @@ def candidates(name: str, T: int, epsilons=None) -> list[Policy]:
 @dataclass
 class TargetResult:
     policy: Policy
-    bound: float          # upper confidence bound on the accuracy drop of the chosen policy
+    bound: float          # upper confidence bound on the chosen policy's accuracy drop (or harmed share)
     observed_drop: float  # drop measured on the held-out half used for the test
     mean_exit_step: float
     n_fit: int
     n_test: int
-    tested: list          # (params, harmed, bound, accepted) for every candidate tried
+    tested: list          # (params, harmed, helped, bound, accepted, ...) for every candidate tried
     cap: "int | None" = None  # the chosen policy's step cap
     cap_auto: bool = False    # ... chosen on the fit half (``max_step="auto"``)
+    bound_on: str = "drop"    # what ``bound`` bounds (:data:`BOUNDS`)
 
     def summary(self) -> dict:
-        return {"bound": self.bound, "observed_drop": self.observed_drop, "mean_exit_step": self.mean_exit_step,
-                "n_fit": self.n_fit, "n_test": self.n_test, "max_step": self.cap, "max_step_auto": self.cap_auto}
+        return {"bound": self.bound, "bound_on": self.bound_on, "observed_drop": self.observed_drop,
+                "mean_exit_step": self.mean_exit_step, "n_fit": self.n_fit, "n_test": self.n_test,
+                "max_step": self.cap, "max_step_auto": self.cap_auto}
 
 
 def _chain(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor, max_drop: float, confidence: float | None,
-           cap: "int | None") -> dict:
+           cap: "int | None", bound: str) -> dict:
     """Fixed-sequence testing of the fitted candidates ``pols`` (conservative first), each with the step cap
     ``cap`` (``None``: uncapped), on (``Y``, ``y``), stopping at the first failure. Returns ``{"last": index of
     the last accepted candidate (-1: none), "bound", "drop", "tested"}``."""
     out = {"last": -1, "bound": 0.0, "drop": 0.0, "tested": []}
     for i, pol in enumerate(pols):
-        r = _judge(pol, simulate(pol.with_max_step(cap), Y), Y, y, max_drop, confidence)
+        r = _judge(pol, simulate(pol.with_max_step(cap), Y), Y, y, max_drop, confidence, bound)
         out["tested"].append(r)
         if not r["accepted"]:
             break
@@ -79,26 +136,36 @@ def _chain(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor, max_drop: float
     return out
 
 
-def harmed(d, Y: torch.Tensor, y: torch.Tensor) -> int:
-    """How many samples the decision ``d`` harms: right at T (``Y[-1]``), wrong at their exit. Their share bounds
-    the accuracy drop the cutoff costs."""
-    return int(((Y[-1].argmax(-1) == y) & (d.prediction.to(y.device) != y)).sum())
-
-
-def _judge(pol: Policy, d, Y: torch.Tensor, y: torch.Tensor, max_drop: float, confidence: float | None) -> dict:
-    """One setting's decision ``d`` on (``Y``, ``y``): the samples it harms (right at T, wrong at exit), the bound
-    on their share, whether that is within ``max_drop``, and the accuracy drop observed."""
+def changed(d, Y: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """``(harmed, helped)``: how many samples the decision ``d`` harms (right at T, ``Y[-1]``, wrong at their exit)
+    and helps (wrong at T, right at their exit). Their difference over the sample count is the accuracy drop."""
     right_at_T, right = Y[-1].argmax(-1) == y, d.prediction.to(y.device) == y
-    n_harmed = harmed(d, Y, y)
-    bound = n_harmed / len(y) if confidence is None else harm_upper_bound(n_harmed, len(y), confidence)
+    return int((right_at_T & ~right).sum()), int((~right_at_T & right).sum())
+
+
+def harmed(d, Y: torch.Tensor, y: torch.Tensor) -> int:
+    """How many samples the decision ``d`` harms: right at T (``Y[-1]``), wrong at their exit."""
+    return changed(d, Y, y)[0]
+
+
+def _judge(pol: Policy, d, Y: torch.Tensor, y: torch.Tensor, max_drop: float, confidence: float | None,
+           bound: str) -> dict:
+    """One setting's decision ``d`` on (``Y``, ``y``): the samples it harms (right at T, wrong at exit) and helps
+    (wrong at T, right at exit), the ``bound`` on its drop, whether that is within ``max_drop``, and the accuracy
+    drop observed."""
+    n_harmed, n_helped = changed(d, Y, y)
+    b = upper_bound(bound, n_harmed, n_helped, len(y), confidence)
     return {"params": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}, "harmed": n_harmed,
-            "bound": bound, "mean_exit_step": d.mean_exit_step(), "accepted": bound <= max_drop,
-            "drop": (right_at_T.float().mean() - right.float().mean()).item()}
+            "helped": n_helped, "bound": b, "mean_exit_step": d.mean_exit_step(), "accepted": b <= max_drop,
+            "drop": (n_harmed - n_helped) / len(y)}
 
 
 def _cap_path(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor) -> list[tuple[int, "int | None"]]:
     """Every (candidate index, cap) on (``Y``, ``y``), reduced to those no other setting beats on both samples
-    harmed and mean exit step, ordered from least harmful (slowest) to most (fastest)."""
+    harmed and mean exit step, ordered from least harmful (slowest) to most (fastest). The order is by harm for
+    either bound: ordered by harmed minus helped, settings that change many answers both ways came first and the
+    fixed sequence stopped at them on the other half (CIFAR-10, T = 4: softmax's 0.6 pt chain failed at its first
+    setting, 4.00 steps against 2.16 ordered by harm)."""
     T = Y.shape[0]
     scored = []
     for i, pol in enumerate(pols):
@@ -114,46 +181,52 @@ def _cap_path(pols: list[Policy], Y: torch.Tensor, y: torch.Tensor) -> list[tupl
     return path
 
 
-def _auto_cap(pols, Yf, yf, Yt, yt, max_drop, confidence) -> TargetResult:
+def _auto_cap(pols, Yf, yf, Yt, yt, max_drop, confidence, bound) -> TargetResult:
     """:func:`calibrate_to_target` with ``max_step="auto"``: the path on the fit half, the test on the other."""
     T = Yt.shape[0]
     sims, tested = {}, []
-    chosen, bound, drop, best = Timestep(T, T=T), 0.0, 0.0, float(T)
+    chosen, b, drop, best = Timestep(T, T=T), 0.0, 0.0, float(T)
     for i, k in _cap_path(pols, Yf, yf):
         if i not in sims:
             sims[i] = simulate(pols[i].with_max_step(None), Yt)
-        r = _judge(pols[i], sims[i] if k is None else capped(sims[i], Yt, k), Yt, yt, max_drop, confidence)
+        r = _judge(pols[i], sims[i] if k is None else capped(sims[i], Yt, k), Yt, yt, max_drop, confidence, bound)
         tested.append({**r, "max_step": k})
         if not r["accepted"]:
             break
         if r["mean_exit_step"] < best:
             chosen, best = copy.deepcopy(pols[i]).with_max_step(k), r["mean_exit_step"]
-            bound, drop = r["bound"], r["drop"]
-    return TargetResult(chosen, bound, drop, best, yf.shape[0], len(yt), tested, cap=chosen.max_step, cap_auto=True)
+            b, drop = r["bound"], r["drop"]
+    return TargetResult(chosen, b, drop, best, yf.shape[0], len(yt), tested, cap=chosen.max_step, cap_auto=True,
+                        bound_on=bound)
 
 
 def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: float,
                         confidence: float | None = 0.95, epsilons=None, seed: int = 0,
-                        max_step: "int | str | None" = None) -> TargetResult:
+                        max_step: "int | str | None" = None, bound: str = "drop") -> TargetResult:
     """Pick the most aggressive policy whose upper confidence bound on the accuracy drop is ≤ ``max_drop``.
 
-    Validation data only. The drop of a cutoff against running to T is at most the share of samples it
-    *harms* (right at T, wrong at exit); that share is bounded by a one-sided Clopper-Pearson interval
-    at ``confidence``. Candidates are tested in a fixed sequence from conservative to aggressive and the
-    search stops at the first failure (fixed-sequence testing keeps the guarantee without a multiplicity
-    correction). Policies with learned thresholds (``topk``, ``spikecp``) are fitted on one half of the
-    data and tested on the other half; the other policies are tested on all of it. If no candidate
-    passes, the result exits everyone at T (drop 0). ``confidence=None`` uses the observed harm rate
-    instead of a bound (a plain validation choice, with no guarantee). ``max_step`` caps every candidate
-    (:attr:`Policy.max_step`), so the bound covers the capped policy.
+    Validation data only. A cutoff's drop against running to T is the share of samples it *harms* (right at T,
+    wrong at the exit) minus the share it *helps* (wrong at T, right at the exit). ``bound="drop"`` (the default)
+    bounds that difference at ``confidence`` (:func:`drop_upper_bound`); ``bound="harm"`` bounds the harmed share
+    alone (:func:`harm_upper_bound`, a one-sided Clopper-Pearson interval): stricter, it also keeps the exits'
+    answers those of full T, and it certifies nothing where answers change between steps in both directions.
+    Candidates are tested in a fixed sequence from conservative to aggressive and the search stops at the first
+    failure (fixed-sequence testing keeps the guarantee without a multiplicity correction). Policies with learned
+    thresholds (``topk``, ``spikecp``) are fitted on one half of the data and tested on the other half; the other
+    policies are tested on all of it. If no candidate passes, the result exits everyone at T (drop 0).
+    ``confidence=None`` uses the observed share instead of a bound (a plain validation choice, with no guarantee).
+    ``max_step`` caps every candidate (:attr:`Policy.max_step`), so the bound covers the capped policy.
 
     ``max_step="auto"`` chooses the cap too (fewstep's addition; docs/anytime.md). The data are halved (every
     policy; ``softmax``'s bound then rests on half the samples). On the first half, every candidate with every cap
     (1..T-1, and none) is scored by the samples it harms and its mean exit step, and the settings that no other
-    beats on both form a path from least harm (slowest) to most (fastest). The fixed sequence then runs along that
-    path on the second half, which no choice has seen, and the fastest setting accepted before the first failure
-    wins: the order is fixed before the test, so the guarantee holds as above. ``timestep`` takes no cap.
+    beats on both form a path from least harm (slowest) to most (fastest) (by harm for either bound:
+    :func:`_cap_path`). The fixed sequence then runs along that path on the second half, which no choice has seen, and the
+    fastest setting accepted before the first failure wins: the order is fixed before the test, so the guarantee
+    holds as above. ``timestep`` takes no cap.
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
     check_Y(Y)
     if not 0.0 <= max_drop < 1.0:
         raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop} (0.005 = 0.5 pt)")
@@ -178,11 +251,11 @@ def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: f
         pol.T = T
     Yt, yt = Y[:, test], y[test]
     if auto:
-        return _auto_cap(pols, Y[:, fit], y[fit], Yt, yt, max_drop, confidence)
-    c = _chain(pols, Yt, yt, max_drop, confidence, max_step)
+        return _auto_cap(pols, Y[:, fit], y[fit], Yt, yt, max_drop, confidence, bound)
+    c = _chain(pols, Yt, yt, max_drop, confidence, max_step, bound)
     chosen = Timestep(T, T=T) if c["last"] < 0 else pols[c["last"]].with_max_step(max_step)
     return TargetResult(chosen, c["bound"], c["drop"], simulate(chosen, Yt).mean_exit_step(),
-                        0 if fit is None else len(fit), len(test), c["tested"], cap=chosen.max_step)
+                        0 if fit is None else len(fit), len(test), c["tested"], cap=chosen.max_step, bound_on=bound)
 
 
 def sweep(name: str, Y_cal: torch.Tensor, y_cal: torch.Tensor, Y: torch.Tensor, y: torch.Tensor,

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
                    "accepted, as a fraction in [0, 1) (0.005 = 0.5 pt)")
     c.add_argument("--confidence", type=_fraction(True, True), default=0.95, help="confidence of the --max-drop bound, "
                    "in (0, 1) (default 0.95)")
+    c.add_argument("--bound", choices=["drop", "harm"], default="drop", help="with --max-drop: bound the accuracy drop "
+                   "itself (samples harmed minus samples helped; default), or the share of samples harmed, right at T "
+                   "and wrong at the exit (stricter: the exits keep full T's answers); docs/anytime.md")
     c.add_argument("--split", default="test", choices=["test", "val"], help="split to report on (calibration "
                    "always uses val)")
     c.add_argument("--batch-size", type=_int_at_least(1), default=64)

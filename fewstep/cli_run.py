@@ -73,10 +73,12 @@ def cmd_cutoff(args) -> int:
                                          or args.mc_dropout or args.max_step is not None):
         raise ValueError("--calibration reuses saved thresholds: --epsilon, --max-drop, --step, --max-step and "
                          "--mc-dropout would be ignored; give one or the other")
+    if args.bound != "drop" and args.max_drop is None:
+        raise ValueError("--bound says what --max-drop bounds: give --max-drop D with it")
     r = cutoff_report(args.run, args.policy, args.epsilon, args.step, args.max_drop, args.confidence, args.split,
                       args.batch_size, args.calibration, repeats=args.repeats, mc_dropout=args.mc_dropout,
                       device=args.device, graphs=args.graphs, max_step=args.max_step, data_root=args.data_root,
-                      progress=True, timing_samples=args.timing_samples or None)
+                      progress=True, timing_samples=args.timing_samples or None, bound=args.bound)
     cap = "" if r.get("max_step") is None else f", max_step={r['max_step']}"
     setting = f"{r['params'] if r['policy'] == 'timestep' else 'epsilon=' + str(r['epsilon'])}{cap}"
     name = r["policy"]
@@ -104,8 +106,9 @@ def cmd_cutoff(args) -> int:
           f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
     if "target" in r:
         t = r["target"]
+        on = "the share of samples harmed" if t.get("bound_on") == "harm" else "the drop"
         print(f"  target        drop <= {100 * t['max_drop']:.2f} pt at {100 * t['confidence']:.0f}% confidence: "
-              f"upper bound {100 * t['bound']:.2f} pt on {t['n_test']} validation samples")
+              f"upper bound {100 * t['bound']:.2f} pt on {on}, from {t['n_test']} validation samples")
         if t.get("max_step_auto") and t["passed"]:
             k = t["max_step"]
             print(f"  step cap      {'none' if k is None else k} (--max-step auto: its path of settings was chosen "
@@ -120,13 +123,14 @@ def _target_missed(policy: str, t: dict) -> str:
     """Why ``--max-drop`` left every sample at T, and what would change it."""
     n, asked = t["n_test"], 100 * t["max_drop"]
     if t["smallest_bound"] > t["max_drop"]:
-        why = (f"on {n} validation samples even a setting that harms none is bounded at "
+        why = (f"on {n} validation samples even a setting that changes no answer is bounded at "
                f"{100 * t['smallest_bound']:.2f} pt at {100 * t['confidence']:.0f}% confidence, more than the "
                f"{asked:.2f} pt asked")
     else:
         first = t["tested"][0]
         setting = ", ".join(f"{k}={v:g}" for k, v in first["params"].items())
-        why = (f"its most conservative setting ({setting}) already harms {first['harmed']} of {n} validation "
+        helps = f" and helps {first['helped']}" if t.get("bound_on", "drop") == "drop" and "helped" in first else ""
+        why = (f"its most conservative setting ({setting}) already harms {first['harmed']}{helps} of {n} validation "
                f"samples (bound {100 * first['bound']:.2f} pt > {asked:.2f} pt)")
     return (f"  note          no {policy} setting met the target, so every sample runs to T: {why}. Allow a larger "
             "--max-drop, a lower --confidence, or validate on more samples (data.val_fraction)")

@@ -390,7 +390,7 @@ def load(path, expect: dict | None = None) -> Policy:
 # Choosing a setting on validation data lives in fewstep.calibration (which imports this module); its names
 # stay reachable from here, looked up on first use.
 _CALIBRATION_NAMES = ("DEFAULT_EPSILONS", "SOFTMAX_TINY_EPSILONS", "TargetResult", "calibrate_to_target", "candidates",
-                      "fastest_point", "fastest_within", "harm_upper_bound", "sweep")
+                      "drop_upper_bound", "fastest_point", "fastest_within", "harm_upper_bound", "sweep")
 
 
 def __getattr__(name: str):

@@ -142,8 +142,8 @@ def ablation_speedup(stats: dict[str, dict], policies, drops, path,
                      title: str = "Calibrated early exit (thresholds from validation; test)") -> Path:
     """Calibrated timestep speed-up per variant, policy and tolerated drop (bars: mean, whiskers: std); policy
     ``timestep`` is drawn as "fixed T", the fewest steps chosen on validation that every sample runs; ``NAME+cap``
-    is policy NAME with its step cap; a ``bound:`` prefix (the exits calibrated with a bound) is left out of the
-    labels."""
+    is policy NAME with its step cap; a ``bound:`` or ``harm:`` prefix (the exits calibrated with a bound) is left
+    out of the labels."""
     plt = _plt()
     groups = [(p, d) for d in drops for p in policies]
     variants = list(stats)
@@ -155,7 +155,7 @@ def ablation_speedup(stats: dict[str, dict], policies, drops, path,
         xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, color=color, label=v)
     ax.set_xticks(range(len(groups)))
-    names = [p.removeprefix("bound:") for p, _ in groups]
+    names = [p.split(":", 1)[-1] for p, _ in groups]
     ax.set_xticklabels([f"{'fixed T' if p == 'timestep' else p.replace('+cap', chr(10) + '+ cap')}\n≤{100 * d:g} pt"
                         for p, (_, d) in zip(names, groups)])
     ax.axhline(1.0, color="black", lw=0.8, ls=":")

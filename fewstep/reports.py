@@ -72,10 +72,12 @@ def _check_target(policy: str, max_drop, max_step, mc_dropout: float = 0.0) -> N
 
 def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | None = None,
               max_drop: float | None = None, confidence: float = 0.95, mc_dropout: float = 0.0, mc_samples: int = 4,
-              model=None, cfg=None, bundle=None, max_step: "int | str | None" = None, data_root=None):
+              model=None, cfg=None, bundle=None, max_step: "int | str | None" = None, data_root=None,
+              bound: str = "drop"):
     """Fit ``policy`` on the validation split of a run; returns ``(policy, target_info_or_None)``. ``max_step``
-    caps the policy (:attr:`fewstep.cutoff.Policy.max_step`); with ``max_drop`` the bound covers the capped policy,
-    and ``max_step="auto"`` chooses the cap too (:func:`fewstep.calibration.calibrate_to_target`).
+    caps the policy (:attr:`fewstep.cutoff.Policy.max_step`); with ``max_drop`` the bound (``bound``: on the
+    ``drop`` or on the share of samples harmed, ``harm``) covers the capped policy, and ``max_step="auto"`` chooses
+    the cap too (:func:`fewstep.calibration.calibrate_to_target`).
     ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`)."""
     run_dir = Path(run_dir)
     _check_target(policy, max_drop, max_step, mc_dropout)
@@ -92,12 +94,12 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
         raise ValueError("'oct' is the oracle (it needs the labels); it appears in 'fewstep tradeoff', "
                          "not as a deployable policy")
     if max_drop is not None:
-        res = _cal.calibrate_to_target(policy, Yv, yv, max_drop, confidence, max_step=max_step)
+        res = _cal.calibrate_to_target(policy, Yv, yv, max_drop, confidence, max_step=max_step, bound=bound)
         pol = res.policy
         target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested,
                   "passed": any(t["accepted"] for t in res.tested),
-                  # the bound of a setting that harms no sample: below it no target can be met on this split
-                  "smallest_bound": _cal.harm_upper_bound(0, res.n_test, confidence) if confidence else 0.0}
+                  # the bound of a setting that changes no answer: below it no target can be met on this split
+                  "smallest_bound": _cal.upper_bound(bound, 0, 0, res.n_test, confidence) if confidence else 0.0}
     elif policy == "timestep":
         if step is not None and not 1 <= step <= T:
             raise ValueError(f"--step {step} is outside 1..T = 1..{T} for this run")
@@ -119,12 +121,13 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
                   batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
                   continuous: bool = True, device: str = "cpu", graphs: str = "auto",
                   max_step: "int | str | None" = None, data_root=None, progress: bool = False,
-                  timing_samples: "int | None" = None) -> dict:
+                  timing_samples: "int | None" = None, bound: str = "drop") -> dict:
     """Calibrate (or load) ``policy``, run early exit on ``split`` for real on ``device`` (``graphs``: see
     :func:`fewstep.anytime.early_exit`), time it against full T, count operations; writes cutoff_POLICY.json.
     ``data_root`` reads the run's dataset from another folder (:func:`fewstep.runfolder.load_run`).
     ``progress`` prints each stage and its time on stderr. ``timing_samples`` times the wall clock on that many
-    samples of the split, evenly spaced (``None``: all of them; every other figure uses the whole split)."""
+    samples of the split, evenly spaced (``None``: all of them; every other figure uses the whole split). ``bound``:
+    what ``max_drop`` bounds (``drop`` or ``harm``, :func:`calibrate`)."""
     run_dir = Path(run_dir)
     if calibration is None:
         _check_target(policy, max_drop, max_step, mc_dropout)
@@ -139,7 +142,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     else:
         with _stage(progress, f"calibrating {policy} on the validation split (T = {T})"):
             pol, target = calibrate(run_dir, policy, epsilon, step, max_drop, confidence, mc_dropout,
-                                    model=model, cfg=cfg, bundle=bundle, max_step=max_step)
+                                    model=model, cfg=cfg, bundle=bundle, max_step=max_step, bound=bound)
     ds = bundle.split(split)
     full_pol = _cf.Timestep(T, T=T)
     with _stage(progress, f"early exit on {split} ({len(ds)} samples)"):

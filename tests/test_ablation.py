@@ -205,17 +205,20 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
         assert f"| tet | {name} + cap " in md
     # the exits calibrated with a bound on the drop, as `fewstep cutoff --max-drop` makes them; an analysis made
     # before them gets them added from the network's outputs, the same as a fresh one
-    assert set(a["bounded"]) == {"timestep", "softmax", "topk", "softmax+cap", "topk+cap"}
-    assert all(c["bound"] <= float(d) for r in a["bounded"].values() for d, c in r.items())
+    for key in ("bounded", "bounded_drop"):  # the bound on the share harmed, and on the drop
+        assert set(a[key]) == {"timestep", "softmax", "topk", "softmax+cap", "topk+cap"}
+        assert all(c["bound"] <= float(d) for r in a[key].values() for d, c in r.items())
     assert "## Calibrated with a 95 % bound on the drop (test)" in md
-    fresh = a.pop("bounded")
+    assert "## Calibrated with a 95 % bound on the share of samples harmed (test)" in md
+    fresh = {k: a.pop(k) for k in ("bounded", "bounded_drop")}
     (first / "analysis.json").write_text(json.dumps(a))
     logs.clear()
     A.Ablation.from_folder(out, log=logs.append).run(analyse_only=True)
-    assert any(m.startswith("[1/4] tet seed 0: adding the bounded exits") for m in logs)
-    assert json.loads((first / "analysis.json").read_text())["bounded"] == fresh
+    assert any(m.startswith("[1/4] tet seed 0: adding the harm-bounded and the drop-bounded exits") for m in logs)
+    again = json.loads((first / "analysis.json").read_text())
+    assert {k: again[k] for k in fresh} == fresh
     assert logs[-1].endswith("speedup.png, paired.png")  # no bounded.png: too few validation images to bound 1 pt
-    assert a["n_val"] < 299 and not (out / "bounded.png").exists()
+    assert a["n_val"] < 299 and not (out / "bounded.png").exists() and not (out / "bounded_harm.png").exists()
     # what each variant changed is listed, so the report never calls a budget shared that is not
     assert summary["spec"]["differences"] == {"tet": {}, "tet+rcs": {"regularizer.name": "rcs",
                                                                       "regularizer.rcs_weight": 0.01}}
@@ -399,42 +402,52 @@ def test_bounded_exits_keep_the_guarantee_by_hand_and_report_it(tmp_path):
             logits[t - 1, :k] = torch.tensor([0.0, 1.0])
         return logits, y
 
-    # validation: 400 samples, 10 wrong at step 1, none at step 2. With none harmed the 95 % bound is
-    # 1 - 0.05 ** (1 / 400) = 0.746 %: the fixed T may stop at t = 2 within 1 pt, not within 0.6 pt (needs n >= 498)
+    # validation: 400 samples, 10 wrong at step 1, none at step 2. With none harmed the 95 % bound on the harmed
+    # share is 1 - 0.05 ** (1 / 400) = 0.746 %: the fixed T may stop at t = 2 within 1 pt, not within 0.6 pt (needs
+    # n >= 498). The drop bound of a setting that changes no answer spends 2.5 % on each side: 1 - 0.025 ** (1 / 400)
+    # = 0.918 %, the same choices here (0.6 pt would need n >= 613)
     assert cal.harm_upper_bound(0, 400, 0.95) == pytest.approx(1 - 0.05 ** (1 / 400))
     Yv, yv = outputs(400, {1: 10})
     Yt, yt = outputs(200, {1: 30, 2: 2})  # test: stopping at t = 2 harms 2 of 200 (1 pt)
-    b = bounded_exits(Yv, yv, Yt, yt)
-    one, tight = b["timestep"]["0.01"], b["timestep"]["0.006"]
-    assert one["setting"] == {"t": 2} and one["bound"] == pytest.approx(1 - 0.05 ** (1 / 400))
-    assert one["mean_exit_step"] == 2.0 and one["test_harmed"] == 2 and one["test_drop"] == pytest.approx(0.01)
-    assert one["ran_to_T"] == 0.0 and one["speedup"] == pytest.approx(1.5)
-    assert tight["setting"] == {"t": 3} and tight["mean_exit_step"] == 3.0 and tight["ran_to_T"] == 1.0
+    b, bd = bounded_exits(Yv, yv, Yt, yt, bound="harm"), bounded_exits(Yv, yv, Yt, yt)
+    for got, at_2 in ((b, 1 - 0.05 ** (1 / 400)), (bd, 1 - 0.025 ** (1 / 400))):
+        one, tight = got["timestep"]["0.01"], got["timestep"]["0.006"]
+        assert one["setting"] == {"t": 2} and one["bound"] == pytest.approx(at_2)
+        assert one["mean_exit_step"] == 2.0 and one["test_harmed"] == 2 and one["test_drop"] == pytest.approx(0.01)
+        assert one["ran_to_T"] == 0.0 and one["speedup"] == pytest.approx(1.5)
+        assert tight["setting"] == {"t": 3} and tight["mean_exit_step"] == 3.0 and tight["ran_to_T"] == 1.0
     for rule in ("softmax", "topk", "softmax+cap", "topk+cap"):  # each as `fewstep cutoff --max-drop` calibrates it
         name, auto = rule.removesuffix("+cap"), rule.endswith("+cap")
         for d in (0.006, 0.01):
-            r = cal.calibrate_to_target(name, Yv, yv, d, 0.95, max_step="auto" if auto else None)
-            got = b[rule][str(d)]
-            assert got["bound"] == r.bound <= d and got["max_step"] == r.cap
-            assert got["mean_exit_step"] == pytest.approx(cal.simulate(r.policy, Yt).mean_exit_step())
+            for bound, got in (("harm", b), ("drop", bd)):
+                r = cal.calibrate_to_target(name, Yv, yv, d, 0.95, max_step="auto" if auto else None, bound=bound)
+                c = got[rule][str(d)]
+                assert c["bound"] == r.bound <= d and c["max_step"] == r.cap
+                assert c["mean_exit_step"] == pytest.approx(cal.simulate(r.policy, Yt).mean_exit_step())
     # in the report: within d on test (1 pt exactly: within), the fixed T under the bound, and the n it needs
     a = {"T": 3, "val_accuracy_per_step": [0.975, 1.0, 1.0], "test_accuracy_per_step": [0.85, 0.99, 1.0],
          "firing_rate": 0.1, "energy_uj_full": 1.0, "spikes_per_sample": 1.0, "n_val": 400, "n_test": 200,
-         "oct": {"accuracy": 1.0, "mean_exit_step": 1.0}, "bounded": b,
+         "oct": {"accuracy": 1.0, "mean_exit_step": 1.0}, "bounded": b, "bounded_drop": bd,
          "calibrated": {n: {d: {"speedup": 1.0, "mean_exit_step": 3.0, "test_drop": 0.0, "energy_uj": None,
                                 "setting": {}}
                             for d in ("0.006", "0.01")} for n in ("softmax", "topk")},
          "test_curve": {n: {d: {"speedup": 1.0} for d in ("0.006", "0.01")} for n in ("softmax", "topk")},
          "curves": {n: [{"epsilon": 0.1, "accuracy": 1.0, "mean_exit_step": 3.0}] for n in ("softmax", "topk")}}
     s = _scalars(a)
-    assert s["bound:timestep@0.01:within"] == 1.0 and s["bound:timestep@0.01:exit_accuracy"] == pytest.approx(0.99)
+    for kind in ("bound", "harm"):  # the drop bound's scalars, and the harm bound's
+        assert s[f"{kind}:timestep@0.01:within"] == 1.0
+        assert s[f"{kind}:timestep@0.01:exit_accuracy"] == pytest.approx(0.99)
     spec = {"command": "x", "seeds": [0], "base": quick(None).to_dict()}
     md = markdown(aggregate({"tet": {0: a}}, ["tet"], spec["base"], spec))
-    assert "## Calibrated with a 95 % bound on the drop (test)" in md
-    assert "from n = 498 validation samples at 0.6 pt and 299 at 1 pt" in md
-    assert "This ablation has 400: at 0.6 pt every bounded rule runs every sample to T (not tabled)." in md
-    assert "| tet | fixed T | 1 pt | 2.00 | 1.50× | 1.00 | 99.00 | 1/1 | 0.0 | 1 |" in md
-    assert "| tet | fixed T | 0.6 pt |" not in md.split("bound on the drop")[1]
+    drop_part, harm_part = md.split("## Calibrated with a 95 % bound on the drop (test)")[1].split(
+        "## Calibrated with a 95 % bound on the share of samples harmed (test)")
+    assert "from n = 613 validation samples at 0.6 pt and 368 at 1 pt" in drop_part
+    assert "from n = 498 validation samples at 0.6 pt and 299 at 1 pt" in harm_part
+    assert "`fewstep cutoff --max-drop d --confidence 0.95 --bound harm`" in harm_part
+    for part in (drop_part, harm_part):
+        assert "This ablation has 400: at 0.6 pt every bounded rule runs every sample to T (not tabled)." in part
+        assert "| tet | fixed T | 1 pt | 2.00 | 1.50× | 1.00 | 99.00 | 1/1 | 0.0 | 1 |" in part
+        assert "| tet | fixed T | 0.6 pt |" not in part
     # a second variant exits one step sooner under the same bound: 1 step saved, paired; with 100 validation
     # samples no bound reaches either d, and the table says so instead of listing runs to T
     fast = json.loads(json.dumps(a))
@@ -444,11 +457,12 @@ def test_bounded_exits_keep_the_guarantee_by_hand_and_report_it(tmp_path):
     from fewstep.ablation_report import plot_summary
 
     summ = aggregate({"tet": {0: a, 1: a}, "fast": {0: fast, 1: fast}}, ["tet", "fast"], spec["base"], spec)
-    assert "bounded.png" in plot_summary(summ, tmp_path) and (tmp_path / "bounded.png").stat().st_size > 5000
+    for png in ("bounded.png", "bounded_harm.png"):
+        assert png in plot_summary(summ, tmp_path) and (tmp_path / png).stat().st_size > 5000
     small = dict(a, n_val=100)
     md = markdown(aggregate({"tet": {0: small}}, ["tet"], spec["base"], spec))
     assert "This ablation has 100: at 0.6 pt and 1 pt every bounded rule runs every sample to T (not tabled)." in md
     assert "| tet | fixed T | 1 pt | 2.00 |" not in md
     # analyses made before the bounded exits existed are reported without them
-    old = {k: v for k, v in a.items() if k != "bounded"}
-    assert "bound on the drop" not in markdown(aggregate({"tet": {0: old}}, ["tet"], spec["base"], spec))
+    old = {k: v for k, v in a.items() if k not in ("bounded", "bounded_drop")}
+    assert "% bound on" not in markdown(aggregate({"tet": {0: old}}, ["tet"], spec["base"], spec))

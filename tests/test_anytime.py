@@ -260,18 +260,43 @@ def test_a_target_no_setting_can_meet_says_why(digits_run, capsys):
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--max-drop", "0.005", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     t = json.loads((digits_run / "cutoff_topk.json").read_text())["target"]
-    assert not t["passed"] and t["smallest_bound"] == pytest.approx(1 - 0.05 ** (1 / t["n_test"]))
-    assert f"even a setting that harms none is bounded at {100 * t['smallest_bound']:.2f} pt" in out
+    # the drop bound (the default) spends 2.5 % on each side: a setting that changes no answer is bounded at
+    # 1 - 0.025 ** (1 / n)
+    assert not t["passed"] and t["bound_on"] == "drop"
+    assert t["smallest_bound"] == pytest.approx(1 - 0.025 ** (1 / t["n_test"]))
+    assert f"even a setting that changes no answer is bounded at {100 * t['smallest_bound']:.2f} pt" in out
     assert "every sample runs to T" in out and "--max-drop" in out
     assert out.startswith("policy topk -> no setting met the target: timestep t = 4 on test")
     made = {"n_test": 1000, "max_drop": 0.01, "confidence": 0.95, "smallest_bound": 0.003,
             "tested": [{"params": {"epsilon": 0.0}, "harmed": 12, "bound": 0.019, "accepted": False}]}
     assert "most conservative setting (epsilon=0) already harms 12 of 1000 validation samples (bound 1.90 pt" \
-        in _target_missed("softmax", made)
+        in _target_missed("softmax", {**made, "bound_on": "harm"})
+    made["tested"][0]["helped"] = 3
+    assert "(epsilon=0) already harms 12 and helps 3 of 1000" in _target_missed("softmax", made)
     assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.2", "--repeats", "1"]) == 0
     assert json.loads((digits_run / "cutoff_softmax.json").read_text())["target"]["passed"]
     out = capsys.readouterr().out  # (a timing note may follow on a busy machine: that one is about wall-clock)
     assert "met the target" not in out and "every sample runs to T" not in out
+    assert "upper bound" in out and "pt on the drop, from" in out
+
+
+def test_cutoff_bound_harm_bounds_the_harmed_share(digits_run, capsys):
+    """``--bound harm``: each tested setting's bound is the Clopper-Pearson bound on its harmed count alone, at the
+    full confidence; the default ``drop`` bound of the same setting subtracts the helped share's lower bound."""
+    from fewstep import calibration as cal
+
+    capsys.readouterr()
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--max-drop", "0.2", "--bound", "harm",
+                "--repeats", "1"]) == 0
+    assert "pt on the share of samples harmed, from" in capsys.readouterr().out
+    t = json.loads((digits_run / "cutoff_softmax.json").read_text())["target"]
+    assert t["bound_on"] == "harm" and t["passed"]
+    for r in t["tested"]:
+        assert r["bound"] == pytest.approx(cal.harm_upper_bound(r["harmed"], t["n_test"], 0.95))
+        assert cal.drop_upper_bound(r["harmed"], r["helped"], t["n_test"], 0.95) == pytest.approx(
+            cal.harm_upper_bound(r["harmed"], t["n_test"], 0.975) - cal._cp_lower(r["helped"], t["n_test"], 0.975))
+    assert cli(["cutoff", str(digits_run), "--policy", "softmax", "--epsilon", "0.1", "--bound", "harm"]) == 2
+    assert "--bound says what --max-drop bounds" in capsys.readouterr().err
 
 def test_tradeoff_table_chooses_each_setting_on_validation(digits_run, capsys):
     """The table `fewstep tradeoff` and the demo print picks each policy's setting on validation (the choice

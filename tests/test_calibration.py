@@ -9,7 +9,8 @@ from fewstep import cutoff as cf
 
 
 def test_the_calibration_names_are_reachable_from_cutoff():
-    for name in ("fastest_within", "fastest_point", "sweep", "calibrate_to_target", "candidates", "harm_upper_bound"):
+    for name in ("fastest_within", "fastest_point", "sweep", "calibrate_to_target", "candidates", "harm_upper_bound",
+                 "drop_upper_bound"):
         assert getattr(cf, name) is getattr(cal, name)
 
 
@@ -24,6 +25,49 @@ def test_harm_upper_bound_matches_clopper_pearson_by_hand():
     assert cal.harm_upper_bound(0, 100, 0.95) == pytest.approx(1 - 0.05 ** (1 / 100))
     assert cal.harm_upper_bound(3, 3, 0.95) == 1.0 and cal.harm_upper_bound(0, 0, 0.95) == 1.0
     assert cal.harm_upper_bound(5, 100, 0.95) > 0.05  # above the observed rate
+
+
+def test_drop_upper_bound_by_hand():
+    # α = 5 % split in two: the harmed share's upper bound at 97.5 % minus the helped share's lower bound at 97.5 %
+    assert cal.drop_upper_bound(0, 0, 100, 0.95) == pytest.approx(1 - 0.025 ** (1 / 100))
+    # 0 harmed, all n helped: upper 1 - 0.025 ** (1 / n), lower 0.025 ** (1 / n) (the mirror image)
+    assert cal.drop_upper_bound(0, 50, 50, 0.95) == pytest.approx(1 - 2 * 0.025 ** (1 / 50))
+    assert cal.drop_upper_bound(30, 25, 1000, 0.95) == pytest.approx(
+        cal.harm_upper_bound(30, 1000, 0.975) - cal._cp_lower(25, 1000, 0.975))
+    assert cal._cp_lower(25, 1000, 0.975) < 0.025 < cal.harm_upper_bound(25, 1000, 0.975)
+    assert cal.upper_bound("harm", 30, 25, 1000, None) == 0.03 and cal.upper_bound("drop", 30, 25, 1000, None) == 0.005
+    assert cal.smallest_n(0.006, 0.95, "harm") == 498 and cal.smallest_n(0.006, 0.95, "drop") == 613
+    with pytest.raises(ValueError, match="bound must be one of drop, harm"):
+        cal.upper_bound("churn", 1, 1, 10, 0.95)
+
+
+def churning(n, p_harm, p_help, gen):
+    """T = 2, label 0; each sample right at T with probability 0.8; at t = 1 a sample right at T is wrong with
+    probability ``p_harm`` / 0.8 and a sample wrong at T right with probability ``p_help`` / 0.2, so exiting
+    everyone at t = 1 drops accuracy by p_harm − p_help while changing p_harm + p_help of the answers."""
+    u, v = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    right_T = u < 0.8
+    right_1 = torch.where(right_T, v >= p_harm / 0.8, v < p_help / 0.2)
+    Y = torch.stack([torch.stack([r.float(), 1 - r.float()], -1) for r in (right_1, right_T)])
+    return Y, torch.zeros(n, dtype=torch.long)
+
+
+def test_the_drop_bound_holds_and_certifies_what_the_harm_bound_cannot():
+    """Exiting at t = 1 changes 10 % of the answers but does not change the accuracy: the drop bound accepts it for a
+    2 pt target, the harm bound (5 % harmed) never can. Where it truly drops 2.2 pt, the drop bound accepts it in
+    at most 5 % of draws (the guarantee); the point estimate alone far more often."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        Y, y = churning(8000, 0.05, 0.05, gen)
+        assert cal.calibrate_to_target("timestep", Y, y, 0.02).policy.t == 1
+        assert cal.calibrate_to_target("timestep", Y, y, 0.02, bound="harm").policy.t == 2
+    trials, bad, naive_bad = 200, 0, 0
+    for _ in range(trials):
+        Y, y = churning(8000, 0.057, 0.035, gen)
+        bad += cal.calibrate_to_target("timestep", Y, y, 0.02).policy.t == 1
+        naive_bad += cal.calibrate_to_target("timestep", Y, y, 0.02, confidence=None).policy.t == 1
+    assert bad / trials <= 0.05 + 0.03
+    assert naive_bad / trials > 0.2
 
 
 def synthetic_geometric(n, T=10, gen=None):
