@@ -52,7 +52,7 @@ from . import cutoff as _cf
 from .ablation_analysis import (ANALYSIS_VERSION, analyse, bounded_exits, calibrated_exits,  # noqa: F401
                                 images_per_second)
 from .ablation_markdown import markdown
-from .ablation_report import aggregate, plot_summary
+from .ablation_report import BOUNDED_KEYS, aggregate, plot_summary
 from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
                                 register_token, tokens, variant_dict)
 
@@ -311,7 +311,7 @@ class Ablation:
                     outputs = self._outputs(trainer, ann)
                     for k in missing:
                         a[k] = (calibrated_exits(*outputs, cap=True) if k == "capped"
-                                else bounded_exits(*outputs, bound="harm" if k == "bounded" else "drop"))
+                                else bounded_exits(*outputs, bound=BOUNDED_KEYS[k]))
                     path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"

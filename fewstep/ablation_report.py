@@ -28,6 +28,7 @@ BOUNDED_RULES = ("timestep",) + POLICIES + tuple(f"{n}+cap" for n in POLICIES)  
 # the bounded exits, by the prefix of their scalars: (analysis key, ``fewstep cutoff --bound``, what is bounded)
 BOUND_KINDS = {"bound": ("bounded_drop", "drop", "the drop"),
                "harm": ("bounded", "harm", "the share of samples harmed")}
+BOUNDED_KEYS = {key: bound for key, bound, _ in BOUND_KINDS.values()}  # analysis key -> ``fewstep cutoff --bound``
 PAIRED_PLOT = [("acc_t1", "accuracy at t = 1 (pt)", 100.0), ("final_accuracy", "accuracy at T (pt)", 100.0),
                ("softmax@0.006:speedup", "softmax speed-up @0.6 pt (×)", 1.0),
                ("topk@0.006:speedup", "top-k speed-up @0.6 pt (×)", 1.0),
