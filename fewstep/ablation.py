@@ -49,6 +49,7 @@ import yaml
 
 from . import config as _config
 from . import cutoff as _cf
+from .bounds import DROP_BOUND
 from .ablation_analysis import (ANALYSIS_VERSION, analyse, bounded_exits, calibrated_exits,  # noqa: F401
                                 images_per_second)
 from .ablation_markdown import markdown
@@ -58,6 +59,13 @@ from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse
 
 # the exits added to the analysis after its version 1 (an older analysis gets them from --analyse-only): key -> name
 LATER_EXITS = {"capped": "capped", "bounded": "harm-bounded", "bounded_drop": "drop-bounded"}
+
+
+def later_missing(a: dict) -> list[str]:
+    """The exits added to analyses after version 1 (:data:`LATER_EXITS`) that ``a`` lacks, or holds from an older
+    construction of the drop bound (before ``drop_bound`` was :data:`fewstep.bounds.DROP_BOUND`)."""
+    return [k for k in LATER_EXITS
+            if k not in a or (k == "bounded_drop" and a.get("drop_bound", "bonferroni") != DROP_BOUND)]
 
 # ------------------------------------------------------------------------------------------ the command
 class Ablation:
@@ -261,7 +269,7 @@ class Ablation:
             return None
         a = json.loads(path.read_text())
         ann = cfg.model.neuron == "qcfs"
-        if (a.get("version") != ANALYSIS_VERSION or any(k not in a for k in ("images_per_s", *LATER_EXITS))
+        if (a.get("version") != ANALYSIS_VERSION or "images_per_s" not in a or later_missing(a)
                 or (ann and a.get("T") != self.convert_T)):
             return None
         ckpt = load_checkpoint(ck)
@@ -304,14 +312,17 @@ class Ablation:
                 if "images_per_s" not in a:  # added after version 1: measured alone, kept with the rest
                     a["images_per_s"] = images_per_second(*self._judged_model(trainer, ann), trainer.bundle)
                     path.write_text(json.dumps(a, indent=2))
-                missing = [k for k in LATER_EXITS if k not in a]  # added after version 1
+                missing = later_missing(a)
                 if missing:  # the outputs again, not the energy counts
-                    self.log(f"{tag}: adding the {' and the '.join(LATER_EXITS[k] for k in missing)} exits to its "
-                             "analysis")
+                    stale = "bounded_drop" in missing and "bounded_drop" in a
+                    self.log(f"{tag}: {'redoing' if stale else 'adding'} the "
+                             f"{' and the '.join(LATER_EXITS[k] for k in missing)} exits of its analysis"
+                             + (f" (the drop bound is now {DROP_BOUND}, fewstep.bounds)" if stale else ""))
                     outputs = self._outputs(trainer, ann)
                     for k in missing:
                         a[k] = (calibrated_exits(*outputs, cap=True) if k == "capped"
                                 else bounded_exits(*outputs, bound=BOUNDED_KEYS[k]))
+                    a["drop_bound"] = DROP_BOUND
                     path.write_text(json.dumps(a, indent=2))
                 return a
         self.log(f"{tag}: analysing (accuracy per step, trade-off curves, calibrated exits, energy)"

@@ -13,6 +13,7 @@ import torch
 from . import calibration as _cal
 from . import cutoff as _cf
 from . import ops as _ops
+from .bounds import DROP_BOUND
 from .ablation_report import BOUND_CONFIDENCE, BOUNDED_KEYS, DROPS, POLICIES  # noqa: F401
 
 ANALYSIS_VERSION = 1
@@ -57,6 +58,7 @@ def analyse(model, cfg, bundle, batch_size: int | None = None) -> dict:
                                                   "speedup": T / best["mean_exit_step"]}
     out["calibrated"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"])
     out["capped"] = calibrated_exits(Yv, yv, Yt, yt, ops["energy_pj"], cap=True)
+    out["drop_bound"] = DROP_BOUND  # the construction of the "bounded_drop" exits (fewstep.bounds)
     for key, bound in BOUNDED_KEYS.items():  # "bounded": the harm bound (the first bounded exits); "bounded_drop"
         out[key] = bounded_exits(Yv, yv, Yt, yt, bound=bound)
     return out

@@ -89,8 +89,9 @@ def fixed_t_table(vs: dict) -> list[str]:
 
 BOUND_TEXT = {  # what each bounded table's exits bound, in its description
     "bound": ("whose upper confidence bound on its accuracy drop on validation is at most d (`--bound drop`, the "
-              "default: the one-sided Clopper-Pearson bound on the share of samples it harms, right at T and wrong at "
-              "the exit, at 97.5 %, minus that on the share it helps, wrong at T and right at the exit, at 97.5 %)"),
+              "default: an exact test of the drop, the share of samples it harms, right at T and wrong at the exit, "
+              "minus the share it helps, wrong at T and right at the exit, from both counts together; "
+              "`fewstep.bounds.drop_upper_bound`)"),
     "harm": ("whose one-sided Clopper-Pearson bound on the share of validation samples it harms (right at T, wrong "
              "at the exit) is at most d (`--bound harm`: stricter than the drop bound, it keeps full T's answers, "
              "and where answers change both ways between steps it certifies less)"),

@@ -7,7 +7,8 @@ or ``t`` for ``timestep``) from running logits ``Y[T, N, C]`` of the **validatio
   ``max_drop`` of full T (what `fewstep ablate`, `fewstep train`'s summary and `bench/` use);
 - :func:`calibrate_to_target`: the same question with a guarantee (`fewstep cutoff --max-drop D --confidence C`):
   an upper confidence bound on the accuracy drop itself (:func:`drop_upper_bound`, the default) or on the share of
-  samples the cutoff harms (:func:`harm_upper_bound`, ``bound="harm"``, stricter);
+  samples the cutoff harms (:func:`harm_upper_bound`, ``bound="harm"``, stricter); the bounds themselves are in
+  :mod:`fewstep.bounds`;
 - :func:`sweep` / :func:`fastest_point`: the accuracy-latency curve of every setting, on the calibration
   data and on another split, and the fastest point of such a curve on either.
 
@@ -20,72 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .bounds import (BOUNDS, DROP_BOUND, _cp_lower, _cp_upper, drop_pvalue, drop_upper_bound,  # noqa: F401
+                     harm_upper_bound, smallest_n, upper_bound, within)
 from .cutoff import POLICIES, Policy, Timestep, capped, check_Y, make, simulate
-
-
-BOUNDS = ("drop", "harm")  # what calibrate_to_target bounds (``fewstep cutoff --bound``)
-
-
-def _cp_upper(k: int, n: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson upper bound on a binomial rate (``k`` of ``n``)."""
-    from scipy.stats import beta
-
-    if n <= 0 or k >= n:
-        return 1.0
-    return float(beta.ppf(confidence, k + 1, n - k))
-
-
-def _cp_lower(k: int, n: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson lower bound on a binomial rate (``k`` of ``n``)."""
-    from scipy.stats import beta
-
-    if n <= 0 or k <= 0:
-        return 0.0
-    return float(beta.ppf(1.0 - confidence, k, n - k + 1))
-
-
-def harm_upper_bound(harmed: int, n: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson upper bound on the share of samples a cutoff harms (right at T, wrong at the exit),
-    ``harmed`` of ``n``. It bounds the accuracy drop too (drop = harmed − helped share), loosely where the exits
-    also put right samples that T gets wrong."""
-    return _cp_upper(harmed, n, confidence)
-
-
-def drop_upper_bound(harmed: int, helped: int, n: int, confidence: float) -> float:
-    """Upper confidence bound on the accuracy drop (harmed − helped) / n of a cutoff, where ``harmed`` samples are
-    right at T and wrong at the exit and ``helped`` ones wrong at T and right at the exit (fewstep's choice; the
-    papers give none). With α = 1 − ``confidence``: the one-sided Clopper-Pearson upper bound on the harmed share
-    at 1 − α/2 minus the lower bound on the helped share at 1 − α/2. Each fails with probability at most α/2, so
-    both hold with probability at least 1 − α (Bonferroni), and then p_harm − p_help ≤ the difference. Against
-    :func:`harm_upper_bound` it pays α/2 for α on the harmed share and gains the helped share's lower bound: where
-    answers change between steps in both directions (a network whose accuracy is level from step 2), it certifies
-    exits the harm bound cannot."""
-    a = (1.0 - confidence) / 2
-    return _cp_upper(harmed, n, 1.0 - a) - _cp_lower(helped, n, 1.0 - a)
-
-
-def upper_bound(bound: str, harmed: int, helped: int, n: int, confidence: "float | None") -> float:
-    """The ``bound`` (:data:`BOUNDS`) of a decision that harms ``harmed`` and helps ``helped`` of ``n`` samples;
-    ``confidence=None``: the observed share instead (no guarantee)."""
-    if bound not in BOUNDS:
-        raise ValueError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
-    if confidence is None:
-        return (harmed - (helped if bound == "drop" else 0)) / max(n, 1)
-    if bound == "harm":
-        return harm_upper_bound(harmed, n, confidence)
-    return drop_upper_bound(harmed, helped, n, confidence)
-
-
-def smallest_n(max_drop: float, confidence: float, bound: str = "drop") -> int:
-    """The fewest samples with which a setting that changes no answer (none harmed, none helped) has its bound
-    within ``max_drop``: 1 − (1 − c) ** (1 / n) ≤ d, with c = ``confidence`` for ``harm`` and 1 − α/2 for ``drop``.
-    With fewer, no setting can pass and every sample runs to T."""
-    import math
-
-    if not 0.0 < max_drop < 1.0:
-        raise ValueError(f"max_drop must be in (0, 1), got {max_drop}")
-    c = confidence if bound == "harm" else 1.0 - (1.0 - confidence) / 2
-    return math.ceil(math.log(1.0 - c) / math.log(1.0 - max_drop))
 
 
 DEFAULT_EPSILONS = [0.0, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
@@ -155,8 +93,9 @@ def _judge(pol: Policy, d, Y: torch.Tensor, y: torch.Tensor, max_drop: float, co
     drop observed."""
     n_harmed, n_helped = changed(d, Y, y)
     b = upper_bound(bound, n_harmed, n_helped, len(y), confidence)
+    ok = within(bound, n_harmed, n_helped, len(y), max_drop, confidence)
     return {"params": {k: v for k, v in pol.params().items() if k in ("epsilon", "t")}, "harmed": n_harmed,
-            "helped": n_helped, "bound": b, "mean_exit_step": d.mean_exit_step(), "accepted": b <= max_drop,
+            "helped": n_helped, "bound": b, "mean_exit_step": d.mean_exit_step(), "accepted": ok,
             "drop": (n_harmed - n_helped) / len(y)}
 
 
@@ -207,7 +146,9 @@ def calibrate_to_target(name: str, Y: torch.Tensor, y: torch.Tensor, max_drop: f
 
     Validation data only. A cutoff's drop against running to T is the share of samples it *harms* (right at T,
     wrong at the exit) minus the share it *helps* (wrong at T, right at the exit). ``bound="drop"`` (the default)
-    bounds that difference at ``confidence`` (:func:`drop_upper_bound`); ``bound="harm"`` bounds the harmed share
+    bounds that difference at ``confidence`` (:func:`fewstep.bounds.drop_upper_bound`, an exact test from both
+    counts; a setting passes when that test rejects a drop of ``max_drop`` or more, :func:`fewstep.bounds.within`);
+    ``bound="harm"`` bounds the harmed share
     alone (:func:`harm_upper_bound`, a one-sided Clopper-Pearson interval): stricter, it also keeps the exits'
     answers those of full T, and it certifies nothing where answers change between steps in both directions.
     Candidates are tested in a fixed sequence from conservative to aggressive and the search stops at the first

@@ -1,9 +1,11 @@
 """fewstep.calibration: choosing a cutoff setting on held-out data (a bound that holds, the fastest setting)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from fewstep import bounds
 from fewstep import calibration as cal
 from fewstep import cutoff as cf
 
@@ -27,18 +29,90 @@ def test_harm_upper_bound_matches_clopper_pearson_by_hand():
     assert cal.harm_upper_bound(5, 100, 0.95) > 0.05  # above the observed rate
 
 
-def test_drop_upper_bound_by_hand():
-    # α = 5 % split in two: the harmed share's upper bound at 97.5 % minus the helped share's lower bound at 97.5 %
-    assert cal.drop_upper_bound(0, 0, 100, 0.95) == pytest.approx(1 - 0.025 ** (1 / 100))
-    # 0 harmed, all n helped: upper 1 - 0.025 ** (1 / n), lower 0.025 ** (1 / n) (the mirror image)
-    assert cal.drop_upper_bound(0, 50, 50, 0.95) == pytest.approx(1 - 2 * 0.025 ** (1 / 50))
-    assert cal.drop_upper_bound(30, 25, 1000, 0.95) == pytest.approx(
-        cal.harm_upper_bound(30, 1000, 0.975) - cal._cp_lower(25, 1000, 0.975))
-    assert cal._cp_lower(25, 1000, 0.975) < 0.025 < cal.harm_upper_bound(25, 1000, 0.975)
+def test_tango_score_by_hand():
+    # 10 harmed, 4 helped of 100, d = 0.02: A = 200, B = -14 + 194 * 0.02 = -10.12, C = -4 * 0.02 * 0.98 = -0.0784;
+    # p = (10.12 + sqrt(10.12 ** 2 + 4 * 200 * 0.0784)) / 400 = 0.057426; Z = 4 / sqrt(100 (2 p + 0.0196)) = 1.0909
+    assert float(bounds._score(10, 4, 100, 0.02)) == pytest.approx(1.0909, abs=1e-4)
+    # p is the maximum-likelihood p_help with p_harm = p_help + d (a grid search finds the same)
+    grid = np.linspace(1e-4, 0.3, 300001)
+    loglik = 10 * np.log(grid + 0.02) + 4 * np.log(grid) + 86 * np.log(1 - 2 * grid - 0.02)
+    p = (10.12 + math.sqrt(10.12 ** 2 + 4 * 200 * 0.0784)) / 400
+    assert grid[loglik.argmax()] == pytest.approx(p, abs=2e-6)
+    assert float(bounds._score(0, 0, 50, 0.0)) == 0.0 and float(bounds._score(3, 0, 50, 0.0)) == pytest.approx(
+        3 / math.sqrt(50 * 2 * 3 / 100))  # d = 0: p = (h + g) / 2n, Z = (h - g) / sqrt(h + g)
+
+
+def brute_pvalue(h, g, n, d, gamma=bounds.GAMMA, points=4001):
+    """The drop test's p-value the long way: every trinomial outcome, its score made nondecreasing in h at each
+    changed count, and the largest probability of an outcome as extreme over a fine grid of the changed share q in
+    its Berger-Boos interval (p_harm = (q + d) / 2, p_help = (q - d) / 2, floored at 0)."""
+    from scipy.stats import beta
+
+    def z(a, b):
+        A, B, C = 2 * n, -a - b + (2 * n - a + b) * d, -b * d * (1 - d)
+        p = (-B + math.sqrt(max(B * B - 4 * A * C, 0.0))) / (2 * A)
+        var, num = n * (2 * p + d * (1 - d)), a - b - n * d
+        return num / math.sqrt(var) if var > 0 else (math.inf if num > 0 else -math.inf if num < 0 else 0.0)
+
+    stat = {}
+    for D in range(n + 1):
+        run = -math.inf
+        for a in range(D + 1):
+            run = max(run, z(a, D - a))
+            stat[a, D - a] = run
+    extreme = [k for k, v in stat.items() if v <= stat[h, g]]
+    D = h + g
+    lo = max(beta.ppf(gamma / 2, D, n - D + 1) if D > 0 else 0.0, d, 1e-12)
+    hi = beta.ppf(1 - gamma / 2, D + 1, n - D) if D < n else 1.0
+    a, b = np.array([k[0] for k in extreme])[None], np.array([k[1] for k in extreme])[None]
+    coef = np.array([math.comb(n, i) * math.comb(n - i, j) for i, j in extreme], float)[None]
+    q = np.linspace(lo, hi, points)[:, None]
+    ph = np.clip((q + d) / 2, 0.0, q)
+    pmf = coef * ph ** a * (q - ph) ** b * (1 - q) ** (n - a - b)  # P(harmed = a, helped = b)
+    return min(1.0, float(pmf.sum(1).max()) + gamma)
+
+
+def test_drop_pvalue_matches_every_outcome_counted():
+    for h, g, n, d in [(1, 0, 15, 0.1), (3, 1, 15, 0.05), (2, 4, 15, 0.0), (0, 0, 15, 0.15), (5, 2, 15, 0.3),
+                       (1, 5, 15, -0.1)]:
+        assert bounds.drop_pvalue(h, g, n, d) == pytest.approx(brute_pvalue(h, g, n, d), abs=2e-3), (h, g, n, d)
+
+
+def test_drop_upper_bound_against_the_bonferroni_pair_and_the_harm_bound():
+    bonferroni = lambda h, g, n: cal._cp_upper(h, n, 0.975) - cal._cp_lower(g, n, 0.975)  # noqa: E731
+    for h, g, n in [(10, 10, 100), (5, 20, 400), (30, 25, 1000), (72, 100, 5000), (100, 72, 5000), (3, 1, 300)]:
+        b = cal.drop_upper_bound(h, g, n, 0.95)
+        assert (h - g) / n < b < bonferroni(h, g, n)  # above the estimate; all of alpha on the difference
+        assert not cal.within("drop", h, g, n, b - 1e-4, 0.95) and cal.within("drop", h, g, n, b + 1e-4, 0.95)
+    # the figures in its docstring: answers that change both ways no longer cost the bound half of alpha
+    assert 100 * cal.drop_upper_bound(72, 100, 5000, 0.95) == pytest.approx(-0.126, abs=0.001)
+    assert 100 * cal.drop_upper_bound(100, 72, 5000, 0.95) == pytest.approx(1.000, abs=0.001)
+    assert 100 * bonferroni(72, 100, 5000) == pytest.approx(0.180, abs=0.001)
+    for n in (20, 100, 400, 1000):  # none helped: the harm bound, plus a hair for gamma
+        for h in (0, 2, 5):
+            assert cal.harm_upper_bound(h, n, 0.95) <= cal.drop_upper_bound(h, 0, n, 0.95) <= \
+                cal.harm_upper_bound(h, n, 0.95 + 2 * bounds.GAMMA)
+    assert cal.drop_upper_bound(0, 50, 50, 0.95) < -0.8 and cal.drop_upper_bound(3, 0, 3, 0.95) == 1.0
     assert cal.upper_bound("harm", 30, 25, 1000, None) == 0.03 and cal.upper_bound("drop", 30, 25, 1000, None) == 0.005
-    assert cal.smallest_n(0.006, 0.95, "harm") == 498 and cal.smallest_n(0.006, 0.95, "drop") == 613
+    assert cal.smallest_n(0.006, 0.95, "harm") == 498 and cal.smallest_n(0.01, 0.95, "harm") == 299
+    assert cal.smallest_n(0.006, 0.95, "drop") == 502 and cal.smallest_n(0.01, 0.95, "drop") == 301
+    for d in (0.006, 0.01):
+        n = cal.smallest_n(d, 0.95)
+        assert cal.drop_upper_bound(0, 0, n, 0.95) <= d < cal.drop_upper_bound(0, 0, n - 1, 0.95)
     with pytest.raises(ValueError, match="bound must be one of drop, harm"):
         cal.upper_bound("churn", 1, 1, 10, 0.95)
+
+
+def test_the_drop_test_holds_its_level():
+    """Where the true drop is exactly d (the hypothesis's edge) the test rejects it in at most 5 % of draws, whatever
+    the share of answers that change; and more rarely where it is larger."""
+    rng = np.random.default_rng(0)
+    n, d, draws = 1000, 0.01, 300
+    for p_help, extra in [(0.0, 0.0), (0.002, 0.0), (0.01, 0.0), (0.05, 0.0), (0.01, 0.005)]:
+        p_harm = p_help + d + extra
+        counts = rng.multinomial(n, [p_harm, p_help, 1 - p_harm - p_help], size=draws)
+        rejected = sum(bounds.drop_pvalue(int(h), int(g), n, d) <= 0.05 for h, g, _ in counts)
+        assert rejected / draws <= 0.05 + 0.025, (p_help, extra, rejected)
 
 
 def churning(n, p_harm, p_help, gen):
@@ -54,18 +128,18 @@ def churning(n, p_harm, p_help, gen):
 
 def test_the_drop_bound_holds_and_certifies_what_the_harm_bound_cannot():
     """Exiting at t = 1 changes 10 % of the answers but does not change the accuracy: the drop bound accepts it for a
-    2 pt target, the harm bound (5 % harmed) never can. Where it truly drops 2.2 pt, the drop bound accepts it in
+    3 pt target, the harm bound (5 % harmed) never can. Where it truly drops 3.2 pt, the drop bound accepts it in
     at most 5 % of draws (the guarantee); the point estimate alone far more often."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
-        Y, y = churning(8000, 0.05, 0.05, gen)
-        assert cal.calibrate_to_target("timestep", Y, y, 0.02).policy.t == 1
-        assert cal.calibrate_to_target("timestep", Y, y, 0.02, bound="harm").policy.t == 2
-    trials, bad, naive_bad = 200, 0, 0
+        Y, y = churning(2000, 0.05, 0.05, gen)
+        assert cal.calibrate_to_target("timestep", Y, y, 0.03).policy.t == 1
+        assert cal.calibrate_to_target("timestep", Y, y, 0.03, bound="harm").policy.t == 2
+    trials, bad, naive_bad = 120, 0, 0
     for _ in range(trials):
-        Y, y = churning(8000, 0.057, 0.035, gen)
-        bad += cal.calibrate_to_target("timestep", Y, y, 0.02).policy.t == 1
-        naive_bad += cal.calibrate_to_target("timestep", Y, y, 0.02, confidence=None).policy.t == 1
+        Y, y = churning(2000, 0.067, 0.035, gen)
+        bad += cal.calibrate_to_target("timestep", Y, y, 0.03).policy.t == 1
+        naive_bad += cal.calibrate_to_target("timestep", Y, y, 0.03, confidence=None).policy.t == 1
     assert bad / trials <= 0.05 + 0.03
     assert naive_bad / trials > 0.2
 
