@@ -30,8 +30,7 @@ def accepts(name: str, h: int, g: int, n: int, d: float, confidence: float) -> b
         return bounds.within("drop", h, g, n, d, confidence)
     if name == "harm":
         return bounds.harm_upper_bound(h, n, confidence) <= d
-    a = (1 - confidence) / 2
-    return bounds._cp_upper(h, n, 1 - a) - bounds._cp_lower(g, n, 1 - a) <= d
+    return bounds.bonferroni_drop_bound(h, g, n, confidence) <= d
 
 
 def main(argv=None) -> None:

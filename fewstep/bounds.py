@@ -49,6 +49,14 @@ def harm_upper_bound(harmed: int, n: int, confidence: float) -> float:
     return _cp_upper(harmed, n, confidence)
 
 
+def bonferroni_drop_bound(harmed: int, helped: int, n: int, confidence: float) -> float:
+    """The drop bound fewstep used until the sixteenth session, kept as :func:`drop_upper_bound`'s starting bracket
+    and for comparison (``bench/drop_bound.py``): the harmed share's Clopper-Pearson upper bound minus the helped
+    share's lower bound, each at 1 − α/2 (Bonferroni; valid, but it spends about a fifth of α)."""
+    a = (1.0 - confidence) / 2
+    return _cp_upper(harmed, n, 1 - a) - _cp_lower(helped, n, 1 - a)
+
+
 def _score(h, g, n: int, d: float):
     """Tango's score statistic for the matched-pairs difference p_harm − p_help = ``d`` (Tango 1998, Stat Med 17:891):
     (h − g − n d) / sqrt(n (2 p̂ + d (1 − d))), p̂ the maximum-likelihood p_help under the hypothesis."""
@@ -108,9 +116,8 @@ def _drop_bound(harmed: int, helped: int, n: int, confidence: float, tol: float)
     def logp(d):
         return math.log(drop_pvalue(harmed, helped, n, d)) - math.log(alpha)  # <= 0: rejects
 
-    a2 = alpha / 2
     lo = (harmed - helped) / n
-    hi = min(1.0, max(lo + tol, _cp_upper(harmed, n, 1 - a2) - _cp_lower(helped, n, 1 - a2)))
+    hi = min(1.0, max(lo + tol, bonferroni_drop_bound(harmed, helped, n, confidence)))
     flo, fhi, step = logp(lo), logp(hi), 1e-3
     while flo <= 0 and lo > -1.0:
         hi, fhi = lo, flo
@@ -147,18 +154,18 @@ def drop_upper_bound(harmed: int, helped: int, n: int, confidence: float, tol: f
     ``harmed`` of ``n`` samples (right at T, wrong at the exit) and helps ``helped`` (wrong at T, right at the
     exit): the smallest d (to ``tol``) at which :func:`drop_pvalue` rejects Δ ≥ d at α = 1 − ``confidence``.
 
-    fewstep's choice (the papers give none): an exact unconditional test of the matched-pairs difference. In
-    terms of the share of changed answers q = p_harm + p_help and θ = p_harm / q, the changed count D = h + g is
-    Bin(n, q) and h given D is Bin(D, θ), with Δ = q (2θ − 1). Outcomes are ordered by Tango's score statistic
+    fewstep's choice (the papers give none): an exact unconditional test of the matched-pairs difference. In terms
+    of the share of changed answers q = p_harm + p_help and θ = p_harm / q, the changed count D = h + g is Bin(n, q)
+    and h given D is Bin(D, θ), with Δ = q (2θ − 1). Outcomes are ordered by Tango's score statistic
     (:func:`_score`), made nondecreasing in h at each D by a running maximum; then for any q a larger Δ (a larger θ)
-    can only make an outcome as extreme as the observed one less likely, so the hypothesis Δ ≥ d is worst at
-    Δ = d. The p-value is the largest probability of such an outcome over every q in the two-sided 1 − γ
-    Clopper-Pearson interval of D, plus γ (Berger & Boos 1994, J Am Stat Assoc 89:1012; γ = :data:`GAMMA`); the
-    largest is taken on a 32-point grid refined around its maximum. Unlike a Bonferroni pair of bounds (harmed
-    share's upper minus helped share's lower, each at 1 − α/2: fewstep's drop bound until 2026-12-05), it spends
-    all of α on the difference: on 5 000 samples, 72 harmed and 100 helped give −0.13 pt instead of +0.18 pt, 100
-    and 72 give 1.00 pt instead of 1.30, and a setting that changes no answer 0.06 pt (the harmed share's bound
-    alone, 0.06 pt: γ costs a hair). It is cached by its arguments (a calibration tests the same counts often)."""
+    can only make an outcome as extreme as the observed one less likely, so the hypothesis Δ ≥ d is worst at Δ = d.
+    The p-value is the largest probability of such an outcome over every q in the two-sided 1 − γ Clopper-Pearson
+    interval of D, plus γ (Berger & Boos 1994, J Am Stat Assoc 89:1012; γ = :data:`GAMMA`); the largest is taken on
+    a 32-point grid refined around its maximum. Unlike the Bonferroni pair (:func:`bonferroni_drop_bound`: fewstep's
+    drop bound until 2026-12-05), it spends all of α on the difference: on 5 000 samples, 72 harmed and 100 helped
+    give −0.13 pt instead of +0.18 pt, 100 and 72 give 1.00 pt instead of 1.30, and a setting that changes no answer
+    0.06 pt (the harmed share's bound alone, 0.06 pt: γ costs a hair). It is cached by its arguments (a calibration
+    tests the same counts often)."""
     if n <= 0:
         return 1.0
     return _drop_bound(int(harmed), int(helped), int(n), float(confidence), float(tol))

@@ -98,7 +98,8 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
         pol = res.policy
         target = {"max_drop": max_drop, "confidence": confidence, **res.summary(), "tested": res.tested,
                   "passed": any(t["accepted"] for t in res.tested),
-                  # the bound of a setting that changes no answer: below it no target can be met on this split
+                  # the bound of a setting that changes no answer: below it only a setting that helps more than
+                  # it harms can meet a target on this split
                   "smallest_bound": _cal.upper_bound(bound, 0, 0, res.n_test, confidence) if confidence else 0.0}
     elif policy == "timestep":
         if step is not None and not 1 <= step <= T:
