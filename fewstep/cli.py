@@ -9,7 +9,7 @@ import os
 import sys
 
 from .cli_run import cmd_cutoff, cmd_energy, cmd_eval, cmd_export, cmd_stream, cmd_tradeoff
-from .cli_train import cmd_ablate, cmd_convert, cmd_demo, cmd_train
+from .cli_train import cmd_ablate, cmd_configs, cmd_convert, cmd_demo, cmd_train
 from .runtime import tune_for_device
 
 # commands that run a trained network (on --device, else the CPU): glibc's allocator is tuned for them
@@ -65,11 +65,16 @@ def main(argv=None) -> int:
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="train from a YAML config")
-    t.add_argument("config", help="YAML config (see configs/ and docs/config.md)")
+    t.add_argument("config", help="YAML config file, or the name of a shipped one (`fewstep configs` lists them; "
+                   "docs/config.md)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set train.lr=0.01 (repeatable)")
     t.add_argument("--out", required=True, help="run folder; an interrupted run in it resumes")
     t.set_defaults(fn=cmd_train)
+
+    cf = sub.add_parser("configs", help="list the configs that ship with fewstep (train one by name), or print one")
+    cf.add_argument("name", nargs="?", help="print this config's YAML (to copy and edit)")
+    cf.set_defaults(fn=cmd_configs)
 
     e = sub.add_parser("eval", help="accuracy per timestep and firing rates of a trained run")
     e.add_argument("run", help="run folder written by 'fewstep train'")
@@ -124,7 +129,7 @@ def main(argv=None) -> int:
 
     a = sub.add_parser("ablate", help="train variants side by side (same data, model, budget, seeds) and compare "
                        "their accuracy per step, cutoff speed-ups and energy")
-    a.add_argument("config", nargs="?", help="YAML config of the base run (see configs/); leave it and --variants "
+    a.add_argument("config", nargs="?", help="YAML config of the base run (a file, or a shipped config's name); leave it and --variants "
                    "out to continue or report the ablation in --out as its ablation.json describes it")
     a.add_argument("--variants", help="comma-separated variants, each tokens joined by '+', e.g. "
                    "tet,tet+rcs,tet+str (tokens: ce, tet, rcs, str, tebn, trt, qcfs, rcs_ann); LABEL=TOKENS names a variant, to run "

@@ -11,13 +11,34 @@ from .cli_run import _table, _tradeoff_table
 
 
 def demo_config() -> _config.Config:
-    """The embedded demo (same as configs/digits.yaml): a small spiking CNN on scikit-learn's 8×8 digits,
+    """The demo's recipe, the shipped ``digits`` config: a small spiking CNN on scikit-learn's 8×8 digits,
     Poisson rate coding over T = 8 steps (evidence builds up over time), TET loss."""
-    return _config.from_dict({
-        "data": {"name": "digits", "T": 8, "encoding": "poisson", "val_fraction": 0.15},
-        "model": {"name": "cnn", "options": {"channels": [32, 64], "hidden": 128}},
-        "train": {"epochs": 25, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "loss": "tet"},
-    })
+    return _config.load(_config.shipped()["digits"])
+
+
+def cmd_configs(args) -> int:
+    """``fewstep configs``: the shipped configs, one per recipe; ``fewstep configs NAME`` prints one (to copy)."""
+    import sys
+    import textwrap
+
+    if args.name:
+        sys.stdout.write(_config.resolve(args.name).read_text())
+        return 0
+    ship = _config.shipped()
+    rows = []
+    for name, path in ship.items():
+        c = _config.load(path)
+        model = c.model.name + (" (QCFS ANN)" if c.model.neuron == "qcfs" else "")
+        rows.append((name, c.data.name, model, f"T = {c.data.T}", f"{c.train.epochs} epochs", _config.describe(path)))
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    print(f"{len(rows)} configs ship with fewstep ({_config.SHIPPED}):\n")
+    for r in rows:
+        print("  ".join(v.ljust(w[i]) for i, v in enumerate(r[:5])).rstrip())
+        if r[5]:
+            print(textwrap.fill(r[5], 112, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
+    print("\nfewstep train NAME --out DIR trains one (data.root defaults to ../shared/data: --set data.root=DIR for "
+          "yours);\nfewstep configs NAME prints it, to copy and edit; docs/config.md explains every key.")
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -422,13 +422,57 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
+SHIPPED = Path(__file__).resolve().parent / "configs"  # the recipes installed with the package (``configs/`` links here)
+
+
+def shipped() -> dict[str, Path]:
+    """The configs that ship with fewstep, by name (the file name without ``.yaml``): ``fewstep configs`` lists them."""
+    return {f.stem: f for f in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def describe(path) -> str:
+    """A config file's one-line description: its leading comment up to the first ``.``, ``:`` or ``;`` outside
+    parentheses (``""`` without a comment)."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text, depth = " ".join(lines), 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and ch in ".:;" and text[i + 1:i + 2] in (" ", ""):
+            return text[:i]
+    return text
+
+
+def resolve(path_or_name) -> Path:
+    """The config file ``path_or_name`` names: a file if one is there, else a shipped config of that name
+    (``nmnist_small`` or ``nmnist_small.yaml``), so an installed fewstep runs its recipes from any folder.
+    A local file wins over a shipped config of the same name."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    ship = shipped()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if p.parent == Path(".") and name in ship:
+        return ship[name]
+    if p.exists():
+        raise FileNotFoundError(f"config {p} is not a file")
+    import difflib
+
+    close = difflib.get_close_matches(name, list(ship), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise FileNotFoundError(f"config file not found: {p} (no such file, and fewstep ships no config of that name)."
+                            f"{hint} `fewstep configs` lists the {len(ship)} configs it ships.")
+
+
 def load(path=None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (a file, or a shipped config by name: :func:`resolve`; the defaults when ``path`` is
+    None) and apply overrides."""
     d: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
+        p = resolve(path)
         d = yaml.safe_load(p.read_text()) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{p}: a config must be a mapping with sections {', '.join(SECTIONS)}")

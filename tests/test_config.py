@@ -209,3 +209,62 @@ def test_docs_list_every_key_with_its_range():
             rows = [ln for ln in part.splitlines() if ln.startswith(f"| `{name}` |")]
             assert rows, f"docs/config.md has no row for {sec}.{name}"
             assert rows[0].count("|") >= 5, f"{sec}.{name}: no 'valid' column"
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
+    """An installed fewstep trains its recipes by name (``fewstep train nmnist_small``); a local file wins."""
+    ship = C.shipped()
+    assert {"digits", "nmnist_small", "cifar10_vgg_cpu", "fashion_mnist_cnn"} <= set(ship)
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    for name in ("nmnist_small", "nmnist_small.yaml"):
+        assert C.resolve(name) == C.SHIPPED / "nmnist_small.yaml"
+    assert C.load("nmnist_small", ["data.T=5"]).data.T == 5
+    assert C.load("digits").data.T == 8
+    (tmp_path / "digits.yaml").write_text("data:\n  name: digits\n  T: 3\n")
+    assert C.load("digits.yaml").data.T == 3  # the user's file, not the shipped one
+    assert C.load("digits").data.T == 8       # no file named 'digits': the shipped one
+    with pytest.raises(FileNotFoundError, match=r"nmnist_smal .*Did you mean nmnist_small\?.*fewstep configs"):
+        C.load("nmnist_smal")
+    with pytest.raises(FileNotFoundError, match="sub/nmnist_small.yaml"):
+        C.load("sub/nmnist_small.yaml")  # a path with a folder is a path, never a shipped name
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(FileNotFoundError, match="dir.yaml is not a file"):
+        C.load("dir.yaml")
+
+
+def test_the_repository_configs_folder_is_the_shipped_one_and_the_package_installs_it():
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert sorted(p.name for p in (root / "configs").glob("*.yaml")) == sorted(f.name for f in C.shipped().values())
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fewstep"]
+    for f in C.shipped().values():
+        rel = f.relative_to(Path(C.__file__).resolve().parent).as_posix()
+        assert any(fnmatch(rel, pat) for pat in data), f"{rel} is not in the package data: a wheel would miss it"
+
+
+def test_describe_reads_the_first_clause_of_the_leading_comment(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("# CIFAR-10 at T = 4 (a VGG; 6 epochs.) sized for a CPU: the budget.\n# More.\ndata: {}\n")
+    assert C.describe(f) == "CIFAR-10 at T = 4 (a VGG; 6 epochs.) sized for a CPU"
+    f.write_text("# One line, no stop\n# and a second line. Then more\ndata: {}\n")
+    assert C.describe(f) == "One line, no stop and a second line"
+    f.write_text("data: {}\n# a comment after the keys\n")
+    assert C.describe(f) == ""
+
+
+def test_fewstep_configs_lists_and_prints_the_shipped_configs(capsys):
+    assert cli(["configs"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for name, path in C.shipped().items():
+        row = next(line for line in lines if line.split() and line.split()[0] == name)
+        cfg = C.load(path)
+        assert row.split()[1] == cfg.data.name and f"T = {cfg.data.T}" in row and f"{cfg.train.epochs} epochs" in row
+    assert "N-MNIST subset (1000 train / 100 test real recordings) framed into T = 10 equal-time bins" in out
+    assert cli(["configs", "nmnist_small"]) == 0
+    assert capsys.readouterr().out == (C.SHIPPED / "nmnist_small.yaml").read_text()
+    assert cli(["configs", "nope"]) == 2
+    assert "fewstep ships no config of that name" in capsys.readouterr().err

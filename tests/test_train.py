@@ -140,12 +140,6 @@ def test_console_script_demo_runs(tmp_path):
     assert (tmp_path / "demo" / "accuracy_per_step.png").stat().st_size > 1000
 
 
-def test_demo_config_is_the_shipped_digits_config():
-    from fewstep.cli_train import demo_config
-
-    assert demo_config().to_dict() == C.load("configs/digits.yaml").to_dict()
-
-
 def test_cpu_training_tunes_the_allocator_unless_told_not_to(tmp_path, monkeypatch):
     from fewstep import runtime
 
