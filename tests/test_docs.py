@@ -24,7 +24,7 @@ def test_the_anytime_example_runs_on_a_run_folder(tmp_path, monkeypatch, capsys)
     cfg = C.load(ROOT / "configs" / "digits.yaml", ["train.epochs=2", "train.progress=false", "data.T=4"])
     Trainer(cfg, tmp_path / "fewstep-demo", log=lambda s: None).fit()
     monkeypatch.chdir(tmp_path)
-    (block,) = python_blocks(ROOT / "docs" / "anytime.md")
+    block = python_blocks(ROOT / "docs" / "anytime.md")[0]
     exec(compile(block, "docs/anytime.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"accuracy 0\.\d+, mean exit step [\d.]+ of 4", out), out
@@ -35,3 +35,15 @@ def test_the_anytime_example_runs_on_a_run_folder(tmp_path, monkeypatch, capsys)
 
         anytime.AnytimeStream(models.create("cnn", input_shape=(1, 8, 8), num_classes=10),
                               cutoff.load(tmp_path / "my_topk.json"), T=8)
+
+
+def test_the_any_network_example_calibrates_plain_pytorch_outputs(capsys):
+    """docs/anytime.md's second block: a plain-PyTorch SNN's logits calibrated to a 2 pt bound on validation."""
+    blocks = python_blocks(ROOT / "docs" / "anytime.md")
+    assert len(blocks) == 2
+    exec(compile(blocks[1], "docs/anytime.md (any network)", "exec"), {})
+    out = capsys.readouterr().out
+    m = re.search(r"bound ([\d.]+) pt on validation; on test ([\d.]+) % \(full T ([\d.]+) %\) after ([\d.]+) of 8", out)
+    assert m, out
+    bound, acc, full, steps = map(float, m.groups())
+    assert bound <= 2.0 and full >= 85 and acc >= full - 3 and steps < 6, out  # learnt, certified, and sooner
