@@ -104,6 +104,8 @@ def cmd_cutoff(args) -> int:
               "(--max-step) or run the network multi-step (docs/anytime.md)")
     print(f"  SOPs/sample   {r['sops_per_sample']:.3g} (full T {r['sops_per_sample_full']:.3g}); "
           f"energy {r['energy_uj_per_sample']:.3g} uJ (full {r['energy_uj_per_sample_full']:.3g})")
+    for line in _breakdown_lines(r):
+        print(line)
     if "target" in r:
         t = r["target"]
         on = "the share of samples harmed" if t.get("bound_on") == "harm" else "the drop"
@@ -115,8 +117,36 @@ def cmd_cutoff(args) -> int:
                   f"on the other {t['n_fit']} validation samples{'; no cap passed faster' if k is None else ''})")
         if not t["passed"]:
             print(_target_missed(args.policy, t))
-    print(f"wrote {Path(args.run) / ('cutoff_' + args.policy + '.json')} and the exit histogram PNG")
+    print(f"wrote {Path(args.run) / ('cutoff_' + args.policy + '.json')}, the exits per sample (_exits.csv) and "
+          f"their histogram (_exits.png)")
     return 0
+
+
+def _breakdown_lines(r: dict, max_classes: int = 20) -> list[str]:
+    """The exits by step (grouped into at most 8 ranges beyond T = 12) and by class, as table lines."""
+    T, hist, acc = r["T"], r["exit_histogram"], r["accuracy_by_exit_step"]
+    bounds = [(t, t) for t in range(1, T + 1)] if T <= 12 else \
+        [(a + 1, b) for a, b in zip(*(lambda e: (e[:-1], e[1:]))([round(T * i / 8) for i in range(9)]))]
+    cols = []
+    for a, b in bounds:
+        n = sum(hist[a - 1:b])
+        if n:
+            right = sum(hist[t - 1] * acc[t - 1] for t in range(a, b + 1) if acc[t - 1] is not None)
+            cols.append((str(a) if a == b else f"{a}-{b}", str(n), f"{100 * right / n:.0f}%"))
+    w = max(len(v) for c in cols for v in c)
+    lines = [f"  exits         {'step':<8}" + " ".join(c[0].rjust(w) for c in cols),
+             f"                {'samples':<8}" + " ".join(c[1].rjust(w) for c in cols),
+             f"                {'right':<8}" + " ".join(c[2].rjust(w) for c in cols)]
+    pc = r["per_class"]
+    shown = pc if len(pc) <= max_classes else sorted(pc, key=lambda c: -c["mean_exit_step"])[:5]
+    head = "by class" if len(pc) <= max_classes else f"the {len(shown)} slowest of {len(pc)} classes (all: the JSON)"
+    wn = max(5, *(len(c["class"]) for c in shown))
+    lines.append(f"  {head}:  {'class':<{wn}}  {'n':>5}  {'full T':>7}  {'at exit':>7}  {'mean exit':>9}")
+    pad = " " * (len(head) + 5)
+    for c in shown:
+        lines.append(f"{pad}{c['class']:<{wn}}  {c['n']:>5}  {100 * c['full_accuracy']:>6.1f}%  "
+                     f"{100 * c['accuracy']:>6.1f}%  {c['mean_exit_step']:>9.2f}")
+    return lines
 
 
 def _target_missed(policy: str, t: dict) -> str:

@@ -67,16 +67,24 @@ def tradeoff(policies: dict[str, list[dict]], oct_point: dict, full_accuracy: fl
     return _save(fig, path)
 
 
-def exit_histogram(exit_steps, T: int, path, title: str = "Exit steps") -> Path:
+def exit_histogram(exit_steps, T: int, path, title: str = "Exit steps", correct=None) -> Path:
+    """Samples per exit step; with ``correct`` (per sample), each bar split into right and wrong answers."""
     plt = _plt()
     import numpy as np
 
-    counts = np.bincount(np.asarray(exit_steps) - 1, minlength=T)[:T]
+    steps = np.asarray(exit_steps) - 1
+    counts = np.bincount(steps, minlength=T)[:T]
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
-    ax.bar(range(1, T + 1), counts, color="tab:blue")
+    if correct is None:
+        ax.bar(range(1, T + 1), counts, color="tab:blue")
+    else:
+        ok = np.bincount(steps[np.asarray(correct, bool)], minlength=T)[:T]
+        ax.bar(range(1, T + 1), ok, color="tab:blue", label="right")
+        ax.bar(range(1, T + 1), counts - ok, bottom=ok, color="tab:red", label="wrong")
+        ax.legend(frameon=False)
     ax.set_xlabel("exit step")
     ax.set_ylabel("samples")
-    ax.set_xticks(range(1, T + 1))
+    ax.set_xticks(range(1, T + 1) if T <= 16 else np.unique(np.linspace(1, T, 9).round().astype(int)))
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

@@ -118,6 +118,40 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     return pol, target
 
 
+def exit_breakdown(d: _cf.Decision, y: torch.Tensor, full_prediction: torch.Tensor, T: int,
+                   classes=None) -> dict:
+    """Where a cutoff's exits fall and how right they are: the accuracy of the samples exiting at each step
+    (``None`` where none exits; late exits are usually the hard samples), and per class the samples, full T's
+    accuracy, the accuracy at the exit and the mean exit step. ``classes`` names the class indices."""
+    right = d.prediction == y
+    by_step = [None if not (m := d.exit_step == t).any() else right[m].float().mean().item() for t in range(1, T + 1)]
+    per_class = []
+    for c in torch.unique(y).tolist():
+        m = y == c
+        per_class.append({"class": str(classes[c]) if classes and c < len(classes) else str(c), "index": int(c),
+                          "n": int(m.sum()), "full_accuracy": (full_prediction[m] == c).float().mean().item(),
+                          "accuracy": right[m].float().mean().item(),
+                          "mean_exit_step": d.exit_step[m].float().mean().item()})
+    return {"accuracy_by_exit_step": by_step, "per_class": per_class}
+
+
+def write_exits_csv(path, d: _cf.Decision, y: torch.Tensor, full_prediction: torch.Tensor, classes=None) -> Path:
+    """One row per sample of the split (in its order): label, the exit step, the answer there and at T, and
+    whether the cutoff *harmed* it (right at T, wrong at the exit) or *helped* it (the reverse)."""
+    import csv
+
+    name = (lambda c: str(classes[c]) if classes and c < len(classes) else str(c))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample", "label", "label_name", "exit_step", "prediction", "correct", "prediction_full_T",
+                    "correct_full_T", "change"])
+        for i, (lab, ex, pr, pf) in enumerate(zip(y.tolist(), d.exit_step.tolist(), d.prediction.tolist(),
+                                                  full_prediction.tolist())):
+            change = "harmed" if pf == lab != pr else "helped" if pr == lab != pf else ""
+            w.writerow([i, lab, name(lab), ex, pr, int(pr == lab), pf, int(pf == lab), change])
+    return Path(path)
+
+
 def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, confidence=0.95, split="test",
                   batch_size: int = 64, calibration=None, repeats: int = 5, mc_dropout: float = 0.0,
                   continuous: bool = True, device: str = "cpu", graphs: str = "auto",
@@ -171,6 +205,10 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     full_acc = (Y[-1].argmax(-1) == y).float().mean().item()
     acc = d.accuracy(ee.labels)
     hist = torch.bincount(d.exit_step - 1, minlength=T)[:T].tolist()
+    labels = ee.labels.to(y.device)
+    if not torch.equal(labels, y):  # the runner and the full-T pass read the split in one order
+        raise RuntimeError("the early-exit runner returned the split's samples in another order than the full-T pass")
+    breakdown = exit_breakdown(d, y, Y[-1].argmax(-1), T, bundle.classes)
     oct_d = _cf.oracle(Y, y)
     per = lambda v: float(v.mean())  # noqa: E731
     out = {
@@ -184,7 +222,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         "wallclock_speedup_rounds": sp["rounds"], "wallclock_speedup_iqr": [sp["q1"], sp["q3"]],
         # the plain way to run to T: one multi-step call per batch (faster than stepping on a GPU, slower on the CPU)
         "seconds_full_multistep": t_multi, "wallclock_speedup_vs_multistep": t_multi / t_exit,
-        "exit_histogram": hist, "matches_simulation": not differ,
+        "exit_histogram": hist, **breakdown, "matches_simulation": not differ,
         # samples whose exit step or prediction differs from cutoff.simulate on the multi-step outputs (0 in every CPU
         # run so far): convolutions at the shrinking batch sizes may round differently (bench/README.md)
         "differ_from_simulation": differ,
@@ -199,8 +237,10 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     if target is not None:
         out["target"] = target
     (run_dir / f"cutoff_{policy}.json").write_text(json.dumps(out, indent=2))
+    write_exits_csv(run_dir / f"cutoff_{policy}_exits.csv", d, y, Y[-1].argmax(-1), bundle.classes)
     plots.exit_histogram(d.exit_step.numpy(), T, run_dir / f"cutoff_{policy}_exits.png",
-                         f"{pol.name}: exit steps on {split} (mean {d.mean_exit_step():.2f} of {T})")
+                         f"{pol.name}: exit steps on {split} (mean {d.mean_exit_step():.2f} of {T})",
+                         correct=(d.prediction == y).numpy())
     return out
 
 

@@ -168,7 +168,28 @@ def test_cli_cutoff_and_tradeoff_write_documented_keys(digits_run, capsys):
     assert r["differ_from_simulation"] == 0 and r["seconds_full_multistep"] > 0
     assert r["timing_samples"] == r["n"]  # a split under --timing-samples' 2048 is timed whole
     assert r["wallclock_speedup_vs_multistep"] == pytest.approx(r["seconds_full_multistep"] / r["seconds_early_exit"])
-    assert "vs multi-step" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vs multi-step" in out and "by class:" in out
+    # the exits per sample: the CSV agrees with the JSON's histogram, accuracy and per-class rows
+    import csv
+
+    rows = list(csv.DictReader((digits_run / "cutoff_topk_exits.csv").open()))
+    assert len(rows) == r["n"] and [int(w["sample"]) for w in rows] == list(range(r["n"]))
+    steps = [int(w["exit_step"]) for w in rows]
+    assert [steps.count(t) for t in range(1, 5)] == r["exit_histogram"]
+    assert sum(int(w["correct"]) for w in rows) == round(r["accuracy"] * r["n"])
+    assert sum(int(w["correct_full_T"]) for w in rows) == round(r["full_accuracy"] * r["n"])
+    for w in rows:
+        assert w["change"] == ("harmed" if w["correct_full_T"] == "1" != w["correct"] else
+                               "helped" if w["correct"] == "1" != w["correct_full_T"] else "")
+    assert sum(c["n"] for c in r["per_class"]) == r["n"] and len(r["per_class"]) == 10
+    for c in r["per_class"]:
+        mine = [w for w in rows if w["label"] == str(c["index"])]
+        assert c["n"] == len(mine) and c["class"] == mine[0]["label_name"]
+        assert c["mean_exit_step"] == pytest.approx(sum(int(w["exit_step"]) for w in mine) / len(mine))
+    for t, a in enumerate(r["accuracy_by_exit_step"], 1):
+        at_t = [int(w["correct"]) for w in rows if int(w["exit_step"]) == t]
+        assert a == (pytest.approx(sum(at_t) / len(at_t)) if at_t else None)
     # a subset times the wall clock; exits, accuracy and counts stay on the whole split
     assert cli(["cutoff", str(digits_run), "--policy", "topk", "--epsilon", "0.05", "--repeats", "1",
                 "--timing-samples", "40"]) == 0

@@ -173,3 +173,51 @@ def test_step_cap_hand_built_and_equal_to_capping_a_decision(tmp_path):
         back = cf.load(path)
         assert back.max_step == 3 and torch.equal(cf.simulate(back, Yr).exit_step, cf.simulate(p, Yr).exit_step)
         assert cf.load(cf.save(p.with_max_step(None), tmp_path / "d.json", {"T": 10})).max_step is None
+
+
+def test_exit_breakdown_by_step_and_class_by_hand():
+    from fewstep.cutoff import Decision
+    from fewstep.reports import exit_breakdown
+
+    d = Decision(torch.tensor([1, 1, 2, 4, 4, 1]), torch.tensor([0, 1, 1, 2, 0, 2]))
+    y = torch.tensor([0, 1, 0, 2, 2, 2])
+    full = torch.tensor([0, 1, 1, 2, 2, 0])
+    b = exit_breakdown(d, y, full, 4, classes=["cat", "dog", "emu"])
+    # step 1: samples 0, 1, 5 all right; step 2: sample 2 wrong; step 3: none; step 4: samples 3 right, 4 wrong
+    assert b["accuracy_by_exit_step"] == [1.0, 0.0, None, 0.5]
+    assert b["per_class"] == [
+        {"class": "cat", "index": 0, "n": 2, "full_accuracy": 0.5, "accuracy": 0.5, "mean_exit_step": 1.5},
+        {"class": "dog", "index": 1, "n": 1, "full_accuracy": 1.0, "accuracy": 1.0, "mean_exit_step": 1.0},
+        {"class": "emu", "index": 2, "n": 3, "full_accuracy": pytest.approx(2 / 3), "accuracy": pytest.approx(2 / 3),
+         "mean_exit_step": 3.0}]
+
+
+def test_exits_csv_marks_harmed_and_helped(tmp_path):
+    import csv
+
+    from fewstep.cutoff import Decision
+    from fewstep.reports import write_exits_csv
+
+    d = Decision(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 2]))
+    y, full = torch.tensor([0, 0, 2]), torch.tensor([0, 1, 2])  # harmed, helped, unchanged
+    rows = list(csv.DictReader(write_exits_csv(tmp_path / "e.csv", d, y, full, ["a", "b", "c"]).open()))
+    assert [w["change"] for w in rows] == ["harmed", "helped", ""]
+    assert [w["label_name"] for w in rows] == ["a", "a", "c"] and [w["exit_step"] for w in rows] == ["1", "2", "3"]
+
+
+def test_cutoff_breakdown_lines_group_long_runs_and_many_classes():
+    from fewstep.cli_run import _breakdown_lines
+
+    T = 64
+    hist = [0] * T
+    hist[0], hist[5], hist[63] = 30, 10, 20  # steps 1, 6 and 64
+    acc = [None] * T
+    acc[0], acc[5], acc[63] = 1.0, 0.9, 0.5
+    per_class = [{"class": f"c{i}", "index": i, "n": 2, "full_accuracy": 1.0, "accuracy": 1.0,
+                  "mean_exit_step": float(i)} for i in range(30)]
+    lines = _breakdown_lines({"T": T, "exit_histogram": hist, "accuracy_by_exit_step": acc, "per_class": per_class})
+    assert lines[0].split()[2:] == ["1-8", "57-64"]      # eight ranges of 8 steps; the empty ones left out
+    assert lines[1].split()[1:] == ["40", "20"]
+    assert lines[2].split()[1:] == ["98%", "50%"]        # (30·1.0 + 10·0.9) / 40 = 97.5 %
+    assert "the 5 slowest of 30 classes" in lines[3]
+    assert [ln.split()[0] for ln in lines[4:]] == ["c29", "c28", "c27", "c26", "c25"]
