@@ -55,6 +55,9 @@ def _data_root_arg(p) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fewstep", description="Spiking networks that answer in few timesteps.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="train a small SNN on the 8x8 digits (about 30 s on a 2-core CPU)")

@@ -268,3 +268,16 @@ def test_fewstep_configs_lists_and_prints_the_shipped_configs(capsys):
     assert capsys.readouterr().out == (C.SHIPPED / "nmnist_small.yaml").read_text()
     assert cli(["configs", "nope"]) == 2
     assert "fewstep ships no config of that name" in capsys.readouterr().err
+
+
+def test_version_is_the_package_version(capsys):
+    import tomllib
+    from pathlib import Path
+
+    import fewstep
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert fewstep.__version__ == project["version"]
+    with pytest.raises(SystemExit) as e:
+        cli(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fewstep {project['version']}"
