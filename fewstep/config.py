@@ -448,17 +448,20 @@ def describe(path) -> str:
 
 def resolve(path_or_name) -> Path:
     """The config file ``path_or_name`` names: a file if one is there, else a shipped config of that name
-    (``nmnist_small`` or ``nmnist_small.yaml``), so an installed fewstep runs its recipes from any folder.
-    A local file wins over a shipped config of the same name."""
+    (``nmnist_small``, ``nmnist_small.yaml`` or, as the docs write it, ``configs/nmnist_small.yaml``), so an
+    installed fewstep runs its recipes from any folder. A file that exists always wins."""
     p = Path(path_or_name)
     if p.is_file():
         return p
     ship = shipped()
     name = p.name[:-5] if p.name.endswith(".yaml") else p.name
-    if p.parent == Path(".") and name in ship:
+    if p.parent in (Path("."), Path("configs")) and name in ship:
         return ship[name]
     if p.exists():
         raise FileNotFoundError(f"config {p} is not a file")
+    if name in ship:
+        raise FileNotFoundError(f"config file not found: {p}. fewstep ships a config named {name}: give the name "
+                                f"alone to use it")
     import difflib
 
     close = difflib.get_close_matches(name, list(ship), n=3, cutoff=0.6)

@@ -216,7 +216,7 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
     ship = C.shipped()
     assert {"digits", "nmnist_small", "cifar10_vgg_cpu", "fashion_mnist_cnn"} <= set(ship)
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
-    for name in ("nmnist_small", "nmnist_small.yaml"):
+    for name in ("nmnist_small", "nmnist_small.yaml", "configs/nmnist_small.yaml"):  # the last as the docs write it
         assert C.resolve(name) == C.SHIPPED / "nmnist_small.yaml"
     assert C.load("nmnist_small", ["data.T=5"]).data.T == 5
     assert C.load("digits").data.T == 8
@@ -225,8 +225,9 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
     assert C.load("digits").data.T == 8       # no file named 'digits': the shipped one
     with pytest.raises(FileNotFoundError, match=r"nmnist_smal .*Did you mean nmnist_small\?.*fewstep configs"):
         C.load("nmnist_smal")
-    with pytest.raises(FileNotFoundError, match="sub/nmnist_small.yaml"):
-        C.load("sub/nmnist_small.yaml")  # a path with a folder is a path, never a shipped name
+    with pytest.raises(FileNotFoundError, match="sub/nmnist_small.yaml. fewstep ships a config named nmnist_small: "
+                                                "give the name alone"):
+        C.load("sub/nmnist_small.yaml")  # a path into another folder is a path, never a shipped name
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(FileNotFoundError, match="dir.yaml is not a file"):
         C.load("dir.yaml")
