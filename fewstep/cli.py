@@ -162,10 +162,13 @@ def main(argv=None) -> int:
     cv.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
     cv.set_defaults(fn=cmd_convert)
 
-    st = sub.add_parser("stream", help="feed one event recording to a trained run frame by frame and report when "
-                        "its calibrated cutoff became safe")
+    st = sub.add_parser("stream", help="feed an event recording to a trained run frame by frame and report when "
+                        "its calibrated cutoff became safe (or many recordings, one line each)")
     st.add_argument("run", help="run folder trained on an event dataset (nmnist, dvs_gesture, cifar10_dvs)")
-    st.add_argument("--events", required=True, help="the recording (the run's dataset's file format)")
+    st.add_argument("--events", required=True, nargs="+", metavar="FILE", help="the recording (the run's "
+                    "dataset's file format); several files or a folder: each streamed in turn, one line each")
+    st.add_argument("--csv", metavar="FILE", help="also write one row per recording (decision, step, sensor time, "
+                    "compute) to FILE")
     st.add_argument("--policy", default="topk", choices=["topk", "softmax", "spikecp", "timestep"],
                     help="cutoff policy; its calibration is read from RUN/calibration_<policy>.json, or made on "
                     "validation first (default topk)")

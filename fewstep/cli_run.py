@@ -181,13 +181,20 @@ def cmd_stream(args) -> int:
     from . import stream as _stream
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    r = _stream.stream_report(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
-                              args.realtime, args.device, log=log, plot=args.plot, data_root=args.data_root)
-    if args.json:
-        print(json.dumps(r, indent=2))
-    else:
-        print("\n".join(_stream.summary_lines(r)))
-    return 0
+    if len(args.events) == 1 and not Path(args.events[0]).is_dir() and not args.csv:
+        r = _stream.stream_report(args.run, args.events[0], args.policy, args.calibration, args.start_us,
+                                  args.end_us, args.realtime, args.device, log=log, plot=args.plot,
+                                  data_root=args.data_root)
+        print(json.dumps(r, indent=2) if args.json else "\n".join(_stream.summary_lines(r)))
+        return 0
+    if args.plot:
+        raise ValueError("--plot draws one recording: give a single --events FILE with it")
+    r = _stream.stream_many(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
+                            args.realtime, args.device, log=log, data_root=args.data_root, progress=True)
+    print(json.dumps(r, indent=2) if args.json else "\n".join(_stream.many_lines(r)))
+    if args.csv:
+        log(f"wrote {_stream.write_many_csv(args.csv, r)}")
+    return 2 if r["failed"] else 0
 
 
 def cmd_energy(args) -> int:

@@ -1,4 +1,5 @@
-"""Anytime inference on one recording: ``fewstep stream RUN --events FILE``.
+"""Anytime inference on one recording: ``fewstep stream RUN --events FILE`` (or on many, one after another:
+``--events FILE FILE ...`` or a folder, :func:`stream_many`).
 
 The recording is framed exactly as the run's dataset frames its samples (``data.T`` equal-time bins
 over the recording's span, or the first ``data.window_us``), then fed to the network one frame at a
@@ -183,19 +184,127 @@ def stream_report(run_dir, events, policy: str = "topk", calibration=None, start
     from .train import load_network
 
     model, cfg, meta = load_network(run_dir, device=device)  # (the dataset is read only to calibrate)
+    rec = _read_for(cfg, meta, events, start_us, end_us)
+    pol = policy_for(run_dir, policy, cfg, calibration, log, model, meta, data_root)
+    out = _report(model, meta, rec, pol, realtime, device, run_dir)
+    if plot:
+        out["plot"] = str(plot_trace(model, rec, out, pol, plot, getattr(meta, "classes", None),
+                                     bool(cfg.data.binarize), device))
+    return out
+
+
+def _read_for(cfg, meta, events, start_us=None, end_us=None) -> Recording:
     rec = read_recording(cfg, events, start_us, end_us)
     want = tuple(meta.input_shape)
     if tuple(rec.frames.shape[1:]) != want:
         raise ValueError(f"{events}: framed into {list(rec.frames.shape[1:])}, but the run's network takes "
                          f"{list(want)}")
-    pol = policy_for(run_dir, policy, cfg, calibration, log, model, meta, data_root)
+    return rec
+
+
+def _report(model, meta, rec: Recording, pol: _cf.Policy, realtime, device, run_dir) -> dict:
     out = decide(model, rec, pol, realtime, device)
     classes = getattr(meta, "classes", None)
-    out.update(run=str(run_dir), events=str(events), n_events=rec.n_events, policy=pol.to_dict(),
+    out.update(run=str(run_dir), events=str(rec.path), n_events=rec.n_events, policy=pol.to_dict(),
                label=(classes[out["prediction"]] if classes else str(out["prediction"])))
-    if plot:
-        out["plot"] = str(plot_trace(model, rec, out, pol, plot, classes, bool(cfg.data.binarize), device))
     return out
+
+
+# suffixes a folder given to ``fewstep stream --events`` is searched for (every reader fewstep has)
+RECORDING_SUFFIXES = (".bs2", ".bin", ".aedat", ".aedat4")
+
+
+def recordings(paths) -> list[Path]:
+    """The recordings ``paths`` name: files as given, folders expanded to the recordings directly in them
+    (:data:`RECORDING_SUFFIXES`, in name order). A missing path, or a folder without recordings, is an error."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in RECORDING_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{p} holds no recordings (files ending in {', '.join(RECORDING_SUFFIXES)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"event file not found: {p}")
+    return out
+
+
+def stream_many(run_dir, paths, policy: str = "topk", calibration=None, start_us=None, end_us=None,
+                realtime: bool = False, device: str = "cpu", log=print, data_root=None, progress: bool = False) -> dict:
+    """:func:`stream_report` for many recordings, one after another through one loaded network and policy (each
+    a fresh stream). A recording that cannot be read or framed is reported in ``failed`` with its error, and the
+    others still run. Returns ``{"run", "policy", "recordings": [report, ...], "failed": [{"events", "error"}],
+    "summary"}`` (the reports without their step-by-step traces)."""
+    from tqdm import tqdm
+
+    from .data.events import EventFileError
+    from .train import load_network
+
+    files = recordings(paths)
+    model, cfg, meta = load_network(run_dir, device=device)
+    pol = policy_for(run_dir, policy, cfg, calibration, log, model, meta, data_root)
+    done, failed = [], []
+    for f in tqdm(files, desc="recordings", unit="rec", disable=not progress or len(files) < 2, leave=False):
+        try:
+            rec = _read_for(cfg, meta, f, start_us, end_us)
+        except (EventFileError, ValueError, OSError) as exc:
+            failed.append({"events": str(f), "error": str(exc)})
+            continue
+        r = _report(model, meta, rec, pol, realtime, device, run_dir)
+        r.pop("trace")
+        done.append(r)
+    summary = {"n": len(done), "failed": len(failed)}
+    if done:
+        summary.update(mean_exit_step=float(np.mean([r["exit_step"] for r in done])), T=done[0]["T"],
+                       median_compute_ms_per_step=float(np.median([c for r in done for c in r["compute_ms_per_step"]])))
+        sensor = [r["sensor_ms"] for r in done if r["sensor_ms"] == r["sensor_ms"]]
+        if sensor:
+            summary.update(mean_sensor_ms=float(np.mean(sensor)),
+                           mean_recording_ms=float(np.mean([r["recording_ms"] for r in done
+                                                            if r["sensor_ms"] == r["sensor_ms"]])))
+    return {"run": str(run_dir), "policy": pol.to_dict(), "recordings": done, "failed": failed, "summary": summary}
+
+
+def many_lines(r: dict) -> list[str]:
+    """``fewstep stream`` on several recordings: one line each, then the means."""
+    rows = [(Path(x["events"]).name, _decided_class(x), f"{x['exit_step']}/{x['T']}",
+             "" if x["sensor_ms"] != x["sensor_ms"] else f"{x['sensor_ms']:.1f} of {x['recording_ms']:.1f} ms",
+             f"{sum(x['compute_ms_per_step']):.2f} ms", x["stopped_by"]) for x in r["recordings"]]
+    head = ("recording", "decision", "step", "answered after (sensor time)", "compute", "stopped by")
+    w = [max(len(v) for v in col) for col in zip(head, *rows)]
+    fmt = lambda row: "  ".join(v.ljust(w[i]) for i, v in enumerate(row)).rstrip()  # noqa: E731
+    lines = [fmt(head)] + [fmt(row) for row in rows]
+    for x in r["failed"]:
+        lines.append(f"{Path(x['events']).name}: failed: {x['error']}")
+    s = r["summary"]
+    if s["n"]:
+        lines.append(f"{s['n']} recordings (policy {r['policy']['policy']}): mean exit step {s['mean_exit_step']:.2f} "
+                     f"of {s['T']}" + (f", answered after {s['mean_sensor_ms']:.1f} ms of {s['mean_recording_ms']:.1f} "
+                                       f"ms on average" if "mean_sensor_ms" in s else "")
+                     + f"; compute {s['median_compute_ms_per_step']:.2f} ms per step (median)")
+    if s["failed"]:
+        lines.append(f"{s['failed']} of {s['n'] + s['failed']} recordings could not be read (above)")
+    return lines
+
+
+def write_many_csv(path, r: dict) -> Path:
+    """One row per recording: the decision, its step, its sensor time and the compute it took (failures with
+    their error)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["events", "n_events", "prediction", "label", "exit_step", "T", "stopped_by", "sensor_ms",
+                    "recording_ms", "compute_ms", "error"])
+        for x in r["recordings"]:
+            w.writerow([x["events"], x["n_events"], x["prediction"], x["label"], x["exit_step"], x["T"],
+                        x["stopped_by"], f"{x['sensor_ms']:.3f}", f"{x['recording_ms']:.3f}",
+                        f"{sum(x['compute_ms_per_step']):.3f}", ""])
+        for x in r["failed"]:
+            w.writerow([x["events"]] + [""] * 9 + [x["error"]])
+    return Path(path)
 
 
 @torch.no_grad()

@@ -302,3 +302,46 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(nmnist_run):
     p.stdout.close()  # nobody reads: the first write raises BrokenPipeError
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_stream_many_recordings_one_line_each_with_failures_named(nmnist_run, tmp_path, capsys):
+    """Several recordings (files and a folder): each decided as ``fewstep stream`` decides it alone; a bad file is
+    reported by name while the others run, and the command exits 2."""
+    import csv
+    import shutil
+
+    out, tr = nmnist_run
+    test = tr.bundle.test
+    paths = [test.source.items[int(test.index[i])].path for i in range(3)]
+    folder = tmp_path / "recs"
+    folder.mkdir()
+    for p in paths:
+        shutil.copy(p, folder)
+    (folder / "notes.txt").write_text("not a recording")  # ignored: not a recording's suffix
+    (folder / "zero.bs2").write_bytes(b"")
+    alone = [S.stream_report(out, p, log=lambda s: None) for p in paths]
+    r = S.stream_many(out, [folder], log=lambda s: None)
+    assert [x["events"] for x in r["failed"]] == [str(folder / "zero.bs2")] and "is empty" in r["failed"][0]["error"]
+    got = {x["events"].rsplit("/", 1)[-1]: x for x in r["recordings"]}
+    assert len(got) == 3
+    for p, a in zip(paths, alone):
+        x = got[p.rsplit("/", 1)[-1]]
+        assert (x["exit_step"], x["prediction"], x["label"]) == (a["exit_step"], a["prediction"], a["label"])
+        assert x["sensor_ms"] == pytest.approx(a["sensor_ms"]) and "trace" not in x
+    s = r["summary"]
+    assert s["n"] == 3 and s["failed"] == 1
+    assert s["mean_exit_step"] == pytest.approx(np.mean([a["exit_step"] for a in alone]))
+    assert s["mean_sensor_ms"] == pytest.approx(np.mean([a["sensor_ms"] for a in alone]))
+    # the command line: one line per recording, the failure by name, the means; the CSV; exit code 2
+    assert main(["stream", str(out), "--events", str(folder), paths[0], "--csv", str(tmp_path / "s.csv")]) == 2
+    text = capsys.readouterr().out
+    assert "zero.bs2: failed:" in text and "4 recordings (policy topk): mean exit step" in text
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert len(rows) == 5 and rows[-1]["error"] and all(not w["error"] for w in rows[:4])
+    assert main(["stream", str(out), "--events", *paths[:2], "--json"]) == 0
+    assert [x["exit_step"] for x in json.loads(capsys.readouterr().out)["recordings"]] == \
+        [a["exit_step"] for a in alone[:2]]
+    assert main(["stream", str(out), "--events", *paths[:2], "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot draws one recording" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="holds no recordings"):
+        S.recordings([tmp_path / "s.csv", tmp_path])  # (a folder without recordings)
