@@ -180,6 +180,9 @@ def main(argv=None) -> int:
     st.add_argument("--plot", metavar="PNG", help="also draw the recording stepped to T: events per frame, class "
                     "probabilities and the policy's statistic against its threshold, with the decision marked")
     st.add_argument("--device", default="cpu")
+    st.add_argument("--threads", default="auto", metavar="N", help="torch threads on the CPU (default auto: "
+                    "torch's count, or fewer while other work keeps the cores busy, where a thread of a batch-1 "
+                    "step would wait for a time slice)")
     _data_root_arg(st)
     st.set_defaults(fn=cmd_stream)
 

@@ -178,19 +178,37 @@ def cmd_tradeoff(args) -> int:
 
 
 def cmd_stream(args) -> int:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _stream_cmd(args)
+    finally:
+        torch.set_num_threads(before)  # (main() called in a process that goes on: tests, notebooks)
+
+
+def _stream_cmd(args) -> int:
     from . import stream as _stream
+    from .runtime import streaming_threads
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        raise ValueError(f"--threads must be a whole number >= 1 or auto, got {args.threads!r}")
+    threads = streaming_threads(args.threads) if str(args.device).startswith("cpu") else None
     if len(args.events) == 1 and not Path(args.events[0]).is_dir() and not args.csv:
         r = _stream.stream_report(args.run, args.events[0], args.policy, args.calibration, args.start_us,
                                   args.end_us, args.realtime, args.device, log=log, plot=args.plot,
                                   data_root=args.data_root)
+        if threads:
+            r["threads"], r["threads_why"] = threads
         print(json.dumps(r, indent=2) if args.json else "\n".join(_stream.summary_lines(r)))
         return 0
     if args.plot:
         raise ValueError("--plot draws one recording: give a single --events FILE with it")
     r = _stream.stream_many(args.run, args.events, args.policy, args.calibration, args.start_us, args.end_us,
                             args.realtime, args.device, log=log, data_root=args.data_root, progress=True)
+    if threads:
+        r["summary"]["threads"], r["summary"]["threads_why"] = threads
     print(json.dumps(r, indent=2) if args.json else "\n".join(_stream.many_lines(r)))
     if args.csv:
         log(f"wrote {_stream.write_many_csv(args.csv, r)}")

@@ -98,6 +98,43 @@ def tune_for_device(device, inference: bool = False) -> bool:
     return tune_cpu_allocator(default_mb=INFERENCE_MMAP_THRESHOLD_MB if inference else DEFAULT_MMAP_THRESHOLD_MB)
 
 
+def streaming_threads(requested: "int | str" = "auto", load=None, cores=None) -> tuple[int, str]:
+    """Set and return the torch threads for batch-1 streaming (``fewstep stream``), with the reason.
+
+    A streaming step of a small network is a few dozen small kernels, each an OpenMP parallel region that waits
+    for all its threads. When other processes keep the cores busy, a region waits for its other thread's time
+    slice: on the 2-core VM, with a training run on both cores, one step of the N-MNIST ``cnn`` at batch 1 took
+    0.39–0.42 ms on two threads in most rounds and 68 ms in others (two of eight), and 0.51–0.55 ms on one thread
+    in every round (bench/README.md). On a quiet machine two threads are 1.2–1.3× faster. ``"auto"`` therefore
+    keeps torch's thread count while the 1-minute load average leaves that many cores free (within half a core),
+    and otherwise uses as many threads as cores are free, at least one. An int sets the count. ``load`` and
+    ``cores`` replace the readings (tests)."""
+    import os
+
+    import torch
+
+    if requested != "auto":
+        n = int(requested)
+        if n < 1:
+            raise ValueError(f"--threads must be a whole number >= 1 or auto, got {requested!r}")
+        torch.set_num_threads(n)
+        return n, "as asked"
+    n = torch.get_num_threads()
+    if load is None:
+        if not hasattr(os, "getloadavg"):
+            return n, "torch's default (no load average on this system)"
+        load = os.getloadavg()[0]
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    free = cores - load
+    if n <= 1 or free >= n - 0.5:
+        return n, "torch's default"
+    m = max(1, min(n, round(free)))
+    torch.set_num_threads(m)
+    return m, (f"the machine is busy, load {load:.1f} on {cores} cores: with {n} threads a step can wait for a "
+               f"time slice; --threads sets the count")
+
+
 def allocator_status() -> str:
     """One line for logs and benchmarks."""
     if not _applied:

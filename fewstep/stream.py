@@ -283,7 +283,7 @@ def many_lines(r: dict) -> list[str]:
         lines.append(f"{s['n']} recordings (policy {r['policy']['policy']}): mean exit step {s['mean_exit_step']:.2f} "
                      f"of {s['T']}" + (f", answered after {s['mean_sensor_ms']:.1f} ms of {s['mean_recording_ms']:.1f} "
                                        f"ms on average" if "mean_sensor_ms" in s else "")
-                     + f"; compute {s['median_compute_ms_per_step']:.2f} ms per step (median)")
+                     + f"; compute {s['median_compute_ms_per_step']:.2f} ms per step (median)" + _threads_note(s))
     if s["failed"]:
         lines.append(f"{s['failed']} of {s['n'] + s['failed']} recordings could not be read (above)")
     return lines
@@ -366,6 +366,14 @@ def _decided_class(r: dict) -> str:
     return f"class {r['prediction']}" + ("" if r["label"] == str(r["prediction"]) else f" ({r['label']})")
 
 
+def _threads_note(r: dict) -> str:
+    """``; 1 thread (the machine is busy ...)`` where the CLI chose the thread count for a reason worth saying."""
+    if "threads" not in r:
+        return ""
+    why = r.get("threads_why", "")
+    return f"; {r['threads']} thread{'s' if r['threads'] > 1 else ''}" + (f" ({why})" if "busy" in why else "")
+
+
 def summary_lines(r: dict) -> list[str]:
     c = r["compute_ms_per_step"]
     med = float(np.median(c))
@@ -378,7 +386,8 @@ def summary_lines(r: dict) -> list[str]:
                      f"({r['frame_ms']:.2f} ms per frame, {r['n_events']} events)")
     lines.append(f"compute: {med:.2f} ms per step (median; first {c[0]:.2f} ms), {sum(c):.2f} ms in all, after "
                  f"{r['warmup_ms']:.1f} ms of untimed warm-up on blank frames"
-                 + (f"; wall clock at sensor speed {r['wall_ms']:.1f} ms" if r["realtime"] else ""))
+                 + (f"; wall clock at sensor speed {r['wall_ms']:.1f} ms" if r["realtime"] else "")
+                 + _threads_note(r))
     lines.append("trace:  step  prediction  p_max   top-2 gap")
     for s in r["trace"]:
         lines.append(f"        {s['step']:4d}  {s['prediction']:10d}  {s['p_max']:.3f}  {s['gap']:9.3f}")

@@ -252,3 +252,28 @@ def test_an_mmap_threshold_glibc_cannot_take_is_refused_by_name(monkeypatch):
         runtime.tune_cpu_allocator(5000)
     with pytest.raises(ValueError, match="default_mb must be 1 to 2047 MiB"):
         runtime.tune_cpu_allocator(default_mb=2048)
+
+
+def test_streaming_threads_drop_to_the_free_cores_on_a_busy_machine():
+    import torch
+
+    from fewstep.runtime import streaming_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert streaming_threads("auto", load=0.2, cores=2) == (2, "torch's default")  # a quiet machine
+        torch.set_num_threads(2)
+        n, why = streaming_threads("auto", load=2.6, cores=2)  # another process on both cores
+        assert n == 1 == torch.get_num_threads() and "busy, load 2.6 on 2 cores" in why
+        torch.set_num_threads(2)
+        assert streaming_threads("auto", load=0.7, cores=2)[0] == 1  # 1.3 cores free: round down to 1
+        torch.set_num_threads(2)
+        assert streaming_threads("auto", load=1.9, cores=4)[0] == 2  # 2.1 of 4 free: enough for 2
+        torch.set_num_threads(4)
+        assert streaming_threads("auto", load=1.6, cores=4)[0] == 2  # 2.4 free of 4
+        assert streaming_threads(3) == (3, "as asked") and torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="--threads must be a whole number >= 1"):
+            streaming_threads(0)
+    finally:
+        torch.set_num_threads(before)

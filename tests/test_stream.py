@@ -341,6 +341,11 @@ def test_stream_many_recordings_one_line_each_with_failures_named(nmnist_run, tm
     assert main(["stream", str(out), "--events", *paths[:2], "--json"]) == 0
     assert [x["exit_step"] for x in json.loads(capsys.readouterr().out)["recordings"]] == \
         [a["exit_step"] for a in alone[:2]]
+    threads = torch.get_num_threads()
+    assert main(["stream", str(out), "--events", paths[0], "--json", "--threads", "1"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert (j["threads"], j["threads_why"], j["exit_step"]) == (1, "as asked", alone[0]["exit_step"])
+    assert torch.get_num_threads() == threads  # the command leaves the process's thread count as it found it
     assert main(["stream", str(out), "--events", *paths[:2], "--plot", str(tmp_path / "p.png")]) == 2
     assert "--plot draws one recording" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="holds no recordings"):
