@@ -94,6 +94,8 @@ def cmd_cutoff(args) -> int:
     print(f"  wall clock    {r['seconds_full']:.3f}s -> {r['seconds_early_exit']:.3f}s per pass{on}: "
           f"{r['wallclock_speedup']:.2f}x (median of {len(r['wallclock_speedup_rounds'])} paired rounds, "
           f"quartiles {q1:.2f}-{q3:.2f})")
+    if r.get("timing_note"):
+        print(f"  note          {r['timing_note']}")
     vs = r["wallclock_speedup_vs_multistep"]
     print(f"  vs multi-step {r['seconds_full_multistep']:.3f}s per pass running all T steps in one call per batch: "
           f"early exit is {vs:.2f}x {'faster' if vs >= 1 else 'slower'}")

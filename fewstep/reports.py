@@ -118,6 +118,13 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     return pol, target
 
 
+def _busy_note(dev) -> "str | None":
+    """:func:`fewstep.runtime.busy_note` after a CPU timing, read at its end (the load average lags a minute)."""
+    from .runtime import busy_note
+
+    return busy_note(torch.get_num_threads()) if dev.type == "cpu" else None
+
+
 def exit_breakdown(d: _cf.Decision, y: torch.Tensor, full_prediction: torch.Tensor, T: int,
                    classes=None) -> dict:
     """Where a cutoff's exits fall and how right they are: the accuracy of the samples exiting at each step
@@ -193,6 +200,7 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         t_full, t_exit = (statistics.median(r) for r in rounds)
         sp = _wc.spread(*rounds)
         t_multi = _wc.multistep_seconds(model, chunks, repeats)
+    busy = _busy_note(dev)
     with _stage(progress, "counting operations up to the exits and at full T"):
         ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
         ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,
@@ -234,6 +242,8 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
         "energy_uj_per_sample_full": per(_ops.E_MAC_PJ * ops_full.macs + _ops.E_SOP_PJ * ops_full.sops) * 1e-6,
         "calibration_file": str(calibration or run_dir / f"calibration_{policy}.json"),
     }
+    if busy:
+        out["timing_note"] = busy
     if target is not None:
         out["target"] = target
     (run_dir / f"cutoff_{policy}.json").write_text(json.dumps(out, indent=2))

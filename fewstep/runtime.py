@@ -98,6 +98,29 @@ def tune_for_device(device, inference: bool = False) -> bool:
     return tune_cpu_allocator(default_mb=INFERENCE_MMAP_THRESHOLD_MB if inference else DEFAULT_MMAP_THRESHOLD_MB)
 
 
+def load_reading() -> "tuple[float, int] | None":
+    """``(1-minute load average, usable cores)`` of this machine, or None where the system has no load average."""
+    import os
+
+    if not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return os.getloadavg()[0], cores
+
+
+def busy_note(threads: int, reading=None) -> "str | None":
+    """A warning for timed work (``fewstep cutoff``'s wall clock) when other work keeps the cores busy: fewer than
+    ``threads`` cores free by the 1-minute load average (within half a core); None on a quiet machine."""
+    reading = load_reading() if reading is None else reading
+    if reading is None:
+        return None
+    load, cores = reading
+    if cores - load >= threads - 0.5:
+        return None
+    return (f"the machine was busy (load average {load:.1f} on {cores} cores, {threads} torch threads): other work "
+            f"competed for the cores, so the wall-clock figures are noisy and can be far off; time on a quiet machine")
+
+
 def streaming_threads(requested: "int | str" = "auto", load=None, cores=None) -> tuple[int, str]:
     """Set and return the torch threads for batch-1 streaming (``fewstep stream``), with the reason.
 
@@ -109,8 +132,6 @@ def streaming_threads(requested: "int | str" = "auto", load=None, cores=None) ->
     keeps torch's thread count while the 1-minute load average leaves that many cores free (within half a core),
     and otherwise uses as many threads as cores are free, at least one. An int sets the count. ``load`` and
     ``cores`` replace the readings (tests)."""
-    import os
-
     import torch
 
     if requested != "auto":
@@ -120,12 +141,12 @@ def streaming_threads(requested: "int | str" = "auto", load=None, cores=None) ->
         torch.set_num_threads(n)
         return n, "as asked"
     n = torch.get_num_threads()
-    if load is None:
-        if not hasattr(os, "getloadavg"):
+    if load is None or cores is None:
+        reading = load_reading()
+        if reading is None:
             return n, "torch's default (no load average on this system)"
-        load = os.getloadavg()[0]
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        load = reading[0] if load is None else load
+        cores = reading[1] if cores is None else cores
     free = cores - load
     if n <= 1 or free >= n - 0.5:
         return n, "torch's default"

@@ -277,3 +277,13 @@ def test_streaming_threads_drop_to_the_free_cores_on_a_busy_machine():
             streaming_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_note_warns_only_when_other_work_holds_the_cores():
+    from fewstep.runtime import busy_note, load_reading
+
+    assert busy_note(2, (0.3, 2)) is None and busy_note(1, (1.2, 2)) is None and busy_note(2, (1.9, 4)) is None
+    note = busy_note(2, (2.7, 2))
+    assert "load average 2.7 on 2 cores, 2 torch threads" in note and "time on a quiet machine" in note
+    r = load_reading()
+    assert r is None or (r[0] >= 0 and r[1] >= 1)
