@@ -25,6 +25,7 @@ from . import ops as _ops
 from . import plots
 from . import wallclock as _wc
 from .metrics import predict
+from .runtime import OtherWork, busy_note
 from .train import load_checkpoint, load_run
 
 
@@ -118,13 +119,6 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     return pol, target
 
 
-def _busy_note(dev) -> "str | None":
-    """:func:`fewstep.runtime.busy_note` after a CPU timing, read at its end (the load average lags a minute)."""
-    from .runtime import busy_note
-
-    return busy_note(torch.get_num_threads()) if dev.type == "cpu" else None
-
-
 def exit_breakdown(d: _cf.Decision, y: torch.Tensor, full_prediction: torch.Tensor, T: int,
                    classes=None) -> dict:
     """Where a cutoff's exits fall and how right they are: the accuracy of the samples exiting at each step
@@ -194,13 +188,13 @@ def cutoff_report(run_dir, policy: str, epsilon=None, step=None, max_drop=None, 
     if timing_samples and timing_samples < len(ds):
         timed = Subset(ds, torch.linspace(0, len(ds) - 1, timing_samples).round().long().tolist())
     with _stage(progress, f"timing full T against early exit on {len(timed)} samples ({repeats} rounds) and "
-                          "multi-step passes"):
+                          "multi-step passes"), OtherWork() as others:
         chunks, _ = _any.prepare(timed, T, bundle.kind, cfg.data.encoding, batch_size, dev)
         rounds = _wc.speedup_rounds(model, chunks, pol, T, batch_size, continuous, repeats, graphs=graphs)
         t_full, t_exit = (statistics.median(r) for r in rounds)
         sp = _wc.spread(*rounds)
         t_multi = _wc.multistep_seconds(model, chunks, repeats)
-    busy = _busy_note(dev)
+    busy = busy_note(torch.get_num_threads(), others.cores_busy, others.cores) if dev.type == "cpu" else None
     with _stage(progress, "counting operations up to the exits and at full T"):
         ops = _any.run_dataset(model, ds, pol, T, bundle.kind, cfg.data.encoding, batch_size, dev, count_ops=True)
         ops_full = _any.run_dataset(model, ds, full_pol, T, bundle.kind, cfg.data.encoding, batch_size, dev,

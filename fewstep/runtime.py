@@ -98,40 +98,87 @@ def tune_for_device(device, inference: bool = False) -> bool:
     return tune_cpu_allocator(default_mb=INFERENCE_MMAP_THRESHOLD_MB if inference else DEFAULT_MMAP_THRESHOLD_MB)
 
 
-def load_reading() -> "tuple[float, int] | None":
-    """``(1-minute load average, usable cores)`` of this machine, or None where the system has no load average."""
+def _usable_cores() -> int:
     import os
 
-    if not hasattr(os, "getloadavg"):
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _busy_seconds() -> "float | None":
+    """CPU seconds all cores have spent busy since boot (user, nice, system, irq, softirq and the hypervisor's
+    steal, from ``/proc/stat``), or None where there is no ``/proc/stat``."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            head = f.readline().split()
+    except OSError:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return os.getloadavg()[0], cores
-
-
-def busy_note(threads: int, reading=None) -> "str | None":
-    """A warning for timed work (``fewstep cutoff``'s wall clock) when other work keeps the cores busy: fewer than
-    ``threads`` cores free by the 1-minute load average (within half a core); None on a quiet machine."""
-    reading = load_reading() if reading is None else reading
-    if reading is None:
+    if not head or head[0] != "cpu":
         return None
-    load, cores = reading
-    if cores - load >= threads - 0.5:
+    v = [int(x) for x in head[1:9]] + [0] * 8
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class OtherWork:
+    """How many cores other processes (and the hypervisor's steal) kept busy while the ``with`` block ran:
+    ``cores_busy`` (None where ``/proc/stat`` is missing), out of ``cores``. This process's own CPU time is taken
+    out, so a command's own work never counts as contention, whatever ran before it."""
+
+    def __enter__(self):
+        import time
+
+        self._t, self._busy, self._own = time.perf_counter(), _busy_seconds(), _own_seconds()
+        self.cores, self.cores_busy = _usable_cores(), None
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        wall = time.perf_counter() - self._t
+        busy = _busy_seconds()
+        if self._busy is not None and busy is not None and wall > 0:
+            self.cores_busy = max(0.0, (busy - self._busy) - (_own_seconds() - self._own)) / wall
+        return False
+
+
+def other_work(window_s: float = 0.25) -> OtherWork:
+    """:class:`OtherWork` over ``window_s`` seconds of this process idling (before a latency-critical start)."""
+    import time
+
+    with OtherWork() as w:
+        time.sleep(window_s)
+    return w
+
+
+def busy_note(threads: int, cores_busy: "float | None", cores: int) -> "str | None":
+    """A warning for timed work (``fewstep cutoff``'s wall clock) when other processes kept the cores busy while
+    it ran (:class:`OtherWork`): fewer than ``threads`` cores left free, within half a core. None otherwise."""
+    if cores_busy is None or cores - cores_busy >= threads - 0.5:
         return None
-    return (f"the machine was busy (load average {load:.1f} on {cores} cores, {threads} torch threads): other work "
-            f"competed for the cores, so the wall-clock figures are noisy and can be far off; time on a quiet machine")
+    return (f"other work kept {cores_busy:.1f} of {cores} cores busy while the timing ran ({threads} torch threads): "
+            f"the wall-clock figures are noisy and can be far off; time on a quiet machine")
 
 
-def streaming_threads(requested: "int | str" = "auto", load=None, cores=None) -> tuple[int, str]:
+def streaming_threads(requested: "int | str" = "auto", cores_busy=None, cores=None) -> tuple[int, str]:
     """Set and return the torch threads for batch-1 streaming (``fewstep stream``), with the reason.
 
     A streaming step of a small network is a few dozen small kernels, each an OpenMP parallel region that waits
     for all its threads. When other processes keep the cores busy, a region waits for its other thread's time
     slice: on the 2-core VM, with a training run on both cores, one step of the N-MNIST ``cnn`` at batch 1 took
     0.39–0.42 ms on two threads in most rounds and 68 ms in others (two of eight), and 0.51–0.55 ms on one thread
-    in every round (bench/README.md). On a quiet machine two threads are 1.2–1.3× faster. ``"auto"`` therefore
-    keeps torch's thread count while the 1-minute load average leaves that many cores free (within half a core),
-    and otherwise uses as many threads as cores are free, at least one. An int sets the count. ``load`` and
-    ``cores`` replace the readings (tests)."""
+    in every round (docs/anytime.md, bench/busy_threads.py). On a quiet machine two threads are 1.2–1.3× faster.
+    ``"auto"`` therefore measures for a quarter of a second how many cores other processes keep busy
+    (:func:`other_work`), keeps torch's thread count while that many cores stay free (within half a core), and
+    otherwise uses as many threads as cores are free, at least one. An int sets the count. ``cores_busy`` and
+    ``cores`` replace the measurement (tests)."""
     import torch
 
     if requested != "auto":
@@ -141,19 +188,21 @@ def streaming_threads(requested: "int | str" = "auto", load=None, cores=None) ->
         torch.set_num_threads(n)
         return n, "as asked"
     n = torch.get_num_threads()
-    if load is None or cores is None:
-        reading = load_reading()
-        if reading is None:
-            return n, "torch's default (no load average on this system)"
-        load = reading[0] if load is None else load
-        cores = reading[1] if cores is None else cores
-    free = cores - load
-    if n <= 1 or free >= n - 0.5:
+    if n <= 1:
+        return n, "torch's default"
+    if cores_busy is None or cores is None:
+        w = other_work()
+        if w.cores_busy is None:
+            return n, "torch's default (this system does not say how busy its cores are)"
+        cores_busy = w.cores_busy if cores_busy is None else cores_busy
+        cores = w.cores if cores is None else cores
+    free = cores - cores_busy
+    if free >= n - 0.5:
         return n, "torch's default"
     m = max(1, min(n, round(free)))
     torch.set_num_threads(m)
-    return m, (f"the machine is busy, load {load:.1f} on {cores} cores: with {n} threads a step can wait for a "
-               f"time slice; --threads sets the count")
+    return m, (f"the machine is busy, other work on {cores_busy:.1f} of {cores} cores: with {n} threads a step can "
+               f"wait for a time slice; --threads sets the count")
 
 
 def allocator_status() -> str:
