@@ -60,7 +60,7 @@ def main() -> None:
         procs = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(a.load)]
         for q in procs:
             q.start()
-        time.sleep(65)  # let the 1-minute load average see the load
+        time.sleep(2)  # let the spinners start
         torch.set_num_threads(default)
         chosen = runtime.streaming_threads("auto")
         busy = _rounds(model, x, threads, a.rounds)
