@@ -86,9 +86,12 @@ def cmd_demo(args) -> int:
     print(f"  test accuracy {100 * c['accuracy']:.2f}% (full T {100 * c['full_accuracy']:.2f}%), mean exit step "
           f"{c['mean_exit_step']:.2f} of {c['T']}: {c['timestep_speedup']:.2f}x fewer steps, "
           f"{c['wallclock_speedup']:.2f}x faster in wall-clock time (batch {c['batch_size']})")
+    if c.get("timing_note"):
+        print(f"  note: {c['timing_note']}")
     print(f"\nfiles in {out.resolve()}:")
     for f in ("config.yaml", "checkpoint.pt", "log.csv", "metrics.json", png.name, "tradeoff.png", "tradeoff.json",
-              f"calibration_{name}.json", f"cutoff_{name}.json", f"cutoff_{name}_exits.png"):
+              f"calibration_{name}.json", f"cutoff_{name}.json", f"cutoff_{name}_exits.csv",
+              f"cutoff_{name}_exits.png"):
         print(f"  {f}")
     return 0
 
