@@ -138,6 +138,8 @@ def test_console_script_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "accuracy of the running-mean prediction" in r.stdout
     assert (tmp_path / "demo" / "accuracy_per_step.png").stat().st_size > 1000
+    listed = r.stdout.split("\nfiles in ", 1)[1].splitlines()[1:]
+    assert len(listed) == 11 and all((tmp_path / "demo" / f.strip()).is_file() for f in listed), listed
 
 
 def test_cpu_training_tunes_the_allocator_unless_told_not_to(tmp_path, monkeypatch):
