@@ -127,8 +127,8 @@ def cmd_cutoff(args) -> int:
 def _breakdown_lines(r: dict, max_classes: int = 20) -> list[str]:
     """The exits by step (grouped into at most 8 ranges beyond T = 12) and by class, as table lines."""
     T, hist, acc = r["T"], r["exit_histogram"], r["accuracy_by_exit_step"]
-    bounds = [(t, t) for t in range(1, T + 1)] if T <= 12 else \
-        [(a + 1, b) for a, b in zip(*(lambda e: (e[:-1], e[1:]))([round(T * i / 8) for i in range(9)]))]
+    edges = list(range(T + 1)) if T <= 12 else [round(T * i / 8) for i in range(9)]
+    bounds = [(a + 1, b) for a, b in zip(edges[:-1], edges[1:])]
     cols = []
     for a, b in bounds:
         n = sum(hist[a - 1:b])
@@ -194,8 +194,6 @@ def _stream_cmd(args) -> int:
     from .runtime import streaming_threads
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
-        raise ValueError(f"--threads must be a whole number >= 1 or auto, got {args.threads!r}")
     threads = streaming_threads(args.threads) if str(args.device).startswith("cpu") else None
     if len(args.events) == 1 and not Path(args.events[0]).is_dir() and not args.csv:
         r = _stream.stream_report(args.run, args.events[0], args.policy, args.calibration, args.start_us,

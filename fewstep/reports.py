@@ -119,6 +119,10 @@ def calibrate(run_dir, policy: str, epsilon: float | None = None, step: int | No
     return pol, target
 
 
+def _class_name(c: int, classes) -> str:
+    return str(classes[c]) if classes and c < len(classes) else str(c)
+
+
 def exit_breakdown(d: _cf.Decision, y: torch.Tensor, full_prediction: torch.Tensor, T: int,
                    classes=None) -> dict:
     """Where a cutoff's exits fall and how right they are: the accuracy of the samples exiting at each step
@@ -129,7 +133,7 @@ def exit_breakdown(d: _cf.Decision, y: torch.Tensor, full_prediction: torch.Tens
     per_class = []
     for c in torch.unique(y).tolist():
         m = y == c
-        per_class.append({"class": str(classes[c]) if classes and c < len(classes) else str(c), "index": int(c),
+        per_class.append({"class": _class_name(c, classes), "index": int(c),
                           "n": int(m.sum()), "full_accuracy": (full_prediction[m] == c).float().mean().item(),
                           "accuracy": right[m].float().mean().item(),
                           "mean_exit_step": d.exit_step[m].float().mean().item()})
@@ -141,7 +145,6 @@ def write_exits_csv(path, d: _cf.Decision, y: torch.Tensor, full_prediction: tor
     whether the cutoff *harmed* it (right at T, wrong at the exit) or *helped* it (the reverse)."""
     import csv
 
-    name = (lambda c: str(classes[c]) if classes and c < len(classes) else str(c))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sample", "label", "label_name", "exit_step", "prediction", "correct", "prediction_full_T",
@@ -149,7 +152,7 @@ def write_exits_csv(path, d: _cf.Decision, y: torch.Tensor, full_prediction: tor
         for i, (lab, ex, pr, pf) in enumerate(zip(y.tolist(), d.exit_step.tolist(), d.prediction.tolist(),
                                                   full_prediction.tolist())):
             change = "harmed" if pf == lab != pr else "helped" if pr == lab != pf else ""
-            w.writerow([i, lab, name(lab), ex, pr, int(pr == lab), pf, int(pf == lab), change])
+            w.writerow([i, lab, _class_name(lab, classes), ex, pr, int(pr == lab), pf, int(pf == lab), change])
     return Path(path)
 
 

@@ -158,10 +158,15 @@ def other_work(window_s: float = 0.25) -> OtherWork:
     return w
 
 
+def _room_for(threads: int, cores_busy: float, cores: int) -> bool:
+    """Whether ``threads`` threads find a core each, within half a core, beside ``cores_busy`` cores of other work."""
+    return cores - cores_busy >= threads - 0.5
+
+
 def busy_note(threads: int, cores_busy: "float | None", cores: int) -> "str | None":
     """A warning for timed work (``fewstep cutoff``'s wall clock) when other processes kept the cores busy while
     it ran (:class:`OtherWork`): fewer than ``threads`` cores left free, within half a core. None otherwise."""
-    if cores_busy is None or cores - cores_busy >= threads - 0.5:
+    if cores_busy is None or _room_for(threads, cores_busy, cores):
         return None
     return (f"other work kept {cores_busy:.1f} of {cores} cores busy while the timing ran ({threads} torch threads): "
             f"the wall-clock figures are noisy and can be far off; time on a quiet machine")
@@ -177,16 +182,15 @@ def streaming_threads(requested: "int | str" = "auto", cores_busy=None, cores=No
     in every round (docs/anytime.md, bench/busy_threads.py). On a quiet machine two threads are 1.2–1.3× faster.
     ``"auto"`` therefore measures for a quarter of a second how many cores other processes keep busy
     (:func:`other_work`), keeps torch's thread count while that many cores stay free (within half a core), and
-    otherwise uses as many threads as cores are free, at least one. An int sets the count. ``cores_busy`` and
+    otherwise uses as many threads as cores are free, at least one. A whole number (int or digits) sets the count. ``cores_busy`` and
     ``cores`` replace the measurement (tests)."""
     import torch
 
     if requested != "auto":
-        n = int(requested)
-        if n < 1:
+        if not str(requested).isdigit() or int(requested) < 1:
             raise ValueError(f"--threads must be a whole number >= 1 or auto, got {requested!r}")
-        torch.set_num_threads(n)
-        return n, "as asked"
+        torch.set_num_threads(int(requested))
+        return int(requested), "as asked"
     n = torch.get_num_threads()
     if n <= 1:
         return n, "torch's default"
@@ -196,10 +200,9 @@ def streaming_threads(requested: "int | str" = "auto", cores_busy=None, cores=No
             return n, "torch's default (this system does not say how busy its cores are)"
         cores_busy = w.cores_busy if cores_busy is None else cores_busy
         cores = w.cores if cores is None else cores
-    free = cores - cores_busy
-    if free >= n - 0.5:
+    if _room_for(n, cores_busy, cores):
         return n, "torch's default"
-    m = max(1, min(n, round(free)))
+    m = max(1, min(n, round(cores - cores_busy)))
     torch.set_num_threads(m)
     return m, (f"the machine is busy, other work on {cores_busy:.1f} of {cores} cores: with {n} threads a step can "
                f"wait for a time slice; --threads sets the count")

@@ -259,11 +259,10 @@ def stream_many(run_dir, paths, policy: str = "topk", calibration=None, start_us
     if done:
         summary.update(mean_exit_step=float(np.mean([r["exit_step"] for r in done])), T=done[0]["T"],
                        median_compute_ms_per_step=float(np.median([c for r in done for c in r["compute_ms_per_step"]])))
-        sensor = [r["sensor_ms"] for r in done if r["sensor_ms"] == r["sensor_ms"]]
-        if sensor:
-            summary.update(mean_sensor_ms=float(np.mean(sensor)),
-                           mean_recording_ms=float(np.mean([r["recording_ms"] for r in done
-                                                            if r["sensor_ms"] == r["sensor_ms"]])))
+        timed = [r for r in done if r["sensor_ms"] == r["sensor_ms"]]  # (NaN: count framing has no frame time)
+        if timed:
+            summary.update(mean_sensor_ms=float(np.mean([r["sensor_ms"] for r in timed])),
+                           mean_recording_ms=float(np.mean([r["recording_ms"] for r in timed])))
     return {"run": str(run_dir), "policy": pol.to_dict(), "recordings": done, "failed": failed, "summary": summary}
 
 
