@@ -37,6 +37,7 @@ class DataConfig:
     max_shift: int = 0              # event augmentation: random translation shared by all frames (pixels)
     flip: bool = True               # event augmentation: horizontal flip where label-preserving
     event_drop: float = 0.0         # event augmentation: drop each event with this probability
+    sensor_size: Any = None         # eventfolder (required), ncaltech101: the sensor's [width, height] in pixels
 
 
 @dataclass
@@ -250,6 +251,10 @@ def _check(cfg: Config) -> Config:
     if d.size is not None and not (isinstance(d.size, (list, tuple)) and len(d.size) == 2
                                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d.size)):
         raise ValueError(f"config key 'data.size' must be null or [H, W] with two whole numbers >= 1, got {d.size!r}")
+    if d.sensor_size is not None and not (isinstance(d.sensor_size, (list, tuple)) and len(d.sensor_size) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d.sensor_size)):
+        raise ValueError("config key 'data.sensor_size' must be null or [width, height] with two whole numbers >= 1, "
+                         f"got {d.sensor_size!r}")
     if d.window_us is not None:
         w = _number(d.window_us, "data.window_us", False)
         if not w > 0:
@@ -292,10 +297,11 @@ def _check_qcfs(cfg: Config) -> None:
 
 EVENT_KEYS = ("binarize", "by", "size", "polarities", "window_us", "max_shift", "flip", "event_drop")
 STATIC_KEYS = ("encoding", "cutout", "coarse", "skip_corrupt", "loader")
-ONLY = {  # image keys that mean something for some image datasets only
+ONLY = {  # keys that mean something for some datasets only
     "cutout": ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet"),
     "coarse": ("cifar100",),
     "skip_corrupt": ("cifar10", "cifar100", "tiny_imagenet", "imagefolder"),
+    "sensor_size": ("eventfolder", "ncaltech101"),
 }
 SIZED_IMAGES = ("imagefolder",)  # image datasets that take data.size
 IN_MEMORY_IMAGES = ("cifar10", "cifar100", "fashion_mnist", "tiny_imagenet")  # data.loader: batch

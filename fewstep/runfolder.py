@@ -95,8 +95,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
 def load_data(cfg: _config.Config) -> _datasets.DataBundle:
     d = cfg.data
     extra = {k: getattr(d, k) for k in ("by", "polarities", "window_us", "max_shift", "flip", "event_drop")}
-    if d.size is not None:
-        extra["size"] = d.size
+    for k in ("size", "sensor_size"):  # loaders keep their own defaults where unset
+        if getattr(d, k) is not None:
+            extra[k] = getattr(d, k)
     for k in ("coarse", "skip_corrupt"):  # image-only keys, passed where set (the config checks where they apply)
         if getattr(d, k):
             extra[k] = True

@@ -28,14 +28,21 @@ import torch
 from . import cutoff as _cf
 from .data.events import EventFileError
 
-# dataset -> (event reader, sensor size (W, H)) of the recordings it is built from
-SOURCES = {
-    "nmnist": ("nmnist", (34, 34)),
-    "dvs_gesture": ("aedat31", (128, 128)),
-    "cifar10_dvs": ("cifar10dvs", (128, 128)),
-}
-# file suffix -> event reader, whatever the dataset (e.g. DVS128 Gesture clips saved in N-MNIST's binary format)
-SUFFIX_READERS = {".bin": "nmnist", ".bs2": "nmnist"}
+def event_source(cfg) -> tuple[str, tuple]:
+    """The event reader and sensor size ``(W, H)`` of the recordings a run's dataset is built from. A file whose
+    suffix names a format (:data:`~fewstep.data.event_datasets.SUFFIX_READERS`, e.g. DVS128 Gesture clips saved in
+    N-MNIST's binary format) is read in that format whatever the dataset."""
+    from .data.event_sets import SOURCES
+
+    name = cfg.data.name
+    if name not in SOURCES:
+        raise ValueError(f"fewstep stream reads event recordings; this run was trained on {name!r}, which is not "
+                         f"one of the event datasets {', '.join(sorted(SOURCES))}")
+    reader, sensor = SOURCES[name]
+    sensor = cfg.data.sensor_size or sensor  # the run's own sensor, where its dataset takes one
+    if sensor is None:
+        raise ValueError(f"the run's config has no data.sensor_size, which {name} needs")
+    return reader, tuple(int(v) for v in sensor)
 
 
 @dataclass
@@ -58,15 +65,13 @@ def framing_of(cfg):
 
 def read_recording(cfg, path, start_us: "float | None" = None, end_us: "float | None" = None) -> Recording:
     """Read and frame one recording the way the run's dataset frames its samples. The file is decoded by its
-    suffix where that names a format (``.bin``/``.bs2``: N-MNIST's binary events), else by the dataset's own
-    reader (AEDAT 3.1 for DVS Gesture, AEDAT 2.0 for CIFAR10-DVS); events must lie on the run's sensor."""
-    from .data.event_datasets import READERS, frame_events
+    suffix where that names a format (``.bin``/``.bs2``: N-MNIST's binary events, ``.npy``/``.npz``, ``.aedat4``),
+    else by the dataset's own reader (AEDAT 3.1 for DVS Gesture, AEDAT 2.0 for CIFAR10-DVS, any format fewstep reads
+    for ``eventfolder``); events must lie on the run's sensor."""
+    from .data.event_datasets import READERS, SUFFIX_READERS, frame_events
 
     name = cfg.data.name
-    if name not in SOURCES:
-        raise ValueError(f"fewstep stream reads event recordings; this run was trained on {name!r}, which is not "
-                         f"one of the event datasets {', '.join(sorted(SOURCES))}")
-    reader, sensor = SOURCES[name]
+    reader, sensor = event_source(cfg)
     reader = SUFFIX_READERS.get(Path(path).suffix.lower(), reader)
     path = str(path)
     try:
@@ -210,17 +215,16 @@ def _report(model, meta, rec: Recording, pol: _cf.Policy, realtime, device, run_
     return out
 
 
-# suffixes a folder given to ``fewstep stream --events`` is searched for (every reader fewstep has)
-RECORDING_SUFFIXES = (".bs2", ".bin", ".aedat", ".aedat4")
-
-
 def recordings(paths) -> list[Path]:
-    """The recordings ``paths`` name: files as given, folders expanded to the recordings directly in them
-    (:data:`RECORDING_SUFFIXES`, in name order). A missing path, or a folder without recordings, is an error."""
+    """The recordings ``paths`` name: files as given, folders expanded to the recordings directly in them (files
+    ending in :data:`~fewstep.data.event_datasets.RECORDING_SUFFIXES`, every format fewstep reads, in name order). A
+    missing path, or a folder without recordings, is an error."""
+    from .data.event_datasets import RECORDING_SUFFIXES, recordings_in
+
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in RECORDING_SUFFIXES)
+            found = recordings_in(p)
             if not found:
                 raise FileNotFoundError(f"{p} holds no recordings (files ending in {', '.join(RECORDING_SUFFIXES)})")
             out += found

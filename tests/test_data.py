@@ -6,6 +6,7 @@ import torch
 
 from fewstep.data import EventFileError, datasets, load, make_events, read_nmnist, to_frames, write_nmnist
 from fewstep.data import encoding, images
+from fewstep.data.archive import locate
 from fewstep.metrics import time_first
 
 
@@ -60,7 +61,7 @@ def test_corrupt_event_files_name_the_file(tmp_path):
 
 
 def test_real_nmnist_recording_decodes(nmnist_root):
-    folder = datasets.locate(nmnist_root, "nmnist-small", "nmnist-small.tar.gz", "train1K.txt", "")
+    folder = locate(nmnist_root, "nmnist-small", "nmnist-small.tar.gz", "train1K.txt", "")
     ev = read_nmnist(folder / "1.bs2")
     assert len(ev) == 4681
     assert ev["x"].min() >= 0 and ev["x"].max() <= 33 and ev["y"].min() >= 0 and ev["y"].max() <= 33
@@ -97,7 +98,7 @@ def test_missing_folder_says_where_and_what(tmp_path):
         load("nmnist", root=str(tmp_path / "nowhere"), T=10)
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load("cifar10", root=str(tmp_path))
-    with pytest.raises(ValueError, match="valid names: cifar10, cifar100, cifar10_dvs, digits, dvs_gesture, fashion_mnist, imagefolder, ncaltech101, nmnist, tiny_imagenet"):
+    with pytest.raises(ValueError, match="valid names: cifar10, cifar100, cifar10_dvs, digits, dvs_gesture, eventfolder, fashion_mnist, imagefolder, ncaltech101, nmnist, tiny_imagenet"):
         load("mnist")
 
 

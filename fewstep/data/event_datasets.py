@@ -114,7 +114,8 @@ class FileSource:
     def ident(self, i) -> str:
         it = self.items[i]
         st = os.stat(it.path)
-        return f"{os.path.abspath(it.path)}|{st.st_size}|{st.st_mtime_ns}|{it.start_us}|{it.end_us}"
+        return (f"{os.path.abspath(it.path)}|{st.st_size}|{st.st_mtime_ns}|{it.start_us}|{it.end_us}|{self.reader}|"
+                f"{self.sensor_size}")
 
     def events(self, i) -> np.ndarray:
         it = self.items[i]
@@ -279,4 +280,63 @@ def _read_aedat31(path, sensor_size):
     return read_aedat31(path, sensor_size)
 
 
-READERS = {"nmnist": _read_nmnist, "aedat31": _read_aedat31, "cifar10dvs": _read_cifar10dvs}
+def _read_aedat2(path, sensor_size):
+    from .aedat import read_aedat2
+
+    return read_aedat2(path, sensor_size)
+
+
+def _read_aedat4(path, sensor_size):
+    from .aedat import read_aedat4
+
+    return read_aedat4(path, sensor_size)
+
+
+def _read_numpy(path, sensor_size):
+    from .events import read_numpy
+
+    return read_numpy(path, sensor_size)
+
+
+# a recording's format by its file suffix (``.aedat``: AEDAT 2.0 or 3.1, by its header's version line)
+SUFFIX_READERS = {".bin": "nmnist", ".bs2": "nmnist", ".aedat4": "aedat4", ".npy": "numpy", ".npz": "numpy"}
+RECORDING_SUFFIXES = (".aedat", ".aedat4", ".bin", ".bs2", ".npy", ".npz")
+
+
+def recordings_in(folder) -> list[Path]:
+    """The recordings directly in ``folder`` (files ending in :data:`RECORDING_SUFFIXES`), in name order."""
+    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in RECORDING_SUFFIXES)
+FORMATS = ("N-MNIST's 40-bit binary events (.bin, .bs2), AEDAT 2.0 (DVS128 addresses) or 3.1 (.aedat), AEDAT 4 "
+           "(.aedat4, with the aedat package), numpy arrays x, y, t, p (.npy, .npz)")
+
+
+def reader_for(path) -> str:
+    """The reader of a recording of any format fewstep reads: by its suffix, and for ``.aedat`` by the version
+    line its header starts with (``#!AER-DAT2.0`` or ``#!AER-DAT3.1``)."""
+    path = os.fspath(path)
+    suffix = Path(path).suffix.lower()
+    if suffix in SUFFIX_READERS:
+        return SUFFIX_READERS[suffix]
+    if suffix != ".aedat":
+        raise EventFileError(f"{path}: fewstep does not know the format of {suffix or 'suffix-less'} files; it reads "
+                             f"{FORMATS}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    for version, reader in ((b"#!AER-DAT2", "aedat2"), (b"#!AER-DAT3", "aedat31"), (b"#!AER-DAT4", "aedat4")):
+        if head.startswith(version):
+            return reader
+    raise EventFileError(f"{path}: no '#!AER-DAT2.0' or '#!AER-DAT3.1' version line at the start (it begins "
+                         f"{head[:12]!r}): fewstep reads AEDAT 2.0, 3.1 and 4 files, not AEDAT 1.0")
+
+
+def _read_any(path, sensor_size):
+    reader = reader_for(path)
+    if reader == "aedat2" and tuple(sensor_size) != (128, 128):
+        raise EventFileError(f"{os.fspath(path)}: AEDAT 2.0 files are decoded as DVS128 recordings (128x128), but "
+                             f"the sensor is given as {sensor_size[0]}x{sensor_size[1]}; other cameras' AEDAT 2.0 "
+                             "address layouts are not read (convert the recording to .npy or AEDAT 3.1)")
+    return READERS[reader](path, sensor_size)
+
+
+READERS = {"nmnist": _read_nmnist, "aedat31": _read_aedat31, "cifar10dvs": _read_cifar10dvs, "aedat2": _read_aedat2,
+           "aedat4": _read_aedat4, "numpy": _read_numpy, "auto": _read_any}

@@ -91,3 +91,60 @@ def encode_nmnist(ev: np.ndarray) -> bytes:
 def write_nmnist(path: "str | os.PathLike", ev: np.ndarray) -> None:
     with open(path, "wb") as f:
         f.write(encode_nmnist(ev))
+
+
+def read_numpy(path: "str | os.PathLike", sensor_size=None) -> np.ndarray:
+    """Events saved with numpy. ``.npy``: a structured array with fields ``x, y, t, p`` (Tonic's layout; any field
+    order, any integer widths); ``.npz``: those four arrays by name, or one such structured array. ``t`` must be
+    whole microseconds (integers); ``p`` 0/1, boolean, or -1/+1 (read as 0/1). Events are put in time order
+    (stable) if they are not. Loaded with ``allow_pickle=False``."""
+    import zipfile
+
+    path = os.fspath(path)
+    check_event_file(path)
+    expect = ("a structured array with fields x, y, t, p (Tonic's layout) in a .npy, or an .npz holding the "
+              "arrays x, y, t, p")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise EventFileError(f"{path}: not a readable numpy file ({exc}); expected {expect}") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            keys = list(data.files)
+            if {"x", "y", "t", "p"} <= set(keys):
+                cols = {k: data[k] for k in ("x", "y", "t", "p")}
+            elif len(keys) == 1 and data[keys[0]].dtype.names:
+                arr = data[keys[0]]
+                cols = None
+            else:
+                raise EventFileError(f"{path}: holds the arrays {', '.join(keys) or 'none'}; expected {expect}")
+    else:
+        arr, cols = data, None
+    if cols is None:
+        if arr.dtype.names is None or not {"x", "y", "t", "p"} <= set(arr.dtype.names):
+            raise EventFileError(f"{path}: array of dtype {arr.dtype} (shape {arr.shape}); expected {expect}")
+        cols = {k: arr[k] for k in ("x", "y", "t", "p")}
+    cols = {k: np.asarray(v) for k, v in cols.items()}
+    n = len(cols["t"]) if cols["t"].ndim == 1 else -1
+    if any(v.ndim != 1 or len(v) != n for v in cols.values()):
+        raise EventFileError(f"{path}: x, y, t, p must be 1-D and equally long, got shapes "
+                             f"{', '.join(f'{k} {v.shape}' for k, v in cols.items())}")
+    for k in ("x", "y", "t"):
+        if not np.issubdtype(cols[k].dtype, np.integer):
+            unit = " (whole microseconds; seconds? multiply by 1e6 and round)" if k == "t" else ""
+            raise EventFileError(f"{path}: {k} has dtype {cols[k].dtype}; expected integers{unit}")
+    p = cols["p"]
+    if p.dtype == bool:
+        p = p.astype(np.int64)
+    elif not np.issubdtype(p.dtype, np.integer):
+        raise EventFileError(f"{path}: p has dtype {p.dtype}; expected 0/1, booleans or -1/+1")
+    else:
+        values = set(np.unique(p).tolist())
+        if values <= {-1, 1}:
+            p = (p > 0).astype(np.int64)
+        elif not values <= {0, 1}:
+            raise EventFileError(f"{path}: p takes the values {sorted(values)[:6]}; expected 0/1, booleans or -1/+1")
+    ev = make_events(cols["x"], cols["y"], cols["t"], p)
+    if n > 1 and (np.diff(ev["t"]) < 0).any():
+        ev = ev[np.argsort(ev["t"], kind="stable")]
+    return check_events(ev, sensor_size, path) if sensor_size is not None else ev
