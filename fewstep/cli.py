@@ -1,6 +1,7 @@
 """The ``fewstep`` command line: ``demo``, ``train``, ``eval``, ``cutoff``, ``tradeoff``, ``ablate``, ``convert``,
-``stream``, ``energy``, ``export``. This module holds the parser and the argument types; the commands that make
-run folders are in :mod:`fewstep.cli_train`, those that run or write a trained network in :mod:`fewstep.cli_run`."""
+``stream``, ``energy``, ``export``, ``import``. This module holds the parser and the argument types; the commands
+that make run folders are in :mod:`fewstep.cli_train`, those that run or write a trained network in
+:mod:`fewstep.cli_run`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 
 from .cli_run import cmd_cutoff, cmd_energy, cmd_eval, cmd_export, cmd_stream, cmd_tradeoff
-from .cli_train import cmd_ablate, cmd_configs, cmd_convert, cmd_demo, cmd_train
+from .cli_train import cmd_ablate, cmd_configs, cmd_convert, cmd_demo, cmd_import, cmd_train
 from .runtime import tune_for_device
 
 # commands that run a trained network (on --device, else the CPU): glibc's allocator is tuned for them
@@ -164,9 +165,11 @@ def main(argv=None) -> int:
 
     st = sub.add_parser("stream", help="feed an event recording to a trained run frame by frame and report when "
                         "its calibrated cutoff became safe (or many recordings, one line each)")
-    st.add_argument("run", help="run folder trained on an event dataset (nmnist, dvs_gesture, cifar10_dvs)")
+    st.add_argument("run", help="run folder trained on an event dataset (nmnist, dvs_gesture, cifar10_dvs, "
+                    "ncaltech101, eventfolder)")
     st.add_argument("--events", required=True, nargs="+", metavar="FILE", help="the recording (the run's "
-                    "dataset's file format); several files or a folder: each streamed in turn, one line each")
+                    "dataset's file format, or .bin/.bs2, .npy/.npz, .aedat4 by suffix); several files or a folder: "
+                    "each streamed in turn, one line each")
     st.add_argument("--csv", metavar="FILE", help="also write one row per recording (decision, step, sensor time, "
                     "compute) to FILE")
     st.add_argument("--policy", default="topk", choices=["topk", "softmax", "spikecp", "timestep"],
@@ -208,6 +211,19 @@ def main(argv=None) -> int:
     ex.add_argument("--weights", default="best", choices=["best", "last"])
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(fn=cmd_export)
+
+    im = sub.add_parser("import", help="make a run folder of a NIR graph (a network trained in snnTorch, Norse, "
+                        "SpikingJelly, ...), for eval, cutoff, tradeoff, energy and stream (needs the nir extra)")
+    im.add_argument("graph", help="the NIR file")
+    im.add_argument("--data", required=True, metavar="CONFIG", help="a config (file, or a shipped config's name) "
+                    "whose data and train sections give the dataset, T, encoding and validation split; its model is "
+                    "replaced by the graph")
+    im.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of that config")
+    im.add_argument("--out", required=True, help="new run folder")
+    im.add_argument("--dt", type=float, help="duration of one step in the graph's time unit (default: the graph's "
+                    "metadata['dt'], else 1; e.g. 1e-3 for a graph in seconds run at 1 ms per step)")
+    im.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
+    im.set_defaults(fn=cmd_import)
 
     args = p.parse_args(argv)
     try:

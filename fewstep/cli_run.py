@@ -230,7 +230,7 @@ def cmd_energy(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .nir_io import export_run
+    from .nir_runs import export_run
 
     r = export_run(args.run, args.out, dt=args.dt, weights=args.weights, overwrite=args.overwrite)
     print(f"wrote {r['path']}: {len(r['nodes'])} NIR nodes ({', '.join(r['nodes'])}), dt = {r['dt']:g}")

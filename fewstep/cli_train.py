@@ -1,5 +1,5 @@
-"""``fewstep demo``, ``train``, ``ablate`` and ``convert``: the commands that make run folders (the parser is
-:mod:`fewstep.cli`)."""
+"""``fewstep demo``, ``train``, ``ablate``, ``convert`` and ``import``: the commands that make run folders (the parser
+is :mod:`fewstep.cli`)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,14 @@ def cmd_ablate(args) -> int:
     missing = [label for label in abl.variants if label not in summary["variants"]]
     if missing:
         print(f"not finished yet: {', '.join(missing)}; run the same command again to continue")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .nir_runs import import_run
+
+    import_run(args.graph, args.data, args.out, overrides=args.set, dt=args.dt, overwrite=args.overwrite)
+    print(f"next: fewstep eval {args.out}; fewstep cutoff {args.out} --policy softmax --max-drop 0.01")
     return 0
 
 

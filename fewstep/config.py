@@ -384,6 +384,13 @@ def _check_names(cfg: Config) -> None:
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"config key 'model.surrogate': {exc}") from None
     _check_model_options(cfg.model)
+    if cfg.model.name == "nir":  # the graph decides these; set, they would be silently ignored
+        from .models.imported import GRAPH_DECIDES
+
+        given = [f"model.{k}" for k in GRAPH_DECIDES if getattr(cfg.model, k) != getattr(ModelConfig, k)]
+        if given:
+            raise ValueError(f"config key(s) {given} do not apply to model 'nir': its NIR graph decides the layers and "
+                             "neurons (leave them out)")
     dev = cfg.train.device
     if dev != "auto":
         import torch

@@ -226,26 +226,6 @@ def to_nir(model: SNN, dt: float = 1.0):
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=meta)
 
 
-def export_run(run, out, dt: float = 1.0, weights: str = "best", overwrite: bool = False) -> dict:
-    """Write ``run``'s network to ``out`` (a NIR HDF5 file); re-import it and compare outputs on random input."""
-    from .train import load_run
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    model, cfg, _ = load_run(run, weights=weights)
-    graph = to_nir(model, dt=dt)
-    nir = _nir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nir.write(str(out), graph)
-    back = from_nir(nir.read(str(out)))
-    x = torch.rand(max(2, int(cfg.data.T)), 4, *model.input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = float((model(x) - back(x)).abs().max())
-    kinds = [type(n).__name__ for k, n in graph.nodes.items() if k not in ("input", "output")]
-    return {"path": str(out), "dt": dt, "nodes": kinds, "max_abs_diff": diff}
-
-
 # ----------------------------------------------------------------------------------------------- import
 class NIRNetwork(SNN):
     """A fewstep network rebuilt from a NIR graph: a chain of fewstep layers, per-step logits ``[T, N, C]``."""

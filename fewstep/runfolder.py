@@ -139,7 +139,17 @@ def _open_run(run_dir, weights: str):
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     state = ckpt["best_model"] if weights == "best" and ckpt["best_model"] is not None else ckpt["model"]
-    return ckpt, _config.from_dict(ckpt["config"]), state
+    return ckpt, _files_in(_config.from_dict(ckpt["config"]), run_dir), state
+
+
+def _files_in(cfg: _config.Config, run_dir) -> _config.Config:
+    """``cfg`` with the NIR file of a model ``nir`` (``fewstep import``, which names it relative to the run folder
+    so that the folder can move) made a path to the run folder's copy."""
+    graph = (cfg.model.options or {}).get("graph")
+    if cfg.model.name != "nir" or not graph or os.path.isabs(graph):
+        return cfg
+    options = {**cfg.model.options, "graph": str(Path(run_dir).resolve() / graph)}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, options=options))
 
 
 def _rebuild(cfg, shapes, state, device):

@@ -6,4 +6,4 @@ Add a model by decorating a builder with :func:`register` (see ``docs/extending.
 """
 
 from .registry import MODELS, SNN, available, create, register  # noqa: F401
-from . import basic, general12, resnet, vgg  # noqa: F401  (register the built-in models)
+from . import basic, general12, imported, resnet, vgg  # noqa: F401  (register the built-in models)
