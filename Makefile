@@ -27,7 +27,7 @@ test: setup
 
 # SpikingJelly 2.0 declares torchvision/torchaudio, which would replace the CPU torch: install it alone.
 $(VENV)/.bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0"
+	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0" "snntorch==1.0.0" "norse==1.1.0" "nirtorch==2.6"
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@
 

@@ -1,4 +1,4 @@
-"""Training-step speed and memory: fewstep vs SpikingJelly vs the ANN floor, on a 2-core CPU.
+"""Training-step speed and memory: fewstep vs SpikingJelly, snnTorch, Norse and the ANN floor, on a 2-core CPU.
 
 The network of issue 4: conv3x3 3->64, 64->128, pool, 128->256, pool, 256->256, pool, FC 10; each
 conv followed by BatchNorm and LIF (tau 0.5 leak, threshold 1, hard reset; fewstep's default
@@ -9,6 +9,9 @@ triangle surrogate, SpikingJelly's default sigmoid); T = 4, batch 32, 3x32x32 in
   with NCHW convolutions (``nchw``);
 - SpikingJelly (if installed: `pip install --no-deps spikingjelly==2.0.0 loguru`), multi-step mode,
   LIFNode(tau=2, decay_input=False, v_reset=0) which is u = 0.5 v + x;
+- snnTorch and Norse (if installed: `pip install --no-deps snntorch==1.0.0 norse==1.1.0 nirtorch==2.6`), as their
+  tutorials write a network: a Python loop over T around an ``nn.Sequential`` (Norse: ``SequentialState``) with
+  ``Leaky(beta=0.5, threshold=1, reset_mechanism="zero")`` / ``LIFBoxCell`` at dt/tau = 0.5 (:class:`Stepped`);
 - the ANN floor: the same CNN with ReLU, stepping over T (as the issue defines it, NCHW), and the
   same ANN with channels-last weights, to show what that layout gives an ANN;
 - regularised training (issue 9): fewstep with the TET loss alone (``fewstep-tet``), and TET plus the
@@ -60,7 +63,7 @@ AMP = False
 CFG = (64, 128, "A", 256, "A", 256, "A")
 
 
-def vgg(L, act) -> nn.Sequential:
+def vgg(L, act, container=nn.Sequential) -> nn.Module:
     """The benchmark CNN from a layer namespace ``L`` (torch.nn or SpikingJelly's layer) and an activation."""
     mods, c = [], 3
     for item in CFG:
@@ -69,7 +72,28 @@ def vgg(L, act) -> nn.Sequential:
         else:
             mods += [L.Conv2d(c, item, 3, padding=1, bias=False), L.BatchNorm2d(item), act()]
             c = item
-    return nn.Sequential(*mods, L.Flatten(), L.Linear(256 * 4 * 4, 10))
+    return container(*mods, L.Flatten(), L.Linear(256 * 4 * 4, 10))
+
+
+class Stepped(nn.Module):
+    """A library whose networks step through time in the user's loop (snnTorch, Norse): ``[T, N, ...]`` in,
+    per-step outputs ``[T, N, 10]`` out, the state reset at the start of each call, as their tutorials write it."""
+
+    def __init__(self, net, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x):
+        if self.kind == "snntorch":
+            from snntorch import utils
+
+            utils.reset(self.net)  # hidden states held by the Leaky layers (init_hidden=True)
+            return torch.stack([self.net(xt) for xt in x])
+        state, outs = None, []
+        for xt in x:  # Norse: the state travels with the call
+            out, state = self.net(xt, state)
+            outs.append(out)
+        return torch.stack(outs)
 
 
 REGULARISED = ("fewstep-tet", "fewstep-tet+rcs", "fewstep-tet+str")
@@ -100,6 +124,16 @@ def build(kind: str):
                 return self.net(x)
 
         return SJ()
+    if kind == "snntorch":  # u = 0.5 u + x, threshold 1, reset to zero; its default arctan surrogate
+        import snntorch as snn
+
+        return Stepped(vgg(nn, lambda: snn.Leaky(beta=0.5, threshold=1.0, reset_mechanism="zero",
+                                                  init_hidden=True)), kind)
+    if kind == "norse":  # LIF without a synaptic current: u = u + dt/tau (x - u), dt/tau = 0.5; SuperSpike surrogate
+        import norse.torch as nt
+
+        p = nt.LIFBoxParameters(tau_mem_inv=torch.tensor(500.0), v_th=torch.tensor(1.0), v_reset=torch.tensor(0.0))
+        return Stepped(vgg(nn, lambda: nt.LIFBoxCell(p, dt=1e-3), nt.SequentialState), kind)
     if kind in ("ann", "ann-channels-last"):
         ann = vgg(nn, nn.ReLU)
         if kind == "ann-channels-last":
@@ -172,6 +206,11 @@ def stream_fn(net, kind, x):
                 for xt in x:
                     net.net(xt)
             functional.set_step_mode(net.net, "m")
+        return run
+    if kind in ("snntorch", "norse"):  # they always step: streaming is their forward
+        def run():
+            with torch.no_grad():
+                net(x)
         return run
     return None
 
@@ -319,6 +358,12 @@ def main():
         kinds.insert(kinds.index("ann"), "spikingjelly")
     except Exception as exc:  # optional extra
         print(f"SpikingJelly not available ({exc}); install the 'bench' extra to compare")
+    for name, module in (("snntorch", "snntorch"), ("norse", "norse.torch")):
+        try:
+            __import__(module)
+            kinds.insert(kinds.index("ann"), name)
+        except Exception as exc:  # optional: pip install --no-deps snntorch norse nirtorch
+            print(f"{name} not available ({exc}); pip install --no-deps snntorch norse nirtorch to compare")
     mem = {}
     if not cuda:
         # Memory first, each variant in a fresh process: Linux carries ru_maxrss across fork/exec, so
@@ -379,9 +424,11 @@ def main():
         rows[k] = {"train_s": med[k], "peak_mb": mem[k], "infer_s": inf, "stream_s": st}
         print(f"{k:20s} {med[k] * scale:12.3f} {mem[k]:8.0f} {inf * scale:9.3f} {st * scale:10.3f} {st / inf:12.2f}")
     print()
-    if "spikingjelly" in kinds:
-        print(f"fewstep / SpikingJelly: time {med['fewstep'] / med['spikingjelly']:.2f}, "
-              f"peak memory {mem['fewstep'] / mem['spikingjelly']:.2f}")
+    for other, name in (("spikingjelly", "SpikingJelly"), ("snntorch", "snnTorch"), ("norse", "Norse")):
+        if other in kinds:
+            inf = statistics.median(infer["fewstep"]) / statistics.median(infer[other])
+            print(f"fewstep / {name}: time {med['fewstep'] / med[other]:.2f}, "
+                  f"peak memory {mem['fewstep'] / mem[other]:.2f}, inference {inf:.2f}")
     print(f"fewstep / ANN floor: time {med['fewstep'] / med['ann']:.2f}")
     print(f"fewstep fused / reference loop: time {med['fewstep'] / med['fewstep-reference']:.2f}, "
           f"peak memory {mem['fewstep'] / mem['fewstep-reference']:.2f}")
