@@ -15,6 +15,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# snnTorch for the NIR interop test (tests/test_nir_runs.py); its own requirements would pull a CUDA torch
+	$(BIN)/python -m pip install -q --no-deps "snntorch==1.0.0" "nirtorch==1.0"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -27,7 +29,7 @@ test: setup
 
 # SpikingJelly 2.0 declares torchvision/torchaudio, which would replace the CPU torch: install it alone.
 $(VENV)/.bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0" "snntorch==1.0.0" "norse==1.1.0" "nirtorch==2.6"
+	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0" "norse==1.1.0"
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@
 

@@ -9,7 +9,7 @@ triangle surrogate, SpikingJelly's default sigmoid); T = 4, batch 32, 3x32x32 in
   with NCHW convolutions (``nchw``);
 - SpikingJelly (if installed: `pip install --no-deps spikingjelly==2.0.0 loguru`), multi-step mode,
   LIFNode(tau=2, decay_input=False, v_reset=0) which is u = 0.5 v + x;
-- snnTorch and Norse (if installed: `pip install --no-deps snntorch==1.0.0 norse==1.1.0 nirtorch==2.6`), as their
+- snnTorch and Norse (if installed: `pip install --no-deps snntorch==1.0.0 norse==1.1.0 nirtorch==1.0`), as their
   tutorials write a network: a Python loop over T around an ``nn.Sequential`` (Norse: ``SequentialState``) with
   ``Leaky(beta=0.5, threshold=1, reset_mechanism="zero")`` / ``LIFBoxCell`` at dt/tau = 0.5 (:class:`Stepped`);
 - the ANN floor: the same CNN with ReLU, stepping over T (as the issue defines it, NCHW), and the
@@ -363,7 +363,7 @@ def main():
             __import__(module)
             kinds.insert(kinds.index("ann"), name)
         except Exception as exc:  # optional: pip install --no-deps snntorch norse nirtorch
-            print(f"{name} not available ({exc}); pip install --no-deps snntorch norse nirtorch to compare")
+            print(f"{name} not available ({exc}); pip install --no-deps snntorch==1.0.0 norse==1.1.0 nirtorch==1.0 to compare")
     mem = {}
     if not cuda:
         # Memory first, each variant in a fresh process: Linux carries ru_maxrss across fork/exec, so

@@ -175,3 +175,30 @@ def test_what_does_not_fit_is_named(cnn_run, tmp_path, capsys):
     lines = []
     import_run(tmp_path / "dead.nir", data, tmp_path / "dead", log=lines.append)
     assert any("near chance" in s and "check dt" in s and "class order" in s for s in lines)
+
+
+def test_a_network_exported_by_snntorch(tmp_path):
+    """snnTorch's own NIR export (flat input, per-neuron arrays, its fixed dt of 1e-4 s and no dt in the metadata)
+    imports as a network whose per-step outputs equal snnTorch's own loop over T, on the digits' test images."""
+    snn = pytest.importorskip("snntorch", reason="snnTorch is not installed (make test installs snntorch 1.0.0)")
+    from snntorch import utils
+    from snntorch.export_nir import export_to_nir
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48),
+                        snn.Leaky(beta=torch.full((48,), 0.7), threshold=torch.ones(48), init_hidden=True,
+                                  reset_mechanism="zero"),
+                        nn.Linear(48, 10))
+    with torch.no_grad():
+        net[0].weight.mul_(4)  # enough drive that the hidden layer spikes
+    nir.write(str(tmp_path / "snntorch.nir"), export_to_nir(net, torch.rand(1, 64), ignore_dims=[0]))
+    import_run(tmp_path / "snntorch.nir", str(_digits_yaml(tmp_path)), tmp_path / "run", dt=1e-4, log=lambda s: None)
+    model, cfg, bundle = load_run(tmp_path / "run")
+    got, _, _ = predict(model, bundle.test, cfg.data.T, bundle.kind, cfg.data.encoding)
+    x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))]).flatten(1)  # direct encoding: each step
+    utils.reset(net)
+    with torch.no_grad():
+        ref = torch.stack([net(x) for _ in range(cfg.data.T)])
+    assert float(ref.std(1).mean()) > 0.1  # the outputs differ between images: the hidden layer spikes
+    assert torch.allclose(got, ref, atol=1e-5)
