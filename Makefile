@@ -12,10 +12,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Torch first, pinned to the CPU build that lies on disk, so the package's torch>=2.2 installs nothing more.
+# snnTorch (for the NIR interop test, tests/test_nir_runs.py) alone: its own requirements would pull a CUDA torch.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# snnTorch for the NIR interop test (tests/test_nir_runs.py); its own requirements would pull a CUDA torch
 	$(BIN)/python -m pip install -q --no-deps "snntorch==1.0.0" "nirtorch==1.0"
 	touch $@
 

@@ -28,6 +28,7 @@ import torch
 from . import cutoff as _cf
 from .data.events import EventFileError
 
+
 def event_source(cfg) -> tuple[str, tuple]:
     """The event reader and sensor size ``(W, H)`` of the recordings a run's dataset is built from. A file whose
     suffix names a format (:data:`~fewstep.data.event_datasets.SUFFIX_READERS`, e.g. DVS128 Gesture clips saved in

@@ -303,11 +303,13 @@ SUFFIX_READERS = {".bin": "nmnist", ".bs2": "nmnist", ".aedat4": "aedat4", ".npy
 RECORDING_SUFFIXES = (".aedat", ".aedat4", ".bin", ".bs2", ".npy", ".npz")
 
 
+FORMATS = ("N-MNIST's 40-bit binary events (.bin, .bs2), AEDAT 2.0 (DVS128 addresses) or 3.1 (.aedat), AEDAT 4 "
+           "(.aedat4, with the aedat package), numpy arrays x, y, t, p (.npy, .npz)")
+
+
 def recordings_in(folder) -> list[Path]:
     """The recordings directly in ``folder`` (files ending in :data:`RECORDING_SUFFIXES`), in name order."""
     return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in RECORDING_SUFFIXES)
-FORMATS = ("N-MNIST's 40-bit binary events (.bin, .bs2), AEDAT 2.0 (DVS128 addresses) or 3.1 (.aedat), AEDAT 4 "
-           "(.aedat4, with the aedat package), numpy arrays x, y, t, p (.npy, .npz)")
 
 
 def reader_for(path) -> str:
