@@ -12,11 +12,12 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Torch first, pinned to the CPU build that lies on disk, so the package's torch>=2.2 installs nothing more.
-# snnTorch (for the NIR interop test, tests/test_nir_runs.py) alone: its own requirements would pull a CUDA torch.
+# snnTorch and Norse (for the NIR interop tests, tests/test_nir_runs.py) alone: their own requirements would pull
+# a CUDA torch (and torchvision).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps "snntorch==1.0.0" "nirtorch==1.0"
+	$(BIN)/python -m pip install -q --no-deps "snntorch==1.0.0" "norse==1.1.0" "nirtorch==1.0"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,7 +30,7 @@ test: setup
 
 # SpikingJelly 2.0 declares torchvision/torchaudio, which would replace the CPU torch: install it alone.
 $(VENV)/.bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0" "norse==1.1.0"
+	$(BIN)/python -m pip install -q --no-deps "spikingjelly==2.0.0"
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@
 

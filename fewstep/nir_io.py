@@ -269,6 +269,23 @@ def _chain_order(graph) -> list[str]:
     return order
 
 
+def _gain_into(layers: list, key: str, kind: str, gain: float, what: str) -> None:
+    """A neuron that scales its input by ``gain`` (NIR's ``r·dt/tau`` for a LIF, ``r·dt`` for an IF; e.g. 0.5 for
+    Norse's LIF at dt/tau = 0.5), while fewstep's add it unscaled: the same network with the gain moved into the
+    convolution or affine layer just before it (exact: that layer feeds only this neuron in a chain)."""
+    if np.isclose(gain, 1.0, rtol=1e-6):
+        return
+    prev = layers[-1] if layers else None
+    if not isinstance(prev, (nn.Conv2d, nn.Linear)):
+        raise ValueError(f"NIR node {key!r} ({kind}) has {what} = {gain:g}; fewstep's {kind} adds its input unscaled "
+                         f"({what} = 1), and the gain can be moved only into a convolution or affine layer just "
+                         f"before it, not {type(prev).__name__ if prev is not None else 'the input'}")
+    with torch.no_grad():
+        prev.weight.mul_(gain)
+        if prev.bias is not None:
+            prev.bias.mul_(gain)
+
+
 def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
     """Rebuild a fewstep network from a NIR graph (or the path of a NIR file). ``dt`` defaults to the graph's
     ``metadata['dt']`` (written by fewstep), else 1."""
@@ -318,9 +335,7 @@ def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
                 raise ValueError(f"NIR node {key!r} ({kind}) resets to {float(np.asarray(n.v_reset).flat[0])}; "
                                  "fewstep's hard reset goes to 0")
             if kind == "IF":
-                if not np.isclose(_uniform(key, "r", n.r) * dt, 1.0, rtol=1e-6):
-                    raise ValueError(f"NIR node {key!r} (IF) has r·dt = {_uniform(key, 'r', n.r) * dt:g}; fewstep's IF "
-                                     "adds its input unscaled (r·dt = 1). Put the gain in the preceding layer")
+                _gain_into(layers, key, kind, _uniform(key, "r", n.r) * dt, "r·dt")
                 m = IF(theta=theta)
             else:
                 tau_n, r = _uniform(key, "tau", n.tau), _uniform(key, "r", n.r)
@@ -330,9 +345,7 @@ def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
                 if not 0.0 < decay < 1.0:
                     raise ValueError(f"NIR node {key!r} (LIF): dt/tau = {dt / tau_n:g} gives the decay {decay:g} per "
                                      "step, outside (0, 1); pass the step duration dt the graph was made for")
-                if not np.isclose(r * dt / tau_n, 1.0, rtol=1e-6):
-                    raise ValueError(f"NIR node {key!r} (LIF) has r·dt/tau = {r * dt / tau_n:g}; fewstep's LIF adds its "
-                                     "input unscaled (r·dt/tau = 1). Put the gain in the preceding layer")
+                _gain_into(layers, key, kind, r * dt / tau_n, "r·dt/tau")
                 m = LIF(tau=decay, theta=theta)
         else:
             raise ValueError(f"NIR node {key!r} is a {kind}, which fewstep cannot rebuild; supported: Conv2d, Affine, "

@@ -202,3 +202,44 @@ def test_a_network_exported_by_snntorch(tmp_path):
         ref = torch.stack([net(x) for _ in range(cfg.data.T)])
     assert float(ref.std(1).mean()) > 0.1  # the outputs differ between images: the hidden layer spikes
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_a_network_exported_by_norse(tmp_path):
+    """Norse's own NIR export of ``Linear → LIFBoxCell → Linear``: its LIF scales its input by dt/tau (NIR's
+    r·dt/tau = 0.5 here), which fewstep moves into the affine layer before it; per-step outputs equal Norse's own
+    loop. (Norse 1.1 writes tau = dt / tau_mem_inv, right only at dt = 1: exported and imported at dt = 1.)"""
+    nt = pytest.importorskip("norse.torch", reason="Norse is not installed (make test installs norse 1.1.0)")
+    from norse.torch.utils.export_nir import to_nir as norse_to_nir
+    from torch import nn
+
+    torch.manual_seed(0)
+    p = nt.LIFBoxParameters(tau_mem_inv=torch.full((48,), 0.5), v_th=torch.ones(48), v_leak=torch.zeros(48),
+                            v_reset=torch.zeros(48))
+    net = nt.SequentialState(nn.Linear(64, 48), nt.LIFBoxCell(p, dt=1.0), nn.Linear(48, 10))
+    with torch.no_grad():
+        net[0].weight.mul_(6)  # enough drive that the hidden layer spikes
+    nir.write(str(tmp_path / "norse.nir"), norse_to_nir(net, torch.rand(64), dt=1.0))
+    import_run(tmp_path / "norse.nir", str(_digits_yaml(tmp_path)), tmp_path / "run", dt=1.0, log=lambda s: None)
+    model, cfg, bundle = load_run(tmp_path / "run")
+    got, _, _ = predict(model, bundle.test, cfg.data.T, bundle.kind, cfg.data.encoding)
+    x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))]).flatten(1)
+    state, ref = None, []
+    with torch.no_grad():
+        for _ in range(cfg.data.T):
+            out, state = net(x, state)
+            ref.append(out)
+    ref = torch.stack(ref)
+    assert float(ref.std(1).mean()) > 0.1  # the hidden layer spikes
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_an_input_gain_with_no_layer_to_take_it_is_refused():
+    from fewstep.nir_io import from_nir
+
+    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([4])}),
+                            "lif": nir.LIF(tau=np.full(4, 2.0), r=np.ones(4), v_leak=np.zeros(4),
+                                           v_threshold=np.ones(4), v_reset=np.zeros(4)),
+                            "output": nir.Output(output_type={"output": np.array([4])})},
+                     edges=[("input", "lif"), ("lif", "output")], metadata={"dt": 1.0})
+    with pytest.raises(ValueError, match=r"'lif' \(LIF\) has r·dt/tau = 0.5.*not the input"):
+        from_nir(g)
