@@ -49,12 +49,7 @@ def import_run(graph, data, out, overrides=(), dt=None, overwrite: bool = False,
     if not graph.is_file():
         raise FileNotFoundError(f"no NIR file at {graph}")
     _nir()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise ValueError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
-        if out.is_dir() and not (out / "checkpoint.pt").is_file():
-            raise ValueError(f"--out {out} is not a fewstep run folder (no checkpoint.pt); refusing to overwrite it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    _run.make_room(out, overwrite, remove=False)  # refused before any work; replaced once the graph fits
     base = _config.load(data, list(overrides)).to_dict()
     options = {"graph": str(graph.resolve())} if dt is None else {"graph": str(graph.resolve()), "dt": float(dt)}
     cfg = _config.with_absolute_root(_config.from_dict({**base, "model": {"name": "nir", "options": options}}))
@@ -62,6 +57,7 @@ def import_run(graph, data, out, overrides=(), dt=None, overwrite: bool = False,
     model = _run.build_model(cfg, bundle)  # checks the graph against the dataset
     val = evaluate(model, bundle.val, cfg.data.T, bundle.kind, cfg.data.encoding, cfg.train.eval_batch_size,
                    progress=cfg.train.progress)["accuracy_per_step"]
+    _run.make_room(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(graph, out / "model.nir")
     saved = _config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"],

@@ -191,10 +191,10 @@ def convert_run(run_dir, out_dir, T: int = 64, weights: str = "best", overwrite:
 
     ``eval``, ``cutoff``, ``tradeoff`` and the energy report work on it unchanged. Returns its summary."""
     import json
-    import shutil
     from pathlib import Path
 
     from . import train as _train
+    from .runfolder import make_room
 
     run_dir, out = Path(run_dir), Path(out_dir)
     src = run_dir / "checkpoint.pt"
@@ -202,12 +202,7 @@ def convert_run(run_dir, out_dir, T: int = 64, weights: str = "best", overwrite:
         raise FileNotFoundError(f"{run_dir} is not a fewstep run folder (no checkpoint.pt)")
     if out.resolve() == run_dir.resolve():
         raise ValueError("--out must differ from the run being converted")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise ValueError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
-        if out.is_dir() and not (out / "checkpoint.pt").is_file():
-            raise ValueError(f"--out {out} is not a fewstep run folder (no checkpoint.pt); refusing to overwrite it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    make_room(out, overwrite)
     ckpt = _train.load_checkpoint(src)
     from . import config as _config
 

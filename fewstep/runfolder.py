@@ -61,6 +61,22 @@ def check_run_folder(out) -> None:
                          f"{', '.join(foreign[:8])}{more}. Choose a new or empty --out folder")
 
 
+def make_room(out, overwrite: bool, remove: bool = True) -> None:
+    """``out`` may become a new run folder (``fewstep convert``, ``fewstep import``): absent or empty, or, with
+    ``overwrite``, a run folder, which ``remove`` then deletes whole. Anything else is refused and left as it is."""
+    import shutil
+
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    if out.is_dir() and not (out / "checkpoint.pt").is_file():
+        raise ValueError(f"--out {out} is not a fewstep run folder (no checkpoint.pt); refusing to overwrite it")
+    if remove:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+
 def clear_run_folder(out) -> None:
     """Delete what fewstep wrote in a run folder (and nothing else)."""
     import shutil
