@@ -91,6 +91,10 @@ def test_an_exported_run_imports_as_the_same_network(cnn_run, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "m.nir"), "--data", "digits", "--set", "data.T=4", "--out", str(moved),
                  "--overwrite"]) == 0
+    # re-imported from its own copy into its own folder: the graph is read before the folder is replaced
+    assert main(["import", str(moved / "model.nir"), "--data", str(_digits_yaml(tmp_path)), "--out", str(moved),
+                 "--overwrite"]) == 0
+    assert torch.allclose(_logits(moved), ref, atol=1e-4)
 
 
 def _labels(run):
