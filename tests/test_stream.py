@@ -350,3 +350,25 @@ def test_stream_many_recordings_one_line_each_with_failures_named(nmnist_run, tm
     assert "--plot draws one recording" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="holds no recordings"):
         S.recordings([tmp_path / "s.csv", tmp_path])  # (a folder without recordings)
+
+
+def test_stream_on_a_run_imported_from_nir(nmnist_run, tmp_path, capsys):
+    """A run exported to NIR and imported again (``fewstep import``) calibrates to the same thresholds and streams a
+    real recording to the same decision, step and trace as the original run."""
+    pytest.importorskip("nir", reason="the nir extra is not installed (pip install 'fewstep[nir]')")
+    out, _ = nmnist_run
+    path = _first_test_file(nmnist_run)
+    assert main(["export", str(out), "--out", str(tmp_path / "m.nir")]) == 0
+    assert main(["import", str(tmp_path / "m.nir"), "--data", str(out / "config.yaml"), "--out",
+                 str(tmp_path / "imp")]) == 0
+    reports = []
+    for run in (out, tmp_path / "imp"):  # each calibrated alike on the same validation split
+        assert main(["cutoff", str(run), "--policy", "topk", "--epsilon", "0.05", "--split", "val",
+                     "--repeats", "1"]) == 0
+        capsys.readouterr()
+        assert main(["stream", str(run), "--events", path, "--policy", "topk", "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    a, b = reports
+    assert a["policy"] == b["policy"]
+    assert (a["prediction"], a["exit_step"]) == (b["prediction"], b["exit_step"])
+    assert [s["prediction"] for s in a["trace"]] == [s["prediction"] for s in b["trace"]]
