@@ -354,4 +354,6 @@ def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
         names.append(key)
     if input_shape is None or classes is None:
         raise ValueError("NIR graph needs an Input and an Output node with shapes")
-    return NIRNetwork(input_shape, classes, layers, names).eval()
+    net = NIRNetwork(input_shape, classes, layers, names).eval()
+    net.dt = dt  # the step duration the graph's neurons were read with
+    return net

@@ -56,14 +56,14 @@ def import_run(graph, data, out, overrides=(), dt=None, overwrite: bool = False,
     model = _run.build_model(cfg, bundle)  # checks the graph against the dataset
     val = evaluate(model, bundle.val, cfg.data.T, bundle.kind, cfg.data.encoding, cfg.train.eval_batch_size,
                    progress=cfg.train.progress)["accuracy_per_step"]
-    blob, source, dt_used = graph.read_bytes(), str(graph.resolve()), model_dt(graph, dt)  # (the graph may lie in out)
+    blob, source = graph.read_bytes(), str(graph.resolve())  # read before --out is replaced: it may lie there
     _run.make_room(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.nir").write_bytes(blob)
     saved = _config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"],
                                                           "options": {**options, "graph": "model.nir"}}})
     saved.dump(out / "config.yaml")
-    info = {"imported_from": source, "dt": dt_used, "T": int(cfg.data.T),
+    info = {"imported_from": source, "dt": float(model.dt), "T": int(cfg.data.T),
             "dataset": cfg.data.name, "layers": [type(m).__name__ for m in model.layers],
             "val_accuracy_per_step": [float(a) for a in val]}
     _run._atomic_save({"format": _run.CHECKPOINT_FORMAT, "config": saved.to_dict(), "data": _run.data_meta(bundle),
@@ -83,10 +83,3 @@ def import_run(graph, data, out, overrides=(), dt=None, overwrite: bool = False,
             f"{', '.join(map(str, bundle.classes[:5]))}{', ...' if len(bundle.classes) > 5 else ''})")
     return info
 
-
-def model_dt(graph, dt=None) -> float:
-    """The step duration a graph is read with: ``dt``, else its ``metadata['dt']``, else 1."""
-    if dt is not None:
-        return float(dt)
-    g = _nir().read(str(graph))
-    return float((g.metadata or {}).get("dt", 1.0))
