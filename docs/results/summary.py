@@ -1,0 +1,103 @@
+"""Draw ``summary.png``: every seed method against its baseline at a glance (a forest plot of paired differences).
+
+The figures come from ``summary.csv`` beside this file, each copied from the ``docs/results.md`` section its row
+names (``tests/test_summary.py`` checks that every one is there). Run ``python docs/results/summary.py`` after
+adding a row.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METRICS = {  # column of the figure: (title, x-axis label, half-width of the axis)
+    "t1": ("accuracy at the first step", "pt, method − baseline", 5.0),
+    "final": ("accuracy at T", "pt, method − baseline", 5.0),
+    "steps": ("steps saved at equal accuracy", "softmax steps sooner (same validation bar, d = 0.6 pt)", 1.2),
+}
+
+
+def number(text: str) -> float:
+    return float(text.replace("−", "-"))
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+    return float(t.ppf(0.975, df))
+
+
+def load(path: Path = HERE / "summary.csv") -> list[dict]:
+    """The rows of ``summary.csv`` as written, each with ``mean``, ``low`` and ``high`` added: floats, signed method −
+    baseline (the interval computed from ``std`` where the section gives mean ± std)."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    rows = []
+    for row in csv.DictReader(lines):
+        if row["metric"] not in METRICS:
+            raise ValueError(f"{path.name}: unknown metric {row['metric']!r} (one of {sorted(METRICS)})")
+        sign, n = int(row["sign"]), int(row["seeds"])
+        mean = number(row["value"])
+        if row["std"]:
+            half = t_quantile(n - 1) * float(row["std"]) / math.sqrt(n)
+            lo, hi = mean - half, mean + half
+        else:
+            lo, hi = number(row["lo"]), number(row["hi"])
+        if not lo <= mean <= hi:
+            raise ValueError(f"{path.name}: {row['method']} on {row['dataset']} ({row['metric']}): {mean} lies outside "
+                             f"[{lo}, {hi}]")
+        if sign < 0:
+            mean, lo, hi = -mean, -hi, -lo
+        rows.append({**row, "mean": mean, "low": lo, "high": hi})
+    return rows
+
+
+def draw(rows: list[dict], out: Path = HERE / "summary.png") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"], r["seeds"]) for r in rows))
+    labels = [f"{m} vs {b}  ·  {d}, T = {t}, {e} ep, {n} seeds" for m, b, d, t, e, n in keys]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(15, 0.32 * len(keys) + 1.6), sharey=True)
+    for ax, (metric, (title, xlabel, half)) in zip(axes, METRICS.items()):
+        ax.axvline(0, color="black", lw=0.8)
+        for y, key in enumerate(keys):
+            got = [r for r in rows if r["metric"] == metric
+                   and (r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"], r["seeds"]) == key]
+            if not got:
+                gap = "not reported"
+                if key[3] == "1":  # a network of one step: its first step is its last, and it has no exit to make
+                    gap = "T = 1: see accuracy at T" if metric == "t1" else "T = 1: no exit to make"
+                ax.text(0, y, gap, ha="center", va="center", fontsize=7, color="0.6")
+                continue
+            r = got[0]
+            color = "tab:green" if r["low"] > 0 else "tab:red" if r["high"] < 0 else "0.45"
+            lo, hi, mean = (max(-half, min(half, v)) for v in (r["low"], r["high"], r["mean"]))
+            ax.plot([lo, hi], [y, y], color=color, lw=2)
+            ax.plot([mean], [y], "o", color=color, ms=5)
+            if max(abs(r["mean"]), abs(r["low"]), abs(r["high"])) > half:  # off the axis: say by how much
+                text = f"{r['mean']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]".replace("-", "−")
+                ax.annotate(text, (mean, y), xytext=(0, 5), textcoords="offset points", fontsize=7, color=color,
+                            ha="left" if mean < 0 else "right")
+        ax.set_xlim(-half * 1.05, half * 1.05)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(keys)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    for y, key in enumerate(keys[1:], 1):  # a rule between methods
+        if key[:2] != keys[y - 1][:2]:
+            for ax in axes:
+                ax.axhline(y - 0.5, color="0.8", lw=0.6)
+    fig.suptitle("Each method against its baseline, paired over seeds: mean and 95 % interval (green: above 0 beyond "
+                 "seed noise, red: below, grey: within noise). 2-core CPU budgets; docs/results.md has each figure",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    print(f"wrote {draw(load())}")

@@ -1,0 +1,80 @@
+"""docs/results/summary.csv, the figures behind the at-a-glance plot of docs/results.md: each must be in the section
+of docs/results.md that its row names, so the plot cannot drift from the evidence it summarises."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results.md"
+
+
+def _summary():
+    spec = importlib.util.spec_from_file_location("summary", ROOT / "docs" / "results" / "summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sections() -> dict[str, str]:
+    """Heading text -> the text under it, up to the next heading (bold markers removed)."""
+    out, head, body = {}, None, []
+    for line in RESULTS.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            if head is not None:
+                out[head] = "\n".join(body)
+            head, body = line.lstrip("#").strip(), []
+        else:
+            body.append(line.replace("**", ""))
+    out[head] = "\n".join(body)
+    return out
+
+
+def _section(sections: dict, name: str) -> str:
+    exact = [h for h in sections if h == name]
+    found = exact or [h for h in sections if h.startswith(name)]
+    assert len(found) == 1, f"summary.csv names section {name!r}, which matches {len(found)} headings: {found}"
+    return sections[found[0]]
+
+
+def test_every_figure_is_in_the_section_it_names():
+    mod, sections = _summary(), _sections()
+    rows = mod.load()
+    assert len(rows) >= 60
+    for row in rows:
+        text = _section(sections, row["section"])
+        if row["std"]:
+            pattern = re.escape(row["value"]) + r"(?: pt)? ± " + re.escape(row["std"])
+        else:
+            pattern = (re.escape(row["value"]) + r"(?: pt| steps)?,? \[" + re.escape(row["lo"]) + ", "
+                       + re.escape(row["hi"]) + r"\]")
+        assert re.search(pattern, text), (f"{row['method']} vs {row['baseline']} on {row['dataset']} "
+                                          f"({row['metric']}): {pattern!r} not in section {row['section']!r}")
+
+
+def test_intervals_from_a_standard_deviation_match_the_published_ones():
+    mod = _summary()
+    # results.md's Fashion-MNIST T = 1 table gives g12 − lif-t1 as −3.27 ± 0.11 over 3 seeds, interval [−3.55, −3.00]
+    row = next(r for r in mod.load() if r["method"].startswith("T = 1") and r["dataset"] == "Fashion-MNIST")
+    assert row["mean"] == pytest.approx(-3.27)
+    assert row["low"] == pytest.approx(-3.55, abs=0.015) and row["high"] == pytest.approx(-3.00, abs=0.015)
+    assert mod.t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    # sign = -1 turns "lif-t1 is 13.45 pt ahead" into the method's −13.45
+    cifar = next(r for r in mod.load() if r["method"].startswith("T = 1") and r["dataset"] == "CIFAR-10")
+    assert cifar["mean"] == pytest.approx(-13.45) and cifar["high"] < 0
+
+
+def test_a_row_whose_mean_lies_outside_its_interval_is_refused(tmp_path):
+    mod = _summary()
+    bad = tmp_path / "summary.csv"
+    bad.write_text("method,baseline,dataset,T,epochs,seeds,metric,value,std,lo,hi,sign,section\n"
+                   "RCS,TET,CIFAR-10,4,3,5,t1,+0.70,,−0.59,+0.26,1,x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="outside"):
+        mod.load(bad)
+
+
+def test_the_plot_draws(tmp_path):
+    mod = _summary()
+    out = mod.draw(mod.load(), tmp_path / "summary.png")
+    assert out.stat().st_size > 20_000
