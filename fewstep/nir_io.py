@@ -269,21 +269,31 @@ def _chain_order(graph) -> list[str]:
     return order
 
 
-def _gain_into(layers: list, key: str, kind: str, gain: float, what: str) -> None:
+def _gain_into(layers: list, key: str, kind: str, gain: float, what: str, theta: float) -> float:
     """A neuron that scales its input by ``gain`` (NIR's ``r·dt/tau`` for a LIF, ``r·dt`` for an IF; e.g. 0.5 for
-    Norse's LIF at dt/tau = 0.5), while fewstep's add it unscaled: the same network with the gain moved into the
-    convolution or affine layer just before it (exact: that layer feeds only this neuron in a chain)."""
+    Norse's LIF at dt/tau = 0.5), while fewstep's add it unscaled: the same network, exactly, with the gain moved
+    into the last convolution or affine layer before the neuron (through any average pooling and flattening between,
+    which commute with a scale; in a chain that layer feeds only this neuron). With no such layer (the neuron reads
+    the input, or a layer that does not commute), a positive gain goes into the threshold instead: with leak and
+    reset to 0 the membrane of ``u = τ·v + g·I`` is ``g`` times that of ``u = τ·v + I``, so spiking at ``θ / g`` gives
+    the same spikes (the recorded membrane is then 1/g of NIR's). Returns the threshold to build the neuron with."""
     if np.isclose(gain, 1.0, rtol=1e-6):
-        return
-    prev = layers[-1] if layers else None
-    if not isinstance(prev, (nn.Conv2d, nn.Linear)):
-        raise ValueError(f"NIR node {key!r} ({kind}) has {what} = {gain:g}; fewstep's {kind} adds its input unscaled "
-                         f"({what} = 1), and the gain can be moved only into a convolution or affine layer just "
-                         f"before it, not {type(prev).__name__ if prev is not None else 'the input'}")
-    with torch.no_grad():
-        prev.weight.mul_(gain)
-        if prev.bias is not None:
-            prev.bias.mul_(gain)
+        return theta
+    i = len(layers) - 1
+    while i >= 0 and isinstance(layers[i], (nn.AvgPool2d, nn.Flatten)):
+        i -= 1
+    prev = layers[i] if i >= 0 else None
+    if isinstance(prev, (nn.Conv2d, nn.Linear)):
+        with torch.no_grad():
+            prev.weight.mul_(gain)
+            if prev.bias is not None:
+                prev.bias.mul_(gain)
+        return theta
+    if gain <= 0:
+        raise ValueError(f"NIR node {key!r} ({kind}) has {what} = {gain:g}; fewstep's {kind} adds its input unscaled, "
+                         f"and a gain that is not positive can be moved only into a convolution or affine layer before "
+                         f"it, not {type(prev).__name__ if prev is not None else 'the input'}")
+    return theta / gain
 
 
 def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
@@ -335,8 +345,7 @@ def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
                 raise ValueError(f"NIR node {key!r} ({kind}) resets to {float(np.asarray(n.v_reset).flat[0])}; "
                                  "fewstep's hard reset goes to 0")
             if kind == "IF":
-                _gain_into(layers, key, kind, _uniform(key, "r", n.r) * dt, "r·dt")
-                m = IF(theta=theta)
+                m = IF(theta=_gain_into(layers, key, kind, _uniform(key, "r", n.r) * dt, "r·dt", theta))
             else:
                 tau_n, r = _uniform(key, "tau", n.tau), _uniform(key, "r", n.r)
                 if _uniform(key, "v_leak", n.v_leak) != 0.0:
@@ -345,8 +354,7 @@ def from_nir(graph, dt: "float | None" = None) -> NIRNetwork:
                 if not 0.0 < decay < 1.0:
                     raise ValueError(f"NIR node {key!r} (LIF): dt/tau = {dt / tau_n:g} gives the decay {decay:g} per "
                                      "step, outside (0, 1); pass the step duration dt the graph was made for")
-                _gain_into(layers, key, kind, r * dt / tau_n, "r·dt/tau")
-                m = LIF(tau=decay, theta=theta)
+                m = LIF(tau=decay, theta=_gain_into(layers, key, kind, r * dt / tau_n, "r·dt/tau", theta))
         else:
             raise ValueError(f"NIR node {key!r} is a {kind}, which fewstep cannot rebuild; supported: Conv2d, Affine, "
                              "Linear, AvgPool2d, Flatten, LIF, IF")

@@ -3,6 +3,7 @@ simulation of the graph, BatchNorm folding, and errors that name what NIR cannot
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,58 @@ def test_the_graph_means_the_same_under_nir_equations(kind, dt):
         ref = model(x)
     assert torch.allclose(simulate_nir(graph, x), ref, atol=1e-9)
     assert from_nir(graph).layers[1].tau == pytest.approx(0.7 if kind == "lif" else 1.0)  # dt read from metadata
+
+
+def _neuron(kind: str, shape: tuple, r: float, theta: float = 1.0):
+    full = lambda v: np.full(shape, float(v))  # noqa: E731
+    if kind == "LIF":  # at dt = 1: decay 1 − dt/τ = 0.5, input gain r·dt/τ = r / 2
+        return nir.LIF(tau=full(2.0), r=full(r), v_leak=full(0), v_threshold=full(theta), v_reset=full(0))
+    return nir.IF(r=full(r), v_threshold=full(theta), v_reset=full(0))
+
+
+@pytest.mark.parametrize("kind,r", [("LIF", 1.0), ("LIF", 5.0), ("IF", 0.25)])
+def test_an_input_gain_with_no_layer_before_goes_into_the_threshold(kind, r):
+    """A neuron that reads the input with a gain g ≠ 1 (NIR's r·dt/τ, or r·dt for an IF): fewstep's neuron adds its
+    input unscaled, so the import spikes at θ/g instead, the same spikes as NIR's equations."""
+    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([6])}),
+                            "lif": _neuron(kind, (6,), r),
+                            "fc": nir.Affine(weight=np.eye(3, 6) * 2.0 - 0.5, bias=np.full(3, 0.1)),
+                            "output": nir.Output(output_type={"output": np.array([3])})},
+                     edges=[("input", "lif"), ("lif", "fc"), ("fc", "output")], metadata={"dt": 1.0})
+    gain = r / 2 if kind == "LIF" else r
+    net = from_nir(g).double()
+    assert net.layers.lif.theta == pytest.approx(1.0 / gain)
+    x = 3.0 * torch.rand(12, 5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = simulate_nir(g, x)
+    with torch.no_grad():
+        got = net(x)
+    assert 0 < float((ref != 0.1).double().mean()) < 1  # some neurons spike, not all
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_an_input_gain_moves_through_pooling_into_the_convolution():
+    """Conv → AvgPool → Flatten → LIF with r·dt/τ = 0.75: pooling and flattening commute with a scale, so the gain goes
+    into the convolution (the neuron's threshold and membrane stay NIR's); outputs equal NIR's equations."""
+    w = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(4)).double().numpy()
+    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([2, 8, 8])}),
+                            "conv": nir.Conv2d(input_shape=(8, 8), weight=w, stride=1, padding=1, dilation=1, groups=1,
+                                               bias=np.full(4, 0.2)),
+                            "pool": nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),
+                                                  padding=np.array([0, 0])),
+                            "flat": nir.Flatten(input_type={"input": np.array([4, 4, 4])}, start_dim=0, end_dim=-1),
+                            "lif": _neuron("LIF", (64,), 1.5),
+                            "fc": nir.Affine(weight=np.ones((3, 64)) / 8, bias=np.zeros(3)),
+                            "output": nir.Output(output_type={"output": np.array([3])})},
+                     edges=[("input", "conv"), ("conv", "pool"), ("pool", "flat"), ("flat", "lif"), ("lif", "fc"),
+                            ("fc", "output")], metadata={"dt": 1.0})
+    net = from_nir(g).double()
+    assert net.layers.lif.theta == 1.0
+    assert torch.allclose(net.layers.conv.weight, torch.from_numpy(w) * 0.75)
+    x = torch.rand(10, 3, 2, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = simulate_nir(g, x)
+    assert float(ref.abs().sum()) > 0  # the hidden layer spikes
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref, atol=1e-12)
 
 
 def test_batchnorm_is_folded_into_the_convolution():

@@ -237,13 +237,13 @@ def test_a_network_exported_by_norse(tmp_path):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_an_input_gain_with_no_layer_to_take_it_is_refused():
+def test_a_negative_input_gain_with_no_layer_to_take_it_is_refused():
     from fewstep.nir_io import from_nir
 
     g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([4])}),
-                            "lif": nir.LIF(tau=np.full(4, 2.0), r=np.ones(4), v_leak=np.zeros(4),
+                            "lif": nir.LIF(tau=np.full(4, 2.0), r=-np.ones(4), v_leak=np.zeros(4),
                                            v_threshold=np.ones(4), v_reset=np.zeros(4)),
                             "output": nir.Output(output_type={"output": np.array([4])})},
                      edges=[("input", "lif"), ("lif", "output")], metadata={"dt": 1.0})
-    with pytest.raises(ValueError, match=r"'lif' \(LIF\) has r·dt/tau = 0.5.*not the input"):
+    with pytest.raises(ValueError, match=r"'lif' \(LIF\) has r·dt/tau = -0.5.*not positive.*not the input"):
         from_nir(g)
