@@ -95,6 +95,9 @@ def config_differences(saved: dict, cfg: "_config.Config") -> list[str]:
     for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc", "sync_bn"):
         saved["train"].pop(k), mine["train"].pop(k)
     saved["data"].pop("loader"), mine["data"].pop("loader")  # how batches are read, not what is trained
+    for d in (saved["data"], mine["data"]):  # one folder by two names (a link, ``..``) is the same data
+        if d.get("root"):
+            d["root"] = str(Path(d["root"]).resolve())
     return [f"{s}.{k}" for s in mine for k in mine[s] if mine[s][k] != saved[s].get(k)]
 
 

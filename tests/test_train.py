@@ -72,6 +72,20 @@ def test_resume_equals_uninterrupted(tmp_path):
         Trainer(quick(tmp_path, train__lr=0.5), tmp_path / "b", log=lambda s: None).fit()
 
 
+def test_a_resume_reads_one_data_folder_by_either_of_its_names(tmp_path):
+    """The checkpoint's data.root and the command's name the same folder through a link: the same data, no
+    difference; another folder is one (it may hold other recordings)."""
+    from fewstep.train import config_differences
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    saved = C.from_dict({"data": {"name": "nmnist", "root": str(tmp_path / "data")}}).to_dict()
+    assert config_differences(saved, C.from_dict({"data": {"name": "nmnist", "root": str(tmp_path / "link")}})) == []
+    assert config_differences(saved, C.from_dict({"data": {"name": "nmnist", "root": str(tmp_path / "other")}})) \
+        == ["data.root"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 
