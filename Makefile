@@ -17,7 +17,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps "snntorch==1.0.0" "norse==1.1.0" "nirtorch==1.0"
+	$(BIN)/python -m pip install -q --no-deps "snntorch==1.0.0" "norse==1.1.0" "nirtorch>=2.0,<3"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -208,6 +208,30 @@ def test_a_network_exported_by_snntorch(tmp_path):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_snntorch_imports_a_fewstep_export(cnn_run, tmp_path):
+    """The other way: a trained fewstep CNN exported with ``--dt 1e-4`` (the step snnTorch 1.0's importer assumes)
+    loads with snnTorch's ``import_from_nir`` and gives the same per-step logits on the digits' test images. One
+    adjustment, on snnTorch's side: it hands NIR's ``Flatten.start_dim`` to torch as is, counting the batch, where NIR
+    counts from the first non-batch dimension (docs/deploy.md)."""
+    pytest.importorskip("snntorch", reason="snnTorch is not installed (make test installs snntorch 1.0.0)")
+    pytest.importorskip("nirtorch", reason="nirtorch is not installed (make test installs it)")
+    from snntorch.import_nir import import_from_nir
+
+    assert main(["export", str(cnn_run), "--out", str(tmp_path / "m.nir"), "--dt", "1e-4"]) == 0
+    net = import_from_nir(nir.read(str(tmp_path / "m.nir")))
+    flats = [m for m in net.modules() if isinstance(m, torch.nn.Flatten)]
+    assert [m.start_dim for m in flats] == [0]  # NIR's 0 (the channels) taken as the batch dimension
+    for m in flats:
+        m.start_dim += 1
+    model, cfg, bundle = load_run(cnn_run)
+    ref, _, _ = predict(model, bundle.test, cfg.data.T, bundle.kind, cfg.data.encoding)
+    x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))])  # direct encoding: the image at each step
+    with torch.no_grad():
+        got = torch.stack([net(x)[0] for _ in range(cfg.data.T)])  # its neurons keep their state between calls
+    assert float(ref.std(1).mean()) > 0.1
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
 def test_a_network_exported_by_norse(tmp_path):
     """Norse's own NIR export of ``Linear → LIFBoxCell → Linear``: its LIF scales its input by dt/tau (NIR's
     r·dt/tau = 0.5 here), which fewstep moves into the affine layer before it; per-step outputs equal Norse's own
