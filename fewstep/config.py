@@ -402,6 +402,8 @@ def _check_names(cfg: Config) -> None:
 
 
 def from_dict(d: dict | None) -> Config:
+    """A checked :class:`Config` from nested dicts (``{"data": {...}, "model": {...}, ...}``); keys left out take
+    their defaults, unknown sections or keys and values out of range raise ``ValueError`` naming them."""
     d = dict(d or {})
     bad = sorted(set(d) - set(SECTIONS))
     if bad:

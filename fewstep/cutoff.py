@@ -187,6 +187,7 @@ class Policy:
 
 @register
 class Timestep(Policy):
+    """Every sample exits at the fixed step ``t``: what a user without a cutoff runs (a shorter T)."""
     name = "timestep"
 
     def __init__(self, t: int = 1, T: int | None = None):
@@ -206,6 +207,8 @@ class Timestep(Policy):
 
 @register
 class Softmax(Policy):
+    """Exit at the first t with ``max softmax(Y(t)) > 1 − ε`` (arXiv 2405.00699), tested without rounding to 1
+    (module doc); nothing to calibrate but ε."""
     name = "softmax"
 
     def __init__(self, epsilon: float = 0.01, T: int | None = None):
@@ -232,6 +235,8 @@ class Softmax(Policy):
 
 @register
 class TopK(Policy):
+    """Exit at the first t with ``top1(Y(t)) − top2(Y(t)) > β_t`` (arXiv 2301.09522); ``calibrate(Y_val, y_val)``
+    sets each β_t for precision ``1 − ε`` on held-out data (module doc)."""
     name = "topk"
     needs_calibration = True
 
@@ -274,6 +279,8 @@ class TopK(Policy):
 
 @register
 class SpikeCP(Policy):
+    """Exit when the conformal prediction set at level ``1 − ε`` holds one class (arXiv 2305.11322);
+    ``calibrate(Y_val, y_val)`` sets the per-step quantiles of ``−log softmax(Y(t))[y]`` on held-out data."""
     name = "spikecp"
     needs_calibration = True
 
@@ -347,6 +354,9 @@ def oracle(Y: torch.Tensor, y: torch.Tensor) -> Decision:
 
 
 def make(name: str, **kwargs) -> Policy:
+    """A cutoff policy by name (``timestep``, ``softmax``, ``topk``, ``spikecp``) with its setting, e.g.
+    ``make("topk", epsilon=0.01)``; ``topk`` and ``spikecp`` then need ``calibrate(Y_val, y_val)`` on held-out data
+    for their per-step thresholds."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(sorted(POLICIES))} (and 'oct', the oracle)")
     return POLICIES[name](**kwargs)

@@ -18,11 +18,14 @@ def _check(out: torch.Tensor, y: torch.Tensor):
 
 
 def mean_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``CE(mean_t O(t), y)``: cross-entropy of the time-averaged logits ``out [T, N, C]`` against labels ``y [N]``."""
     _check(out, y)
     return F.cross_entropy(out.float().mean(0), y)
 
 
 def tet(out: torch.Tensor, y: torch.Tensor, lam: float = 1e-3, phi: float = 1.0) -> torch.Tensor:
+    """TET (Deng et al., ICLR 2022): ``(1 − λ)·(1/T)·Σ_t CE(O(t), y) + λ·MSE(O, φ)`` on ``out [T, N, C]``, so that
+    every step's logits answer on their own."""
     _check(out, y)
     out = out.float()
     T = out.shape[0]

@@ -1,4 +1,4 @@
-"""The Python examples of README.md and docs/anytime.md run as written."""
+"""The Python examples of README.md and docs/anytime.md run as written; docs/api.md is what the code says."""
 
 import re
 from pathlib import Path
@@ -47,3 +47,35 @@ def test_the_any_network_example_calibrates_plain_pytorch_outputs(capsys):
     assert m, out
     bound, acc, full, steps = map(float, m.groups())
     assert bound <= 2.0 and full >= 85 and acc >= full - 3 and steps < 6, out  # learnt, certified, and sooner
+
+
+def _api_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("api_page", ROOT / "docs" / "api.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_api_page_is_what_the_code_says():
+    api = _api_script()
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    assert page == api.render(), "docs/api.md is out of date with the code: run python docs/api.py"
+    # every name a user is told to import resolves, with the signature printed
+    for _, _, names in api.SECTIONS:
+        for dotted in names:
+            assert f"{dotted}{api.signature(api.resolve(dotted))}`" in page
+
+
+def test_the_api_page_refuses_an_undocumented_name(monkeypatch):
+    api = _api_script()
+    import fewstep.cutoff
+
+    def bare(Y):
+        return Y
+
+    monkeypatch.setattr(fewstep.cutoff, "bare", bare, raising=False)
+    monkeypatch.setattr(api, "SECTIONS", [("x", "y", ["fewstep.cutoff.bare"])])
+    with pytest.raises(ValueError, match="fewstep.cutoff.bare has no docstring"):
+        api.render()

@@ -32,11 +32,15 @@ def register(name: str):
 
 
 def available() -> list[str]:
+    """The registered dataset names, sorted (what :func:`load` and the config's ``data.name`` take)."""
     return sorted(DATASETS)
 
 
 @dataclass
 class DataBundle:
+    """A dataset's three splits (``train``, ``val`` carved from the training data with a fixed seed, ``test``) with
+    what a model needs of them: ``input_shape`` of one frame or image, ``num_classes``, their names, and ``kind``
+    (``"static"`` images, encoded over T by the model's caller, or ``"frames"``, already ``[T, ...]``)."""
     name: str
     train: Dataset
     val: Dataset

@@ -31,6 +31,7 @@ def register(name: str):
 
 
 def available() -> list[str]:
+    """The registered model names, sorted (what :func:`create` takes)."""
     return sorted(MODELS)
 
 
