@@ -61,6 +61,25 @@ from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse
 LATER_EXITS = {"capped": "capped", "bounded": "harm-bounded", "bounded_drop": "drop-bounded"}
 
 
+def time_left(took: dict, left: list[tuple[str, int]]) -> "float | None":
+    """Seconds the runs ``left`` (``(variant, epochs)`` each) should take, from the runs timed so far: ``took`` maps
+    a variant to its runs' ``(seconds, epochs)``. A variant's own seconds per epoch where it has run, else the mean
+    over every timed run; None before any run was timed."""
+    per_epoch = {v: sum(s for s, _ in runs) / sum(e for _, e in runs) for v, runs in took.items() if runs}
+    if not per_epoch:
+        return None
+    every = sum(s for runs in took.values() for s, _ in runs) / sum(e for runs in took.values() for _, e in runs)
+    return sum(per_epoch.get(v, every) * epochs for v, epochs in left)
+
+
+def duration(seconds: float) -> str:
+    """``'42 s'``, ``'7 min'``, ``'1 h 05 min'``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def later_missing(a: dict) -> list[str]:
     """The exits added to analyses after version 1 (:data:`LATER_EXITS`) that ``a`` lacks, or holds from an older
     construction of the drop bound (before ``drop_bound`` was :data:`fewstep.bounds.DROP_BOUND`)."""
@@ -158,7 +177,7 @@ class Ablation:
                 "differences": self.differences(), "convert_T": self.convert_T if self.converts() else None}
 
     def run(self, analyse_only: bool = False) -> dict:
-        from .train import Trainer, load_data
+        from .train import Trainer, load_checkpoint, load_data
 
         spec_path = self.out / "ablation.json"
         if self.out.is_dir() and not spec_path.is_file() and any(self.out.iterdir()):
@@ -181,6 +200,7 @@ class Ablation:
         bundles: dict = {}
         jobs = [(v, k) for k in self.seeds for v in self.variants]  # seed-major: early results are paired
         results: dict = {v: {} for v in self.variants}
+        took: dict = {v: [] for v in self.variants}  # (seconds, epochs) of each run trained and analysed here
         for i, (v, k) in enumerate(jobs, 1):
             cfg, rd = self.configs[(v, k)], self.run_dir(v, k)
             tag = f"[{i}/{len(jobs)}] {v} seed {k}"
@@ -205,8 +225,11 @@ class Ablation:
                 bundles[akey] = load_data(cfg)
             bundle = bundles[akey]
             if not done:
+                start, epochs_before = time.perf_counter(), 0
                 trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s, tag=tag: self.log(f"{tag}: {s}"))
                 self.log(f"{tag}: training -> {rd}")
+                if (rd / "checkpoint.pt").is_file():  # a resumed run: time only the epochs trained now
+                    epochs_before = int(load_checkpoint(rd / "checkpoint.pt").get("epoch", 0))
                 metrics = trainer.fit()
             else:
                 trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s: None)
@@ -215,6 +238,14 @@ class Ablation:
                 metrics = json.loads((rd / "metrics.json").read_text())
             val_curve = [row.get("val_acc") for row in trainer.history]  # one row per epoch, kept by the checkpoint
             results[v][k] = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_curve)
+            if not done:
+                took[v].append((time.perf_counter() - start, max(1, cfg.train.epochs - epochs_before)))
+                left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:]
+                        if not (self.run_dir(w, s) / "metrics.json").is_file()]
+                eta = time_left(took, left)
+                if left and eta is not None:
+                    self.log(f"{tag}: trained and analysed in {duration(took[v][-1][0])}; about {duration(eta)} "
+                             f"left for the {len(left)} run{'s' if len(left) > 1 else ''} to train")
         summary = aggregate(results, self.variants, self.base, self._spec())
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "results.md").write_text(markdown(summary))

@@ -143,6 +143,16 @@ def test_fixed_T_baseline_is_the_timestep_policy_chosen_on_validation():
     assert "| tet | topk | 1 pt | 0.80 ± 0.00× | [0.80, 0.80] 0/0/2 **beyond noise** |" in md
 
 
+def test_time_left_from_the_runs_timed_so_far():
+    # tet: 30 s over 3 epochs, then 50 s over 5: 10 s an epoch; tet+trt: 60 s over 3 epochs, 20 s an epoch
+    took = {"tet": [(30.0, 3), (50.0, 5)], "tet+trt": [(60.0, 3)], "tet-7ep": []}
+    assert A.time_left(took, [("tet", 4), ("tet+trt", 4)]) == pytest.approx(40 + 80)
+    # a variant not yet timed: the mean over every timed run, 140 s / 11 epochs
+    assert A.time_left(took, [("tet-7ep", 7)]) == pytest.approx(7 * 140 / 11)
+    assert A.time_left({"tet": []}, [("tet", 3)]) is None
+    assert [A.duration(s) for s in (42, 420, 3900)] == ["42 s", "7 min", "1 h 05 min"]
+
+
 def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     cfg, out = write_config(tmp_path), tmp_path / "abl"
     logs = []
@@ -161,6 +171,8 @@ def test_two_variant_ablation_runs_end_to_end_and_resumes_after_an_interruption(
         A.Ablation(cfg, ["tet", "tet+rcs"], 2, out, ["train.lr=0.005"], ["tet+rcs:regularizer.rcs_weight=0.01"],
                    log=logs.append).run()
     monkeypatch.undo()
+    assert any(m.startswith("[1/4] tet seed 0: trained and analysed in") and "left for the 3 runs to train" in m
+               for m in logs)
     first = out / "tet" / "seed0"
     assert (first / "metrics.json").is_file() and (first / "analysis.json").is_file()
     assert (out / "tet+rcs" / "seed0" / "checkpoint.pt").is_file()
