@@ -79,3 +79,29 @@ def test_the_api_page_refuses_an_undocumented_name(monkeypatch):
     monkeypatch.setattr(api, "SECTIONS", [("x", "y", ["fewstep.cutoff.bare"])])
     with pytest.raises(ValueError, match="fewstep.cutoff.bare has no docstring"):
         api.render()
+
+
+def test_the_extending_examples_work(monkeypatch):
+    """docs/extending.md's model and ablation-token examples, run as written: the model registers, builds from a
+    config's name and answers per step in both step modes; the token edits a variant's config."""
+    import torch
+
+    import fewstep
+    from fewstep.ablation_variants import TOKENS, variant_dict
+    from fewstep.models import MODELS, create
+
+    monkeypatch.setattr("fewstep.models.registry.MODELS", dict(MODELS))  # registrations stay in this test
+    _, model_block, token_block = python_blocks(ROOT / "docs" / "extending.md")
+    try:
+        exec(compile(model_block, "docs/extending.md", "exec"), {})
+        net = create("tiny", input_shape=(1, 8, 8), num_classes=10, width=16)
+        x = torch.rand(5, 3, 1, 8, 8)
+        out = net(x)
+        assert out.shape == (5, 3, 10)
+        fewstep.set_step_mode(net, "s")
+        assert torch.allclose(torch.stack([net(f) for f in x]), out, atol=1e-6)
+        exec(compile(token_block, "docs/extending.md", "exec"), {})
+        d = variant_dict({"train": {"loss": "tet"}}, "tet+rcs+mine", 0)
+        assert d["regularizer"]["name"] == "rcs+mine"
+    finally:
+        TOKENS.pop("mine", None)
