@@ -19,7 +19,7 @@ SECTIONS = [
     ("Engine: neurons, step modes, recording",
      "The spiking layers every model is built of, their pure step functions, and the recorder regularisers read.",
      ["fewstep.lif_step", "fewstep.lif_multi_step", "fewstep.LIF", "fewstep.IF", "fewstep.set_step_mode",
-      "fewstep.reset", "fewstep.record"]),
+      "fewstep.reset", "fewstep.record", "fewstep.Recorder"]),
     ("Models", "Every model maps time-first input `[T, N, ...]` to per-step logits `[T, N, classes]`.",
      ["fewstep.models.create", "fewstep.models.available", "fewstep.models.register"]),
     ("Data", "Local folders only (nothing is downloaded); events are framed into `[T, ...]` tensors.",
@@ -28,9 +28,9 @@ SECTIONS = [
     ("Training", "A config, a Trainer that resumes exactly, the losses and the seed methods' regularisers.",
      ["fewstep.config.load", "fewstep.config.from_dict", "fewstep.train.Trainer", "fewstep.losses.make",
       "fewstep.losses.tet", "fewstep.losses.mean_ce", "fewstep.rcs.RCS", "fewstep.rcs.RCSANN", "fewstep.str_reg.STR",
-      "fewstep.trt.TRT", "fewstep.runfolder.load_run", "fewstep.runfolder.load_network"]),
+      "fewstep.trt.TRT", "fewstep.train.train", "fewstep.runfolder.load_run", "fewstep.runfolder.load_network"]),
     ("Evaluation", "Per-step logits of a whole split, and accuracy at every step.",
-     ["fewstep.metrics.predict", "fewstep.metrics.accuracy_per_step"]),
+     ["fewstep.metrics.evaluate", "fewstep.metrics.predict", "fewstep.metrics.accuracy_per_step"]),
     ("Cutoff policies and their calibration",
      "They read only running sums of per-step logits `[T, N, C]`, so they work on any network's outputs; "
      "calibration refuses the test split.",
@@ -98,12 +98,13 @@ def wrap(text: str) -> str:
 
 def render() -> str:
     out = ["# The Python API on one page", "",
-           wrap("What a script imports at each stage of fewstep's data flow (events or images → frames `[T, N, ...]` → "
-           "model → per-step logits `[T, N, C]` → running sum → cutoff policy → exit step and prediction), each with "
-           "its signature and the first paragraph of its docstring; the full docstring (`help(...)`) gives the "
-           "equations and the paper. The command line wraps the same calls (README, \"Using it\"); "
-           "[anytime.md](anytime.md#commands) walks through calibration and early exit in Python. Written by "
-           "`python docs/api.py` from the code (`tests/test_docs.py` checks it is current)."), ""]
+           wrap("What a script imports at each stage of fewstep's data flow (events or images → frames "
+                "`[T, N, ...]` → model → per-step logits `[T, N, C]` → running sum → cutoff policy → exit step and "
+                "prediction), each with its signature and the first paragraph of its docstring; the full docstring "
+                "(`help(...)`) gives the equations and the paper. The command line wraps the same calls (README, "
+                "\"Using it\"); [anytime.md](anytime.md#commands) walks through calibration and early exit in "
+                "Python. Written by `python docs/api.py` from the code (`tests/test_docs.py` checks it is "
+                "current)."), ""]
     for title, line, names in SECTIONS:
         out += [f"## {title}", "", wrap(line), ""]
         for dotted in names:

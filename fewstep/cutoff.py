@@ -45,6 +45,7 @@ POLICIES: dict[str, type["Policy"]] = {}
 
 
 def register(cls):
+    """Class decorator: make a :class:`Policy` subclass available by its ``name`` (:func:`make`, the CLI)."""
     POLICIES[cls.name] = cls
     return cls
 
@@ -123,6 +124,7 @@ def check_horizon(policy: "Policy", T: int) -> None:
 
 
 def top2_gap(Yt: torch.Tensor) -> torch.Tensor:
+    """``top1(Y) − top2(Y)`` over the last (class) dimension: what the Top-K cutoff thresholds."""
     top = Yt.topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
 

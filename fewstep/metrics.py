@@ -114,6 +114,7 @@ def _predict(model, dataset, T, kind, encoding, batch_size, device, firing_rates
 
 def evaluate(model, dataset, T: int, kind: str, encoding: str = "direct", batch_size: int = 256, device="cpu",
              progress: bool = False) -> dict:
+    """Accuracy at T and at every step, and firing rates per layer, of ``model`` on ``dataset`` (``fewstep eval``)."""
     logits, y, rates = predict(model, dataset, T, kind, encoding, batch_size, device, True, progress)
     acc = accuracy_per_step(logits, y)
     return {"n": int(len(y)), "accuracy": acc[-1], "accuracy_per_step": acc, "firing_rates": rates,

@@ -27,6 +27,10 @@ FIELDS = ("spikes", "u", "v")
 
 
 class Recorder:
+    """What :func:`record` yields: per spiking layer (by module name, in call order) the recorded ``[T, N, ...]``
+    tensors as dicts ``spikes``, ``u`` (membrane before reset) and ``v`` (after reset), the layers' ``theta(name)``,
+    ``modules``, the recorded ``model`` and its ``input``; ``clear()`` empties it between forward passes."""
+
     def __init__(self, detach: bool = False, fields=FIELDS, grad_sink: bool = False):
         bad = sorted(set(fields) - set(FIELDS))
         if bad:

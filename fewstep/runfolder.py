@@ -90,6 +90,8 @@ def clear_run_folder(out) -> None:
 
 
 def load_checkpoint(path) -> dict:
+    """A run's ``checkpoint.pt`` as a dict, read with ``torch.load(weights_only=True)``; a missing file or one that
+    is not a fewstep checkpoint raises naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")

@@ -412,4 +412,6 @@ def _tensorboard(out: Path):
 
 
 def train(cfg: _config.Config, out_dir, **kwargs) -> dict:
+    """``Trainer(cfg, out_dir, **kwargs).fit()``: train (or resume) into ``out_dir``; returns the dict written to
+    ``metrics.json``."""
     return Trainer(cfg, out_dir, **kwargs).fit()

@@ -24,6 +24,7 @@ EVENT_DATASETS = {"nmnist", "dvs_gesture", "cifar10_dvs", "ncaltech101", "eventf
 
 
 def register(name: str):
+    """Decorator: make a loader ``fn(**options) -> DataBundle`` available as ``load(name)`` and ``data.name``."""
     def deco(fn):
         DATASETS[name] = fn
         return fn

@@ -10,6 +10,7 @@ import torch
 
 
 def direct(x: torch.Tensor, T: int, generator: "torch.Generator | None" = None) -> torch.Tensor:
+    """Direct encoding: the same analog input ``x`` at each of ``T`` steps, ``[T, *x.shape]`` (a view, no copy)."""
     return x.unsqueeze(0).expand(T, *x.shape)
 
 

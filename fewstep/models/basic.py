@@ -55,9 +55,12 @@ class CNN(SNN):
 
 @register("mlp")
 def mlp(input_shape=(1, 8, 8), num_classes=10, hidden=(256, 256), **neuron) -> MLP:
+    """``create("mlp", hidden=(256, 256), ...)``: :class:`MLP`; ``neuron`` options go to every LIF."""
     return MLP(input_shape, num_classes, tuple(hidden), **neuron)
 
 
 @register("cnn")
 def cnn(input_shape=(2, 34, 34), num_classes=10, channels=(32, 64), hidden=128, dropout=0.0, **neuron) -> CNN:
+    """``create("cnn", channels=(32, 64), hidden=128, dropout=0.0, ...)``: :class:`CNN`; ``neuron`` options go to
+    every LIF."""
     return CNN(input_shape, num_classes, tuple(channels), hidden, dropout, **neuron)

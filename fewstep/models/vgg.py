@@ -36,4 +36,5 @@ class VGGSNN(SNN):
 
 @register("vggsnn")
 def vggsnn(input_shape=(2, 48, 48), num_classes=10, cfg=VGGSNN_CFG, **neuron) -> VGGSNN:
+    """``create("vggsnn", cfg=(64, 128, "A", ...))``: :class:`VGGSNN`, channel counts with ``"A"`` for pooling."""
     return VGGSNN(input_shape, num_classes, tuple(cfg), **neuron)
