@@ -177,7 +177,7 @@ class Ablation:
                 "differences": self.differences(), "convert_T": self.convert_T if self.converts() else None}
 
     def run(self, analyse_only: bool = False) -> dict:
-        from .train import Trainer, load_checkpoint, load_data
+        from .train import Trainer, load_data
 
         spec_path = self.out / "ablation.json"
         if self.out.is_dir() and not spec_path.is_file() and any(self.out.iterdir()):
@@ -225,11 +225,8 @@ class Ablation:
                 bundles[akey] = load_data(cfg)
             bundle = bundles[akey]
             if not done:
-                start, epochs_before = time.perf_counter(), 0
                 trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s, tag=tag: self.log(f"{tag}: {s}"))
                 self.log(f"{tag}: training -> {rd}")
-                if (rd / "checkpoint.pt").is_file():  # a resumed run: time only the epochs trained now
-                    epochs_before = int(load_checkpoint(rd / "checkpoint.pt").get("epoch", 0))
                 metrics = trainer.fit()
             else:
                 trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s: None)
@@ -237,9 +234,11 @@ class Ablation:
                 self.log(f"{tag}: finished earlier ({trainer.epoch} epochs), kept")
                 metrics = json.loads((rd / "metrics.json").read_text())
             val_curve = [row.get("val_acc") for row in trainer.history]  # one row per epoch, kept by the checkpoint
+            start = time.perf_counter()
             results[v][k] = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_curve)
-            if not done:
-                took[v].append((time.perf_counter() - start, max(1, cfg.train.epochs - epochs_before)))
+            if not done:  # every epoch's time is in the run's history (a resumed run's earlier epochs too)
+                trained = sum(row.get("epoch_time_s", 0.0) for row in trainer.history)
+                took[v].append((trained + time.perf_counter() - start, max(1, len(trainer.history))))
                 left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:]
                         if not (self.run_dir(w, s) / "metrics.json").is_file()]
                 eta = time_left(took, left)

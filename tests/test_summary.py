@@ -59,10 +59,28 @@ def test_intervals_from_a_standard_deviation_match_the_published_ones():
     row = next(r for r in mod.load() if r["method"].startswith("T = 1") and r["dataset"] == "Fashion-MNIST")
     assert row["mean"] == pytest.approx(-3.27)
     assert row["low"] == pytest.approx(-3.55, abs=0.015) and row["high"] == pytest.approx(-3.00, abs=0.015)
-    assert mod.t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    from fewstep.ablation_report import t95
+
+    assert t95(2) == pytest.approx(4.303, abs=1e-3)
     # sign = -1 turns "lif-t1 is 13.45 pt ahead" into the method's −13.45
     cifar = next(r for r in mod.load() if r["method"].startswith("T = 1") and r["dataset"] == "CIFAR-10")
     assert cifar["mean"] == pytest.approx(-13.45) and cifar["high"] < 0
+
+
+def test_pooling_a_published_summary_with_fresh_seeds_equals_pooling_the_seeds():
+    """The six-seed figures of docs/results.md pool a published three-seed mean and interval with fresh seeds:
+    the same mean and interval as computing over all six seeds' values."""
+    import statistics
+
+    from fewstep.ablation_report import ci95
+
+    mod = _summary()
+    old, new = [-0.6, -0.2, -0.43], [-0.6, 0.07, 0.03]
+    m, s = statistics.mean(old), statistics.stdev(old)
+    got = mod.pooled((m, *ci95(m, s, 3)), 3, new)
+    every = old + new
+    want = [statistics.mean(every), *ci95(statistics.mean(every), statistics.stdev(every), 6)]
+    assert got == pytest.approx(want, abs=1e-9)
 
 
 def test_a_row_whose_mean_lies_outside_its_interval_is_refused(tmp_path):

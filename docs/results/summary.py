@@ -22,16 +22,29 @@ def number(text: str) -> float:
     return float(text.replace("−", "-"))
 
 
-def t_quantile(df: int) -> float:
-    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
-    from scipy.stats import t
-    return float(t.ppf(0.975, df))
+def pooled(published: tuple[float, float, float], n_published: int, values: list[float]) -> list[float]:
+    """Mean and 95 % interval ``[mean, lo, hi]`` over the seeds of a published paired summary (its mean and 95 %
+    interval over ``n_published`` seeds; the standard deviation recovered from the interval's width) and fresh
+    seeds' paired differences ``values``: the pooled sample variance from both groups' sums of squares."""
+    from fewstep.ablation_report import ci95, t95
+
+    m1, lo, hi = published
+    s1 = (hi - lo) / 2 * math.sqrt(n_published) / t95(n_published - 1)
+    n2 = len(values)
+    m2 = sum(values) / n2
+    n = n_published + n2
+    mean = (n_published * m1 + n2 * m2) / n
+    ss = ((n_published - 1) * s1 ** 2 + sum((v - m2) ** 2 for v in values)
+          + n_published * (m1 - mean) ** 2 + n2 * (m2 - mean) ** 2)
+    return [mean, *ci95(mean, math.sqrt(ss / (n - 1)), n)]
 
 
 def load(path: Path = HERE / "summary.csv") -> list[dict]:
     """The rows of ``summary.csv`` as written, each with ``mean``, ``low`` and ``high`` added: floats, signed method −
     baseline (the interval computed from ``std`` where the section gives mean ± std)."""
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    from fewstep.ablation_report import ci95
+
     rows = []
     for row in csv.DictReader(lines):
         if row["metric"] not in METRICS:
@@ -39,8 +52,7 @@ def load(path: Path = HERE / "summary.csv") -> list[dict]:
         sign, n = int(row["sign"]), int(row["seeds"])
         mean = number(row["value"])
         if row["std"]:
-            half = t_quantile(n - 1) * float(row["std"]) / math.sqrt(n)
-            lo, hi = mean - half, mean + half
+            lo, hi = ci95(mean, float(row["std"]), n)
         else:
             lo, hi = number(row["lo"]), number(row["hi"])
         if not lo <= mean <= hi:
@@ -99,5 +111,36 @@ def draw(rows: list[dict], out: Path = HERE / "summary.png") -> Path:
     return out
 
 
+def fresh_differences(folder: Path, variant: str, baseline: str, step: int) -> list[float]:
+    """Paired test-accuracy differences (pt) at ``step`` (0: the first, -1: T) of ``variant`` minus ``baseline``,
+    seed by seed, from an ablation folder's per-run ``analysis.json``."""
+    import json
+
+    def acc(v: str, seed: Path) -> float:
+        analysis = json.loads((folder / v / seed.name / "analysis.json").read_text())
+        return 100 * analysis["test_accuracy_per_step"][step]
+
+    seeds = sorted(p for p in (folder / baseline).glob("seed*")
+                   if (folder / variant / p.name / "analysis.json").is_file())
+    return [acc(variant, s) - acc(baseline, s) for s in seeds]
+
+
 if __name__ == "__main__":
-    print(f"wrote {draw(load())}")
+    import argparse
+
+    ap = argparse.ArgumentParser(description="redraw summary.png; or, with --pool, pool a published paired summary "
+                                             "with an ablation folder's fresh seeds")
+    ap.add_argument("--pool", metavar="DIR", help="ablation folder holding the fresh seeds")
+    ap.add_argument("--variant")
+    ap.add_argument("--baseline")
+    ap.add_argument("--step", type=int, default=0, help="0: the first step, -1: T")
+    ap.add_argument("--published", help="MEAN,LO,HI of the published paired difference (pt)")
+    ap.add_argument("--published-seeds", type=int, default=3)
+    a = ap.parse_args()
+    if a.pool:
+        fresh = fresh_differences(Path(a.pool), a.variant, a.baseline, a.step)
+        m, lo, hi = pooled(tuple(number(v) for v in a.published.split(",")), a.published_seeds, fresh)
+        print(f"{a.variant} − {a.baseline}, step {a.step}: fresh {[round(v, 2) for v in fresh]}; pooled over "
+              f"{a.published_seeds + len(fresh)} seeds {m:+.2f}, [{lo:+.2f}, {hi:+.2f}]")
+    else:
+        print(f"wrote {draw(load())}")
