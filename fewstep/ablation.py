@@ -13,8 +13,8 @@ Every (variant, seed) is a normal run folder ``OUT/<variant>/seed<k>/`` (``fewst
 ``cutoff`` and ``tradeoff`` work on it). Seeds are paired: a seed fixes the initial weights, the
 validation split and the data order, identically for every variant. Interrupt at any time and run
 the same command again: finished runs are kept, a half-trained run resumes from its last epoch.
-``--reuse OTHER`` copies a run that another ablation finished with exactly the same config instead of
-training it again.
+``--reuse OTHER`` copies a run that another ablation finished with the same config in everything it trains
+(:func:`fewstep.train.config_differences`) instead of training it again.
 
 After training, each run is analysed once (``analysis.json``), on the best-on-validation weights:
 accuracy per timestep (validation and test), the softmax and top-k trade-off curves (thresholds

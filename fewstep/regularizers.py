@@ -57,6 +57,21 @@ def from_config(cfg) -> list:
     return [REGISTRY[n](**options(cfg, n)) for n in parse(cfg.name)]
 
 
+def inert_keys(cfg: dict) -> list[tuple[str, str]]:
+    """``(section, key)`` of a config dict's settings that no training term reads: the options of a
+    regulariser its ``regularizer.name`` does not ask for, and the ``trt`` options while TRT is off.
+    Two configs that differ only there train the same network (``--reuse``, resume)."""
+    reg, trt = cfg.get("regularizer", {}), cfg.get("trt", {})
+    on = parse(reg.get("name", "none"))
+    owner = {}  # each option key -> the regulariser that reads it (longest matching name: rcs_ann before rcs)
+    for n in sorted(REGISTRY, key=len):
+        owner.update({k: n for k in reg if k.startswith(n + "_")})
+    out = [("regularizer", k) for k, n in owner.items() if n not in on]
+    if not trt.get("enabled", False):
+        out += [("trt", k) for k in trt if k != "enabled"]
+    return out
+
+
 def build(cfg) -> list:
     """Every training-loss term a whole :class:`fewstep.config.Config` asks for: the ``regularizer``
     section, then TRT (its own ``trt`` section)."""

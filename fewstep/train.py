@@ -88,9 +88,12 @@ class _DeviceBatches:
 
 def config_differences(saved: dict, cfg: "_config.Config") -> list[str]:
     """The keys (``section.key``) in which a checkpoint's config differs from ``cfg`` in what is trained: the
-    number of epochs (it may grow on resume) and how batches are read or shown are no difference."""
+    number of epochs (it may grow on resume), how batches are read or shown, and the options of a training
+    term that neither config turns on (:func:`fewstep.regularizers.inert_keys`) are no difference."""
     saved = _config.with_absolute_root(_config.from_dict(saved)).to_dict()  # (a relative root: older runs)
     mine = cfg.to_dict()
+    for s, k in set(_regs.inert_keys(saved)) & set(_regs.inert_keys(mine)):
+        saved[s].pop(k), mine[s].pop(k)
     saved["train"].pop("epochs"), mine["train"].pop("epochs")
     for k in ("progress", "num_workers", "eval_batch_size", "device", "tune_malloc", "sync_bn"):
         saved["train"].pop(k), mine["train"].pop(k)

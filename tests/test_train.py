@@ -86,6 +86,29 @@ def test_a_resume_reads_one_data_folder_by_either_of_its_names(tmp_path):
         == ["data.root"]
 
 
+def test_options_of_a_training_term_that_is_off_are_no_difference():
+    """STR's weight with no STR, TRT's λ with TRT off: the same network is trained, so a resume or ``--reuse``
+    takes the run; the same options with the term on, or the term itself turned on, are a difference."""
+    from fewstep.regularizers import inert_keys
+    from fewstep.train import config_differences
+
+    def cfg(**sections):
+        return C.from_dict({"data": {"name": "nmnist"}, **sections})
+
+    saved = cfg(regularizer={"name": "rcs", "str_weight": 0.5, "rcs_ann_weight": 0.1}, trt={"lam": 3.0}).to_dict()
+    assert config_differences(saved, cfg(regularizer={"name": "rcs"})) == []
+    assert config_differences(saved, cfg(regularizer={"name": "rcs", "rcs_weight": 0.01})) == ["regularizer.rcs_weight"]
+    assert config_differences(saved, cfg(regularizer={"name": "rcs+str"})) == ["regularizer.name", "regularizer.str_weight"]
+    assert config_differences(saved, cfg(regularizer={"name": "rcs"}, trt={"enabled": True, "lam": 3.0})) \
+        == ["trt.enabled"]
+    on = cfg(regularizer={"name": "str"}, trt={"enabled": True, "lam": 3.0}).to_dict()
+    assert config_differences(on, cfg(regularizer={"name": "str"}, trt={"enabled": True})) == ["trt.lam"]
+    # rcs_ann's keys belong to rcs_ann, not to rcs (whose name is their prefix)
+    keys = set(inert_keys(cfg(regularizer={"name": "rcs"}).to_dict()))
+    assert ("regularizer", "rcs_ann_weight") in keys and ("regularizer", "rcs_weight") not in keys
+    assert ("regularizer", "rcs_weight") in set(inert_keys(cfg(regularizer={"name": "rcs_ann"}).to_dict()))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 
