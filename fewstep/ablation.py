@@ -206,11 +206,13 @@ class Ablation:
             tag = f"[{i}/{len(jobs)}] {v} seed {k}"
             done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
             if not done and not (rd / "checkpoint.pt").exists() and self.reuse:
-                src = self._reusable(cfg)
+                src, near = self._reusable(cfg)
                 if src is not None:
                     shutil.copytree(src, rd, dirs_exist_ok=True)  # copy2: mtimes kept, so its analysis stays current
                     self.log(f"{tag}: copied from {src} (a finished run with this config)")
                     done = True
+                elif near is not None:  # say why the nearest run was not taken, so a user can align the configs
+                    self.log(f"{tag}: not copied from {near[0]}, which differs in {', '.join(near[1])}")
             if not done and analyse_only:
                 self.log(f"{tag}: not trained yet, skipped (--analyse-only)")
                 continue
@@ -261,9 +263,10 @@ class Ablation:
                 raise FileNotFoundError(f"--reuse {r}: no such folder (give an ablation folder or a folder of run folders)")
         return out
 
-    def _reusable(self, cfg) -> "Path | None":
-        """A finished run folder under a ``--reuse`` folder whose config is ``cfg`` in everything it trains,
-        the number of epochs included (its seed too: the seed is in the config), or None."""
+    def _reusable(self, cfg) -> "tuple[Path | None, tuple[Path, list[str]] | None]":
+        """``(run, None)``: a finished run folder under a ``--reuse`` folder whose config is ``cfg`` in everything it
+        trains, the number of epochs included (its seed too: the seed is in the config); else ``(None, near)``, with
+        ``near`` the run of this seed that differs in the fewest keys (at most 3) and those keys, or None."""
         from .train import config_differences
 
         if self._reuse_runs is None:  # the finished runs under the --reuse folders, read once
@@ -279,13 +282,19 @@ class Ablation:
                     except yaml.YAMLError:
                         continue
         mine = _config.with_absolute_root(cfg)
+        near = None
         for rd, saved in self._reuse_runs:
             try:
-                if saved["train"]["epochs"] == mine.train.epochs and not config_differences(saved, mine):
-                    return rd
+                diff = config_differences(saved, mine)
+                if saved["train"]["epochs"] != mine.train.epochs:
+                    diff.append("train.epochs")
             except (TypeError, ValueError, KeyError, AttributeError):
                 continue  # not a fewstep run config
-        return None
+            if not diff:
+                return rd, None
+            if "train.seed" not in diff and len(diff) <= 3 and (near is None or len(diff) < len(near[1])):
+                near = (rd, diff)
+        return None, near
 
     def _cached(self, cfg, rd: Path):
         """``(analysis, epochs, validation accuracy per epoch)`` of a finished run whose ``analysis.json`` is

@@ -334,6 +334,8 @@ def test_reuse_copies_a_finished_run_with_the_same_config_and_nothing_else(tmp_p
     assert f"[1/2] base seed 0: copied from {first / 'tet' / 'seed0'}" in text
     assert "finished earlier (1 epochs), kept" in text and "analysing" not in text.split("[2/2]")[0]
     assert fits == [second / "tet+str" / "seed0"]
+    # the nearest run not taken is named with what differs, so a user can align the configs
+    assert f"[2/2] tet+str seed 0: not copied from {first / 'tet' / 'seed0'}, which differs in regularizer.name" in text
     a = json.loads((first / "tet" / "seed0" / "analysis.json").read_text())
     b = json.loads((second / "base" / "seed0" / "analysis.json").read_text())
     assert a == b
@@ -341,7 +343,9 @@ def test_reuse_copies_a_finished_run_with_the_same_config_and_nothing_else(tmp_p
     fits.clear()
     assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "1", "--out", str(tmp_path / "third"),
                 "--set", "train.epochs=2", "--reuse", str(first)]) == 0
-    assert "copied" not in capsys.readouterr().out and fits == [tmp_path / "third" / "tet" / "seed0"]
+    text = capsys.readouterr().out
+    assert "copied from" not in text.replace("not copied from", "") and fits == [tmp_path / "third" / "tet" / "seed0"]
+    assert f"not copied from {first / 'tet' / 'seed0'}, which differs in train.epochs" in text
     assert cli(["ablate", str(cfg), "--variants", "tet", "--out", str(tmp_path / "x"), "--reuse",
                 str(tmp_path / "nowhere")]) == 2
     assert f"--reuse {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
