@@ -96,3 +96,26 @@ def test_the_plot_draws(tmp_path):
     mod = _summary()
     out = mod.draw(mod.load(), tmp_path / "summary.png")
     assert out.stat().st_size > 20_000
+
+
+def test_one_figure_per_cell_and_a_thinner_figure_names_its_seeds(tmp_path, monkeypatch):
+    """A line of the plot is a method, baseline, dataset, T and epochs; two rows for one of its cells are refused,
+    and a figure over fewer seeds than the line's label is drawn with its own count beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    mod = _summary()
+    head = "method,baseline,dataset,T,epochs,seeds,metric,value,std,lo,hi,sign,section\n"
+    rows = ("TRT,TET,Fashion-MNIST,4,4,6,t1,−0.29,,−0.60,+0.03,1,x\n"
+            "TRT,TET,Fashion-MNIST,4,4,3,steps,−0.01,,−0.02,+0.00,1,x\n")
+    path = tmp_path / "summary.csv"
+    path.write_text(head + rows, encoding="utf-8")
+    notes, real = [], matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, *a, **k: notes.append(text)
+                        or real(self, text, *a, **k))
+    mod.draw(mod.load(path), tmp_path / "a.png")
+    assert notes == ["3 seeds"]
+    path.write_text(head + rows + "TRT,TET,Fashion-MNIST,4,4,3,t1,−0.17,,−1.10,+0.77,1,x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="two rows for TRT / TET / Fashion-MNIST / 4 / 4 \\(t1\\)"):
+        mod.draw(mod.load(path), tmp_path / "b.png")

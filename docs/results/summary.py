@@ -69,17 +69,26 @@ def draw(rows: list[dict], out: Path = HERE / "summary.png") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(dict.fromkeys((r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"], r["seeds"]) for r in rows))
-    labels = [f"{m} vs {b}  ·  {d}, T = {t}, {e} ep, {n} seeds" for m, b, d, t, e, n in keys]
+    def key(r):
+        return r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"]
+
+    keys = list(dict.fromkeys(key(r) for r in rows))
+    seen: set = set()
+    for r in rows:
+        if (key(r), r["metric"]) in seen:
+            raise ValueError(f"two rows for {' / '.join(key(r))} ({r['metric']}): one figure per cell")
+        seen.add((key(r), r["metric"]))
+    # a line's seeds: the most of its figures'; a figure over fewer seeds says so beside its point
+    seeds = {k: max((r for r in rows if key(r) == k), key=lambda r: int(r["seeds"]))["seeds"] for k in keys}
+    labels = [f"{m} vs {b}  ·  {d}, T = {t}, {e} ep, {seeds[(m, b, d, t, e)]} seeds" for m, b, d, t, e in keys]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(15, 0.32 * len(keys) + 1.6), sharey=True)
     for ax, (metric, (title, xlabel, half)) in zip(axes, METRICS.items()):
         ax.axvline(0, color="black", lw=0.8)
-        for y, key in enumerate(keys):
-            got = [r for r in rows if r["metric"] == metric
-                   and (r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"], r["seeds"]) == key]
+        for y, k in enumerate(keys):
+            got = [r for r in rows if r["metric"] == metric and key(r) == k]
             if not got:
                 gap = "not reported"
-                if key[3] == "1":  # a network of one step: its first step is its last, and it has no exit to make
+                if k[3] == "1":  # a network of one step: its first step is its last, and it has no exit to make
                     gap = "T = 1: see accuracy at T" if metric == "t1" else "T = 1: no exit to make"
                 ax.text(0, y, gap, ha="center", va="center", fontsize=7, color="0.6")
                 continue
@@ -92,14 +101,17 @@ def draw(rows: list[dict], out: Path = HERE / "summary.png") -> Path:
                 text = f"{r['mean']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]".replace("-", "−")
                 ax.annotate(text, (mean, y), xytext=(0, 5), textcoords="offset points", fontsize=7, color=color,
                             ha="left" if mean < 0 else "right")
+            elif r["seeds"] != seeds[k]:
+                ax.annotate(f"{r['seeds']} seeds", (hi, y), xytext=(4, 0), textcoords="offset points", fontsize=7,
+                            color="0.4", va="center")
         ax.set_xlim(-half * 1.05, half * 1.05)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(keys)), labels, fontsize=8)
     axes[0].invert_yaxis()
-    for y, key in enumerate(keys[1:], 1):  # a rule between methods
-        if key[:2] != keys[y - 1][:2]:
+    for y, k in enumerate(keys[1:], 1):  # a rule between methods
+        if k[:2] != keys[y - 1][:2]:
             for ax in axes:
                 ax.axhline(y - 0.5, color="0.8", lw=0.6)
     fig.suptitle("Each method against its baseline, paired over seeds: mean and 95 % interval (green: above 0 beyond "
