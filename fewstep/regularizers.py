@@ -43,13 +43,17 @@ def parse(name: str) -> list[str]:
     return names
 
 
+def _own_keys(keys, name: str) -> list[str]:
+    """The ``<name>_<option>`` keys among ``keys`` (a longer name that starts with this one, ``rcs_ann`` for
+    ``rcs``, owns its own keys)."""
+    longer = [o + "_" for o in REGISTRY if o != name and o.startswith(name + "_")]
+    return [k for k in keys if k.startswith(name + "_") and not any(k.startswith(o) for o in longer)]
+
+
 def options(cfg, name: str) -> dict:
     """The ``<name>_<option>`` keys of a :class:`RegularizerConfig`, without the prefix."""
     d = asdict(cfg)
-    # a longer name that starts with this one ("rcs_ann" for "rcs") owns its own keys
-    longer = [o + "_" for o in REGISTRY if o != name and o.startswith(name + "_")]
-    return {k[len(name) + 1:]: v for k, v in d.items()
-            if k.startswith(name + "_") and not any(k.startswith(o) for o in longer)}
+    return {k[len(name) + 1:]: d[k] for k in _own_keys(d, name)}
 
 
 def from_config(cfg) -> list:
@@ -63,10 +67,7 @@ def inert_keys(cfg: dict) -> list[tuple[str, str]]:
     Two configs that differ only there train the same network (``--reuse``, resume)."""
     reg, trt = cfg.get("regularizer", {}), cfg.get("trt", {})
     on = parse(reg.get("name", "none"))
-    owner = {}  # each option key -> the regulariser that reads it (longest matching name: rcs_ann before rcs)
-    for n in sorted(REGISTRY, key=len):
-        owner.update({k: n for k in reg if k.startswith(n + "_")})
-    out = [("regularizer", k) for k, n in owner.items() if n not in on]
+    out = [("regularizer", k) for n in REGISTRY if n not in on for k in _own_keys(reg, n)]
     if not trt.get("enabled", False):
         out += [("trt", k) for k in trt if k != "enabled"]
     return out

@@ -39,6 +39,11 @@ def pooled(published: tuple[float, float, float], n_published: int, values: list
     return [mean, *ci95(mean, math.sqrt(ss / (n - 1)), n)]
 
 
+def key(r: dict) -> tuple:
+    """The line of the plot a row belongs to (its seeds aside: a cell may rest on fewer seeds than its line)."""
+    return r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"]
+
+
 def load(path: Path = HERE / "summary.csv") -> list[dict]:
     """The rows of ``summary.csv`` as written, each with ``mean``, ``low`` and ``high`` added: floats, signed method −
     baseline (the interval computed from ``std`` where the section gives mean ± std)."""
@@ -60,6 +65,8 @@ def load(path: Path = HERE / "summary.csv") -> list[dict]:
                              f"[{lo}, {hi}]")
         if sign < 0:
             mean, lo, hi = -mean, -hi, -lo
+        if any(key(r) == key(row) and r["metric"] == row["metric"] for r in rows):
+            raise ValueError(f"{path.name}: two rows for {' / '.join(key(row))} ({row['metric']}): one figure per cell")
         rows.append({**row, "mean": mean, "low": lo, "high": hi})
     return rows
 
@@ -69,15 +76,7 @@ def draw(rows: list[dict], out: Path = HERE / "summary.png") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def key(r):
-        return r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"]
-
     keys = list(dict.fromkeys(key(r) for r in rows))
-    seen: set = set()
-    for r in rows:
-        if (key(r), r["metric"]) in seen:
-            raise ValueError(f"two rows for {' / '.join(key(r))} ({r['metric']}): one figure per cell")
-        seen.add((key(r), r["metric"]))
     # a line's seeds: the most of its figures'; a figure over fewer seeds says so beside its point
     seeds = {k: max((r for r in rows if key(r) == k), key=lambda r: int(r["seeds"]))["seeds"] for k in keys}
     labels = [f"{m} vs {b}  ·  {d}, T = {t}, {e} ep, {seeds[(m, b, d, t, e)]} seeds" for m, b, d, t, e in keys]
