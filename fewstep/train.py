@@ -327,6 +327,18 @@ class Trainer:
         _, _, y_other, lam = mix
         return lam * self.loss_fn(out, y) + (1.0 - lam) * self.loss_fn(out, y_other)
 
+    def plan(self) -> str:
+        """One line saying what this run trains, on what and where, printed before the first epoch (so a run
+        logging to a file says what it does long before its first epoch ends)."""
+        cfg, b = self.cfg, self.bundle
+        n_params = sum(p.numel() for p in self.model.parameters())
+        batches = -(-len(b.train) // cfg.train.batch_size)
+        extra = (f"; regularisers: {', '.join(self.reg_names)}" if self.reg_names else "")
+        done = f", from epoch {self.epoch + 1}" if self.epoch else ""
+        return (f"training {cfg.model.name} ({n_params:,} parameters) on {b.name}: {len(b.train):,} train / "
+                f"{len(b.val):,} val / {len(b.test):,} test samples, T = {cfg.data.T}, {cfg.train.loss} loss{extra}; "
+                f"{cfg.train.epochs} epochs of {batches} batches of {cfg.train.batch_size}{done} on {self.device}")
+
     def evaluate(self, split: str) -> dict:
         return evaluate(self.model, self.bundle.split(split), self.cfg.data.T, self.bundle.kind,
                         self.cfg.data.encoding, self.cfg.train.eval_batch_size, self.device)
@@ -345,6 +357,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.cfg.dump(self.out / "config.yaml")
             tb = _tensorboard(self.out)
+        if self.epoch < self.cfg.train.epochs:
+            self.log(self.plan())
         done_now = 0
         while self.epoch < self.cfg.train.epochs:
             if stop_after is not None and done_now >= stop_after:

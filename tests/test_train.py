@@ -56,11 +56,21 @@ def quick(tmp_path, epochs=3, **over):
 def test_resume_equals_uninterrupted(tmp_path):
     a = Trainer(quick(tmp_path, data__augment=True), tmp_path / "a", log=lambda s: None)
     ma = a.fit()
-    b = Trainer(quick(tmp_path, data__augment=True), tmp_path / "b", log=lambda s: None)
+    logs, logs2 = [], []
+    b = Trainer(quick(tmp_path, data__augment=True), tmp_path / "b", log=logs.append)
     assert b.fit(stop_after=2) is None
     assert b.epoch == 2 and not (tmp_path / "b" / "metrics.json").exists()
-    b2 = Trainer(quick(tmp_path, data__augment=True), tmp_path / "b", log=lambda s: None)
+    # before the first epoch, one line says what trains on what, with the numbers a log file needs
+    n, bs = len(b.bundle.train), b.cfg.train.batch_size
+    n_params = sum(p.numel() for p in b.model.parameters())
+    assert logs[0] == (f"training cnn ({n_params:,} parameters) on digits: {n:,} train / {len(b.bundle.val):,} val / "
+                       f"{len(b.bundle.test):,} test samples, T = {b.cfg.data.T}, {b.cfg.train.loss} loss; "
+                       f"3 epochs of {-(-n // bs)} batches of {bs} on cpu"), logs[0]
+    assert logs[1].startswith("epoch   1/3") and len(logs) == 3
+    b2 = Trainer(quick(tmp_path, data__augment=True), tmp_path / "b", log=logs2.append)
     mb = b2.fit()
+    assert logs2[0] == "resuming " + str(tmp_path / "b") + " after epoch 2"
+    assert logs2[1].endswith(f"3 epochs of {-(-n // bs)} batches of {bs}, from epoch 3 on cpu"), logs2[1]
     assert b2.history[0] == b.history[0]
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b2.model.state_dict()[k]), k
