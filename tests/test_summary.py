@@ -92,6 +92,19 @@ def test_a_row_whose_mean_lies_outside_its_interval_is_refused(tmp_path):
         mod.load(bad)
 
 
+def test_a_bound_printed_as_minus_zero_counts_as_below_zero(tmp_path):
+    """An interval [−0.46, −0.00] excludes 0 (its upper end was a value in (−0.005, 0) before rounding): drawn red,
+    as its section bolds it; [−0.46, +0.00] may touch 0 and stays grey."""
+    mod = _summary()
+    assert mod.below_zero(-0.0) and mod.below_zero(-0.3) and not mod.below_zero(0.0) and not mod.below_zero(0.2)
+    f = tmp_path / "summary.csv"
+    f.write_text("method,baseline,dataset,T,epochs,seeds,metric,value,std,lo,hi,sign,section\n"
+                 "TRT,TET,Fashion-MNIST,4,4,9,t1,−0.23,,−0.46,−0.00,1,x\n"
+                 "RCS,TET,Fashion-MNIST,4,4,9,t1,−0.23,,−0.46,+0.00,1,x\n", encoding="utf-8")
+    minus, plus = mod.load(f)
+    assert mod.below_zero(minus["high"]) and not mod.below_zero(plus["high"])
+
+
 def test_the_plot_draws(tmp_path):
     mod = _summary()
     out = mod.draw(mod.load(), tmp_path / "summary.png")

@@ -39,6 +39,11 @@ def pooled(published: tuple[float, float, float], n_published: int, values: list
     return [mean, *ci95(mean, math.sqrt(ss / (n - 1)), n)]
 
 
+def below_zero(x: float) -> bool:
+    """Whether an interval's bound lies below 0, counting a bound printed as −0.00 (a value in (−0.005, 0), rounded)."""
+    return x < 0 or (x == 0 and math.copysign(1.0, x) < 0)
+
+
 def key(r: dict) -> tuple:
     """The line of the plot a row belongs to (its seeds aside: a cell may rest on fewer seeds than its line)."""
     return r["method"], r["baseline"], r["dataset"], r["T"], r["epochs"]
@@ -92,7 +97,7 @@ def draw(rows: list[dict], out: Path = HERE / "summary.png") -> Path:
                 ax.text(0, y, gap, ha="center", va="center", fontsize=7, color="0.6")
                 continue
             r = got[0]
-            color = "tab:green" if r["low"] > 0 else "tab:red" if r["high"] < 0 else "0.45"
+            color = "tab:green" if r["low"] > 0 else "tab:red" if below_zero(r["high"]) else "0.45"
             lo, hi, mean = (max(-half, min(half, v)) for v in (r["low"], r["high"], r["mean"]))
             ax.plot([lo, hi], [y, y], color=color, lw=2)
             ax.plot([mean], [y], "o", color=color, ms=5)
