@@ -327,15 +327,19 @@ class Trainer:
         _, _, y_other, lam = mix
         return lam * self.loss_fn(out, y) + (1.0 - lam) * self.loss_fn(out, y_other)
 
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def plan(self) -> str:
         """One line saying what this run trains, on what and where, printed before the first epoch (so a run
         logging to a file says what it does long before its first epoch ends)."""
         cfg, b = self.cfg, self.bundle
-        n_params = sum(p.numel() for p in self.model.parameters())
-        batches = -(-len(b.train) // cfg.train.batch_size)
+        world = self.dist.world if self.dist is not None else 1
+        batches = len(_dist.GlobalBatchSampler(len(b.train), cfg.train.batch_size, None, 0, world))  # as _batches cuts
         extra = (f"; regularisers: {', '.join(self.reg_names)}" if self.reg_names else "")
         done = f", from epoch {self.epoch + 1}" if self.epoch else ""
-        return (f"training {cfg.model.name} ({n_params:,} parameters) on {b.name}: {len(b.train):,} train / "
+        return (f"training {cfg.model.name} ({self.n_params:,} parameters) on {b.name}: {len(b.train):,} train / "
                 f"{len(b.val):,} val / {len(b.test):,} test samples, T = {cfg.data.T}, {cfg.train.loss} loss{extra}; "
                 f"{cfg.train.epochs} epochs of {batches} batches of {cfg.train.batch_size}{done} on {self.device}")
 
@@ -404,7 +408,7 @@ class Trainer:
             "test_accuracy": test["accuracy"], "accuracy_per_step": test["accuracy_per_step"],
             "firing_rates": test["firing_rates"], "mean_firing_rate": test["mean_firing_rate"],
             "best_epoch": self.best_epoch, "epochs": self.epoch, "train_time_s": round(self.train_time, 2),
-            "n_params": sum(p.numel() for p in self.model.parameters()), "device": str(self.device),
+            "n_params": self.n_params, "device": str(self.device),
             "threads": torch.get_num_threads(), "n_test": test["n"], "n_val": val["n"], "n_train": len(self.bundle.train),
             "processes": self.dist.world if self.dist is not None else 1,
         }
