@@ -124,6 +124,7 @@ class Trainer:
         check_run_folder(self.out)  # before any data is loaded
         self.dist = _dist.from_env(cfg.train.device)  # None: one process
         self.is_main = self.dist is None or self.dist.is_main
+        self.rank, self.world = (self.dist.rank, self.dist.world) if self.dist is not None else (0, 1)
         self.log = log if self.is_main else (lambda msg: None)
         self.regularizers = _regs.build(cfg) + list(regularizers or [])
         self.reg_names = _regs.term_names(self.regularizers)
@@ -238,8 +239,7 @@ class Trainer:
         order and takes its share of each batch, so any number of processes trains on the same batches."""
         seed = self.cfg.train.seed * 100_003 + epoch
         g = torch.Generator().manual_seed(seed)
-        rank, world = (self.dist.rank, self.dist.world) if self.dist is not None else (0, 1)
-        sampler = _dist.GlobalBatchSampler(len(self.bundle.train), self.cfg.train.batch_size, g, rank, world)
+        sampler = _dist.GlobalBatchSampler(len(self.bundle.train), self.cfg.train.batch_size, g, self.rank, self.world)
         if self.batch_loader:
             return _DeviceBatches(self.bundle.train, self.device, seed, sampler)
         return DataLoader(self.bundle.train, batch_sampler=sampler, num_workers=self.cfg.train.num_workers)
@@ -248,9 +248,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
-        rank = self.dist.rank if self.dist is not None else 0
         # augmentation / dropout / Poisson: reproducible per epoch (and different draws on every process)
-        torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * self.rank)
         self.model.train()
         amp = cfg.amp and self.device.type == "cuda"
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
@@ -335,8 +334,7 @@ class Trainer:
         """One line saying what this run trains, on what and where, printed before the first epoch (so a run
         logging to a file says what it does long before its first epoch ends)."""
         cfg, b = self.cfg, self.bundle
-        world = self.dist.world if self.dist is not None else 1
-        batches = len(_dist.GlobalBatchSampler(len(b.train), cfg.train.batch_size, None, 0, world))  # as _batches cuts
+        batches = len(_dist.GlobalBatchSampler(len(b.train), cfg.train.batch_size, None, 0, self.world))  # as _batches cuts
         extra = (f"; regularisers: {', '.join(self.reg_names)}" if self.reg_names else "")
         done = f", from epoch {self.epoch + 1}" if self.epoch else ""
         return (f"training {cfg.model.name} ({self.n_params:,} parameters) on {b.name}: {len(b.train):,} train / "
@@ -410,7 +408,7 @@ class Trainer:
             "best_epoch": self.best_epoch, "epochs": self.epoch, "train_time_s": round(self.train_time, 2),
             "n_params": self.n_params, "device": str(self.device),
             "threads": torch.get_num_threads(), "n_test": test["n"], "n_val": val["n"], "n_train": len(self.bundle.train),
-            "processes": self.dist.world if self.dist is not None else 1,
+            "processes": self.world,
         }
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         _dist.broadcast(metrics, self.dist)
