@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
+from common import nmnist_run, run_args, tune_allocator  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
 
@@ -53,8 +53,7 @@ class Timers:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    run_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--passes", type=int, default=40)
     p.add_argument("--target", type=float, default=0.90, help="wall-clock / timestep ratio for the budget table")

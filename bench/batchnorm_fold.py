@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run, step_us, tune_allocator  # noqa: E402  (bench/common.py)
+from common import nmnist_run, run_args, step_us, tune_allocator  # noqa: E402  (bench/common.py)
 import fewstep  # noqa: E402
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
@@ -35,8 +35,7 @@ def use(mode: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    run_args(p)
     p.add_argument("--batches", default="1,2,4,8,16,64")
     p.add_argument("--batch-size", type=int, default=64, help="early-exit batch (continuous batching)")
     p.add_argument("--rounds", type=int, default=8)

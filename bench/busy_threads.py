@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import ROOT, nmnist_run, step_us, tune_allocator
+from common import ROOT, nmnist_run, run_args, step_us, tune_allocator
 
 from fewstep import runtime
 
@@ -42,8 +42,7 @@ def _rounds(net, x, threads, rounds):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    run_args(p)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--load", type=int, default=os.cpu_count(), help="busy processes (default: one per core)")
     a = p.parse_args()

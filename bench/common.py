@@ -33,6 +33,18 @@ def nmnist_run(run, data):
     return model, cfg, bundle, Yv, yv
 
 
+def run_args(p, device: bool = False) -> None:
+    """Add the arguments of a benchmark of the trained N-MNIST run to the parser ``p``: ``--run`` and ``--data`` and,
+    with ``device``, ``--device`` and ``--graphs`` (the step runner)."""
+    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"),
+                   help="run folder of the N-MNIST network (trained from configs/nmnist_small.yaml if absent)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
+                       help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
+
+
 def tune_allocator(device) -> str:
     """Tune glibc's allocator for a CPU run, as the CLI's inference commands do (``FEWSTEP_TUNE_MALLOC=0``
     keeps glibc's defaults, for comparison); returns the line the benchmarks print."""

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import run_args  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
 from fewstep.neurons import LIF, reset, set_step_mode  # noqa: E402
@@ -75,8 +76,7 @@ def timed(fn, repeats: int, sync) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    run_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cap", type=int, default=3, help="the step cap of the capped top-k row")

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run, tune_allocator  # noqa: E402  (bench/common.py)
+from common import nmnist_run, run_args, tune_allocator  # noqa: E402  (bench/common.py)
 from fewstep import anytime as at  # noqa: E402
 from fewstep import cutoff as cf  # noqa: E402
 
@@ -74,15 +74,11 @@ def batched(model, x, policy, B, rounds, graphs="auto"):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
+    run_args(p, device=True)
     p.add_argument("--policy", default="topk", choices=["topk", "softmax", "spikecp", "timestep"])
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop accepted on validation (0.01 = 1 pt)")
     p.add_argument("--streams", default="1,16,64", help="batch sizes of the continuous-batching runs")
     p.add_argument("--rounds", type=int, default=5, help="passes over the test split per measurement")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--graphs", default="auto", choices=["auto", "off", "cuda", "emulate"],
-                   help="step runner (fewstep.graphs): auto = CUDA graphs on CUDA, eager on the CPU")
     args = p.parse_args()
     malloc = tune_allocator(args.device)
 

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import nmnist_run, step_us, tune_allocator  # noqa: E402  (bench/common.py)
+from common import nmnist_run, run_args, step_us, tune_allocator  # noqa: E402  (bench/common.py)
 import fewstep  # noqa: E402
 from fewstep import anytime as at  # noqa: E402
 from fewstep import layers as L  # noqa: E402
@@ -68,8 +68,7 @@ def multi_s(net, chunks) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    run_args(p)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--stream-batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)

@@ -103,21 +103,17 @@ def _scalars(a: dict) -> dict:
         s[f"timestep@{drop}:test_drop"] = test[-1] - test[t - 1]
         s[f"timestep@{drop}:exit_accuracy"] = test[t - 1]
         for name in POLICIES:
-            c = a["calibrated"][name][str(drop)]
-            for k in ("speedup", "mean_exit_step", "test_drop", "energy_uj"):
-                s[f"{name}@{drop}:{k}"] = c[k]
-            s[f"{name}@{drop}:exit_accuracy"] = _exit_accuracy(c, test)
-            s[f"{name}@{drop}:vs_fixed"] = t / c["mean_exit_step"]
-            s[f"{name}@{drop}:vs_fixed_accuracy"] = s[f"{name}@{drop}:exit_accuracy"] - test[t - 1]
-            s[f"{name}@{drop}:test_curve_speedup"] = a["test_curve"][name][str(drop)]["speedup"]
+            exits = {name: a["calibrated"][name][str(drop)]}
             if "capped" in a:  # (analyses made before the step cap existed lack it)
-                c = a["capped"][name][str(drop)]
+                exits[f"{name}+cap"] = a["capped"][name][str(drop)]
+                s[f"{name}+cap@{drop}:max_step"] = exits[f"{name}+cap"]["setting"]["max_step"] or T
+            for label, c in exits.items():
                 for k in ("speedup", "mean_exit_step", "test_drop", "energy_uj"):
-                    s[f"{name}+cap@{drop}:{k}"] = c[k]
-                s[f"{name}+cap@{drop}:exit_accuracy"] = _exit_accuracy(c, test)
-                s[f"{name}+cap@{drop}:vs_fixed"] = t / c["mean_exit_step"]
-                s[f"{name}+cap@{drop}:vs_fixed_accuracy"] = s[f"{name}+cap@{drop}:exit_accuracy"] - test[t - 1]
-                s[f"{name}+cap@{drop}:max_step"] = c["setting"]["max_step"] or T
+                    s[f"{label}@{drop}:{k}"] = c[k]
+                s[f"{label}@{drop}:exit_accuracy"] = _exit_accuracy(c, test)
+                s[f"{label}@{drop}:vs_fixed"] = t / c["mean_exit_step"]
+                s[f"{label}@{drop}:vs_fixed_accuracy"] = s[f"{label}@{drop}:exit_accuracy"] - test[t - 1]
+            s[f"{name}@{drop}:test_curve_speedup"] = a["test_curve"][name][str(drop)]["speedup"]
     for prefix, (key, _, _) in BOUND_KINDS.items():
         for rule, by_drop in (a.get(key) or {}).items():  # (analyses made before the bounded exits lack them)
             for drop in DROPS:
