@@ -37,7 +37,7 @@ def run_args(p, device: bool = False) -> None:
     """Add the arguments of a benchmark of the trained N-MNIST run to the parser ``p``: ``--run`` and ``--data`` and,
     with ``device``, ``--device`` and ``--graphs`` (the step runner)."""
     p.add_argument("--run", default=str(ROOT / "runs" / "bench-nmnist"),
-                   help="run folder of the N-MNIST network (trained from configs/nmnist_small.yaml if absent)")
+                   help="run folder of the N-MNIST network (bench/anytime.py trains it if absent)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding nmnist-small.tar.gz")
     if device:
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
