@@ -9,7 +9,6 @@ report them (their run folders are not kept), 20 epochs from the ablation folder
 """
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -22,32 +21,19 @@ HERE = Path(__file__).resolve().parent
 EARLIER = {4: (-3.27, -3.55, -3.00, 3), 10: (-1.54, -2.00, -1.09, 5)}
 
 
-def val_curve(run: Path) -> list[float]:
-    with open(run / "log.csv") as f:
-        return [100 * float(row["val_acc"]) for row in csv.DictReader(f)]
-
-
-def test_acc(run: Path) -> float:
-    return 100 * json.loads((run / "metrics.json").read_text())["test_accuracy"]
-
-
 def main(folder: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fewstep.ablation_report import ci95
-
     root = Path(folder)
-    seeds = sorted(int(p.name[4:]) for p in (root / "g12").glob("seed*")
-                   if (p / "metrics.json").exists() and (root / "lif-t1" / p.name / "metrics.json").exists())
-    if len(seeds) < 2:
-        raise SystemExit(f"{root}: need at least two seeds with both lif-t1 and g12 finished, found {seeds}")
-    curves = {v: np.array([val_curve(root / v / f"seed{s}") for s in seeds]) for v in ("lif-t1", "g12")}
-    gaps = np.array([test_acc(root / "g12" / f"seed{s}") - test_acc(root / "lif-t1" / f"seed{s}") for s in seeds])
-    mean, sd = float(gaps.mean()), float(gaps.std(ddof=1))
-    lo, hi = ci95(mean, sd, len(seeds))
+    summary = json.loads((root / "summary.json").read_text())  # written by `fewstep ablate`, paired with lif-t1
+    variants = summary["variants"]
+    seeds = variants["g12"]["seeds"]
+    curves = {v: 100 * np.array([e["values"] for e in variants[v]["val_per_epoch"]]).T for v in ("lif-t1", "g12")}
+    gap = variants["g12"]["paired_diff"]["final_accuracy"]  # g12 − lif-t1, same seed, with its 95 % interval
+    mean, (lo, hi) = 100 * gap["mean"], (100 * x for x in gap["ci95"])
     budgets = {**EARLIER, curves["g12"].shape[1]: (mean, lo, hi, len(seeds))}
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
