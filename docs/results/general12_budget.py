@@ -3,9 +3,11 @@
 Left: validation accuracy after every epoch of the 20-epoch Fashion-MNIST ablation (mean and the band of ± one
 standard deviation over seeds). Right: the paired test-accuracy gap (general network − LIF, same seed) with its 95 %
 interval over seeds at each training budget measured: 4 and 10 epochs from the sections of ``docs/results.md`` that
-report them (their run folders are not kept), 20 epochs from the ablation folder given. Run::
+report them (their run folders are not kept), 20 epochs from the ablation folder given. Given a second ablation
+folder, one that pairs with the T = 4 TET network (``tet`` its baseline), its validation curve joins the left panel
+and the gap to it (general network − T = 4 at T, issue 11's second target) the right. Run::
 
-    python docs/results/general12_budget.py runs/abl-fmnist-t1-20ep
+    python docs/results/general12_budget.py runs/abl-fmnist-t1-20ep runs/abl-fmnist-t1-20ep-t4
 """
 from __future__ import annotations
 
@@ -19,9 +21,23 @@ HERE = Path(__file__).resolve().parent
 # Budgets measured earlier (docs/results.md, "Fashion-MNIST, T = 1" and "The config's full 10 epochs"):
 # epochs: (mean, lo, hi, seeds) of the paired test gap g12 − lif-t1 in points.
 EARLIER = {4: (-3.27, -3.55, -3.00, 3), 10: (-1.54, -2.00, -1.09, 5)}
+# The same for g12 − tet (T = 4, final accuracy): 10 epochs ("The config's full 10 epochs").
+EARLIER_T4 = {10: (-2.12, -2.37, -1.86, 5)}
 
 
-def main(folder: str) -> Path:
+def _gap(variant: dict) -> tuple:
+    """(mean, lo, hi, seeds) of a variant's paired final-accuracy difference to its ablation's baseline, in points."""
+    gap = variant["paired_diff"]["final_accuracy"]
+    lo, hi = (100 * x for x in gap["ci95"])
+    return 100 * gap["mean"], lo, hi, len(variant["seeds"])
+
+
+def _val_curves(variant: dict) -> np.ndarray:
+    """Validation accuracy (%), [seeds, epochs]."""
+    return 100 * np.array([e["values"] for e in variant["val_per_epoch"]]).T
+
+
+def main(folder: str, t4_folder: "str | None" = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,19 +45,32 @@ def main(folder: str) -> Path:
 
     root = Path(folder)
     summary = json.loads((root / "summary.json").read_text())  # written by `fewstep ablate`, paired with lif-t1
+    if summary["baseline"] != "lif-t1":
+        raise ValueError(f"{folder}: its ablation pairs with {summary['baseline']!r}; the first folder must pair "
+                         "with 'lif-t1' (the T = 1 LIF network)")
     variants = summary["variants"]
     seeds = variants["g12"]["seeds"]
-    curves = {v: 100 * np.array([e["values"] for e in variants[v]["val_per_epoch"]]).T for v in ("lif-t1", "g12")}
-    gap = variants["g12"]["paired_diff"]["final_accuracy"]  # g12 − lif-t1, same seed, with its 95 % interval
-    mean, (lo, hi) = 100 * gap["mean"], (100 * x for x in gap["ci95"])
+    curves = {v: _val_curves(variants[v]) for v in ("lif-t1", "g12")}
+    mean, lo, hi, _ = _gap(variants["g12"])  # g12 − lif-t1, same seed, with its 95 % interval
     budgets = {**EARLIER, curves["g12"].shape[1]: (mean, lo, hi, len(seeds))}
+    budgets_t4 = {}
+    if t4_folder:
+        t4 = json.loads((Path(t4_folder) / "summary.json").read_text())
+        if t4["baseline"] != "tet":
+            raise ValueError(f"{t4_folder}: its ablation pairs with {t4['baseline']!r}; this figure needs one that "
+                             "pairs with 'tet' (the T = 4 network)")
+        curves["tet"] = _val_curves(t4["variants"]["tet"])
+        budgets_t4 = {**EARLIER_T4, curves["tet"].shape[1]: _gap(t4["variants"]["g12"])}
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs = np.arange(1, curves["g12"].shape[1] + 1)
-    for v, label, colour in (("lif-t1", "T = 1 LIF cnn", "tab:blue"),
-                             ("g12", "T = 1 general SNN (g12)", "tab:orange")):
+    for v, label, colour, ls in (("tet", "T = 4 TET cnn (at T)", "tab:grey", "--"),
+                                 ("lif-t1", "T = 1 LIF cnn", "tab:blue", "-"),
+                                 ("g12", "T = 1 general SNN (g12)", "tab:orange", "-")):
+        if v not in curves:
+            continue
         m, s = curves[v].mean(0), curves[v].std(0, ddof=1)
-        ax1.plot(epochs, m, color=colour, label=label)
+        ax1.plot(epochs, m, color=colour, ls=ls, label=label)
         ax1.fill_between(epochs, m - s, m + s, color=colour, alpha=0.2)
     ax1.set_xlabel("epoch (cosine schedule over 20)")
     ax1.set_ylabel("validation accuracy (%)")
@@ -51,19 +80,26 @@ def main(folder: str) -> Path:
     ax1.legend(loc="lower right")
 
     xs = sorted(budgets)
-    for x in xs:
-        m, l, h, n = budgets[x]
-        ax2.errorbar([x], [m], yerr=[[m - l], [h - m]], fmt="o", color="tab:orange", capsize=4)
-        ax2.annotate(f"{m:+.2f} pt\n[{l:+.2f}, {h:+.2f}]\n{n} seeds", (x, m), textcoords="offset points",
-                     xytext=(10, -8), fontsize=8)
+    for series, colour, marker, label, dx in ((budgets, "tab:orange", "o", "g12 − T = 1 LIF", 10),
+                                              (budgets_t4, "tab:grey", "s", "g12 − T = 4 TET (at T)", -64)):
+        for i, x in enumerate(sorted(series)):
+            m, l, h, n = series[x]
+            ax2.errorbar([x], [m], yerr=[[m - l], [h - m]], fmt=marker, color=colour, capsize=4,
+                         label=label if i == 0 else None)
+            ax2.annotate(f"{m:+.2f} pt\n[{l:+.2f}, {h:+.2f}]\n{n} seeds", (x, m), textcoords="offset points",
+                         xytext=(dx, -8), fontsize=8, color="black" if colour == "tab:orange" else "dimgrey")
     ax2.axhline(0, color="grey", lw=0.8)
     ax2.axhline(2, color="tab:green", lw=0.8, ls="--")
     ax2.text(xs[0], 2.1, "issue 11's target: ≥ 2 pt above LIF", fontsize=8, color="tab:green", va="bottom")
+    if budgets_t4:
+        ax2.axhline(-1, color="tab:green", lw=0.8, ls=":")
+        ax2.text(xs[0], -0.9, "and within 1 pt of T = 4", fontsize=8, color="tab:green", va="bottom")
+        ax2.legend(loc="lower right", fontsize=8)
     ax2.set_xticks(xs)
     ax2.set_xlim(0, xs[-1] + 6)
     ax2.set_ylim(-4.5, 3)
     ax2.set_xlabel("training budget (epochs; each its own cosine schedule)")
-    ax2.set_ylabel("test accuracy, g12 − LIF (pt, paired)")
+    ax2.set_ylabel("test accuracy, g12 − " + ("reference" if budgets_t4 else "LIF") + " (pt, paired)")
     ax2.set_title("the gap at each budget, 95 % interval over seeds")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -74,4 +110,4 @@ def main(folder: str) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/abl-fmnist-t1-20ep")
+    main(*(sys.argv[1:3] or ["runs/abl-fmnist-t1-20ep"]))
