@@ -2,8 +2,8 @@
 
 Left: validation accuracy after every epoch of the 20-epoch Fashion-MNIST ablation (mean and the band of ± one
 standard deviation over seeds). Right: the paired test-accuracy gap (general network − LIF, same seed) with its 95 %
-interval over seeds at each training budget measured: 4 and 10 epochs from the sections of ``docs/results.md`` that
-report them (their run folders are not kept), 20 epochs from the ablation folder given. Given a second ablation
+interval over seeds at each training budget measured: the ablation folder's own budget from its ``summary.json``,
+the others (4 and 10 epochs, whose run folders are not kept) from ``summary.csv`` beside this file. Given a second ablation
 folder, one that pairs with the T = 4 TET network (``tet`` its baseline), its validation curve joins the left panel
 and the gap to it (general network − T = 4 at T, issue 11's second target) the right. Run::
 
@@ -18,11 +18,25 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-# Budgets measured earlier (docs/results.md, "Fashion-MNIST, T = 1" and "The config's full 10 epochs"):
-# epochs: (mean, lo, hi, seeds) of the paired test gap g12 − lif-t1 in points.
-EARLIER = {4: (-3.27, -3.55, -3.00, 3), 10: (-1.54, -2.00, -1.09, 5)}
-# The same for g12 − tet (T = 4, final accuracy): 10 epochs ("The config's full 10 epochs").
-EARLIER_T4 = {10: (-2.12, -2.37, -1.86, 5)}
+sys.path.insert(0, str(HERE))
+import summary as _at_a_glance  # noqa: E402  (summary.csv: the figures of docs/results.md, checked against its text)
+
+
+def _summary(folder: str, baseline: str) -> dict:
+    """An ablation's ``summary.json`` (written by ``fewstep ablate``), which must pair its variants with ``baseline``."""
+    out = json.loads((Path(folder) / "summary.json").read_text())
+    if out["baseline"] != baseline:
+        raise ValueError(f"{folder}: its ablation pairs with {out['baseline']!r}; this figure needs one that pairs "
+                         f"with {baseline!r}")
+    return out
+
+
+def _budgets(baseline: str) -> dict:
+    """Every budget summary.csv holds for g12 against ``baseline`` on Fashion-MNIST: epochs -> (mean, lo, hi, seeds)
+    of the paired final test-accuracy gap, in points."""
+    return {int(r["epochs"]): (r["mean"], r["low"], r["high"], int(r["seeds"])) for r in _at_a_glance.load()
+            if r["method"] == "T = 1 general SNN" and r["baseline"] == baseline and r["dataset"] == "Fashion-MNIST"
+            and r["metric"] == "final"}
 
 
 def _gap(variant: dict) -> tuple:
@@ -43,27 +57,19 @@ def main(folder: str, t4_folder: "str | None" = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(folder)
-    summary = json.loads((root / "summary.json").read_text())  # written by `fewstep ablate`, paired with lif-t1
-    if summary["baseline"] != "lif-t1":
-        raise ValueError(f"{folder}: its ablation pairs with {summary['baseline']!r}; the first folder must pair "
-                         "with 'lif-t1' (the T = 1 LIF network)")
-    variants = summary["variants"]
+    variants = _summary(folder, "lif-t1")["variants"]
     seeds = variants["g12"]["seeds"]
     curves = {v: _val_curves(variants[v]) for v in ("lif-t1", "g12")}
-    mean, lo, hi, _ = _gap(variants["g12"])  # g12 − lif-t1, same seed, with its 95 % interval
-    budgets = {**EARLIER, curves["g12"].shape[1]: (mean, lo, hi, len(seeds))}
+    n_epochs = curves["g12"].shape[1]
+    budgets = {**_budgets("T = 1 LIF"), n_epochs: _gap(variants["g12"])}  # g12 − lif-t1, same seed
     budgets_t4 = {}
     if t4_folder:
-        t4 = json.loads((Path(t4_folder) / "summary.json").read_text())
-        if t4["baseline"] != "tet":
-            raise ValueError(f"{t4_folder}: its ablation pairs with {t4['baseline']!r}; this figure needs one that "
-                             "pairs with 'tet' (the T = 4 network)")
-        curves["tet"] = _val_curves(t4["variants"]["tet"])
-        budgets_t4 = {**EARLIER_T4, curves["tet"].shape[1]: _gap(t4["variants"]["g12"])}
+        t4 = _summary(t4_folder, "tet")["variants"]
+        curves["tet"] = _val_curves(t4["tet"])
+        budgets_t4 = {**_budgets("T = 4 TET"), n_epochs: _gap(t4["g12"])}
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    epochs = np.arange(1, curves["g12"].shape[1] + 1)
+    epochs = np.arange(1, n_epochs + 1)
     for v, label, colour, ls in (("tet", "T = 4 TET cnn (at T)", "tab:grey", "--"),
                                  ("lif-t1", "T = 1 LIF cnn", "tab:blue", "-"),
                                  ("g12", "T = 1 general SNN (g12)", "tab:orange", "-")):
@@ -105,7 +111,8 @@ def main(folder: str, t4_folder: "str | None" = None) -> Path:
     fig.tight_layout()
     out = HERE / "fmnist_general12_budget.png"
     fig.savefig(out, dpi=110)
-    print(f"{out}: seeds {seeds}, gap at {xs[-1]} epochs {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    mean, lo, hi, _ = budgets[n_epochs]
+    print(f"{out}: seeds {seeds}, gap at {n_epochs} epochs {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     return out
 
 
