@@ -241,8 +241,7 @@ class Ablation:
             if not done:  # every epoch's time is in the run's history (a resumed run's earlier epochs too)
                 trained = sum(row.get("epoch_time_s", 0.0) for row in trainer.history)
                 took[v].append((trained + time.perf_counter() - start, max(1, len(trainer.history))))
-                left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:]
-                        if not (self.run_dir(w, s) / "metrics.json").is_file()]
+                left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:] if self._will_train(w, s)]
                 eta = time_left(took, left)
                 if left and eta is not None:
                     self.log(f"{tag}: trained and analysed in {duration(took[v][-1][0])}; about {duration(eta)} "
@@ -262,6 +261,14 @@ class Ablation:
             if not r.is_dir():
                 raise FileNotFoundError(f"--reuse {r}: no such folder (give an ablation folder or a folder of run folders)")
         return out
+
+    def _will_train(self, variant: str, seed: int) -> bool:
+        """Whether the run still has to train: not finished in this folder, nor to be copied by ``--reuse``."""
+        rd = self.run_dir(variant, seed)
+        if (rd / "metrics.json").is_file():
+            return False
+        copied = self.reuse and not (rd / "checkpoint.pt").exists()
+        return not (copied and self._reusable(self.configs[(variant, seed)])[0] is not None)
 
     def _reusable(self, cfg) -> "tuple[Path | None, tuple[Path, list[str]] | None]":
         """``(run, None)``: a finished run folder under a ``--reuse`` folder whose config is ``cfg`` in everything it

@@ -346,6 +346,12 @@ def test_reuse_copies_a_finished_run_with_the_same_config_and_nothing_else(tmp_p
     text = capsys.readouterr().out
     assert "copied from" not in text.replace("not copied from", "") and fits == [tmp_path / "third" / "tet" / "seed0"]
     assert f"not copied from {first / 'tet' / 'seed0'}, which differs in train.epochs" in text
+    # a run still to be copied is not counted among those left to train (nor in their time)
+    assert cli(["ablate", str(cfg), "--variants", "tet+str,base=tet", "--seeds", "1", "--out", str(tmp_path / "fourth"),
+                "--set", "train.epochs=1", "--reuse", str(first)]) == 0
+    text = capsys.readouterr().out
+    assert "[1/2] tet+str seed 0: training" in text and "[2/2] base seed 0: copied from" in text
+    assert "left for the" not in text
     assert cli(["ablate", str(cfg), "--variants", "tet", "--out", str(tmp_path / "x"), "--reuse",
                 str(tmp_path / "nowhere")]) == 2
     assert f"--reuse {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
