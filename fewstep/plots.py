@@ -148,7 +148,9 @@ def ablation_tradeoff(curves: dict[str, dict[str, list[dict]]], oct_points: dict
 
 def ablation_speedup(stats: dict[str, dict], policies, drops, path,
                      title: str = "Calibrated early exit (thresholds from validation; test)") -> Path:
-    """Calibrated timestep speed-up per variant, policy and tolerated drop (bars: mean, whiskers: std); policy
+    """Calibrated timestep speed-up per variant, policy and tolerated drop (bars: mean, whiskers: std), each bar
+    labelled with the mean test accuracy at its exits (`exit_accuracy_labels`): a drop is measured from each
+    variant's own full-T accuracy, so a variant that ends lower may exit sooner without answering better. Policy
     ``timestep`` is drawn as "fixed T", the fewest steps chosen on validation that every sample runs; ``NAME+cap``
     is policy NAME with its step cap; a ``bound:`` or ``harm:`` prefix (the exits calibrated with a bound) is left
     out of the labels."""
@@ -157,11 +159,20 @@ def ablation_speedup(stats: dict[str, dict], policies, drops, path,
     variants = list(stats)
     width = 0.8 / max(1, len(variants))
     fig, ax = plt.subplots(figsize=(max(6.4, 1.0 * len(groups)), 3.8), dpi=120)
+    labelled = False
     for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
         means = [stats[v][f"{p}@{d}:speedup"]["mean"] or 0.0 for p, d in groups]
         stds = [stats[v][f"{p}@{d}:speedup"]["std"] or 0.0 for p, d in groups]
         xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, color=color, label=v)
+        for x, top, text in zip(xs, [m + s for m, s in zip(means, stds)], exit_accuracy_labels(stats[v], groups)):
+            if text:
+                ax.annotate(text, (x, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            rotation=90, fontsize=6.5, color="#333333")
+                labelled = True
+    if labelled:
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
+        title += "; labels: test accuracy at the exit (%)"
     ax.set_xticks(range(len(groups)))
     names = [p.split(":", 1)[-1] for p, _ in groups]
     ax.set_xticklabels([f"{'fixed T' if p == 'timestep' else p.replace('+cap', chr(10) + '+ cap')}\n≤{100 * d:g} pt"
@@ -169,6 +180,16 @@ def ablation_speedup(stats: dict[str, dict], policies, drops, path,
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     _style(ax, "", "timestep speed-up (T / mean exit)", title, title_size=10)
     return _save(fig, path)
+
+
+def exit_accuracy_labels(stats: dict, groups) -> list[str]:
+    """One label per ``(policy, drop)`` of ``groups``: the mean test accuracy at the exit in % to one decimal
+    (``stats["<policy>@<drop>:exit_accuracy"]``, a fraction), or "" where the analysis did not record it."""
+    out = []
+    for p, d in groups:
+        mean = (stats.get(f"{p}@{d}:exit_accuracy") or {}).get("mean")
+        out.append("" if mean is None else f"{100 * mean:.1f}")
+    return out
 
 
 def ablation_paired(diffs: dict[str, dict[str, dict]], metrics: list[tuple[str, str, float]], baseline: str,

@@ -143,6 +143,20 @@ def test_fixed_T_baseline_is_the_timestep_policy_chosen_on_validation():
     assert "| tet | topk | 1 pt | 0.80 ± 0.00× | [0.80, 0.80] 0/0/2 **beyond noise** |" in md
 
 
+def test_speedup_bars_are_labelled_with_the_accuracy_at_their_exits(tmp_path):
+    # A variant that ends lower may exit sooner at the same d without answering better: each bar says at what
+    # accuracy it exits, or nothing where the analysis did not record it.
+    from fewstep import plots
+
+    stats = {"softmax@0.006:exit_accuracy": {"mean": 0.90149}, "topk@0.006:exit_accuracy": {"mean": None}}
+    groups = [("softmax", 0.006), ("topk", 0.006), ("softmax+cap", 0.006)]
+    assert plots.exit_accuracy_labels(stats, groups) == ["90.1", "", ""]
+    full = {f"{p}@{d}:speedup": {"mean": 2.0, "std": 0.5} for p, d in groups}
+    out = plots.ablation_speedup({"a": dict(full, **stats), "b": full}, ["softmax", "topk", "softmax+cap"], [0.006],
+                                 tmp_path / "speedup.png")
+    assert out.is_file() and out.stat().st_size > 0
+
+
 def test_time_left_from_the_runs_timed_so_far():
     # tet: 30 s over 3 epochs, then 50 s over 5: 10 s an epoch; tet+trt: 60 s over 3 epochs, 20 s an epoch
     took = {"tet": [(30.0, 3), (50.0, 5)], "tet+trt": [(60.0, 3)], "tet-7ep": []}
