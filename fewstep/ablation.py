@@ -32,7 +32,8 @@ difference from the first), ``OUT/summary.json`` and the plots ``accuracy_per_st
 bounded exits) and ``paired.png`` (each variant's paired differences with their 95 % interval over seeds).
 
 By concern: the variant tokens live in :mod:`fewstep.ablation_variants`, the per-run analysis in
-:mod:`fewstep.ablation_analysis`, the report in :mod:`fewstep.ablation_report`; this module runs the command
+:mod:`fewstep.ablation_analysis`, the report in :mod:`fewstep.ablation_report`, ``--jobs`` (several runs at a time,
+each in its own process) in :mod:`fewstep.ablation_parallel`; this module runs the command
 (their public names are importable from here too).
 """
 
@@ -53,6 +54,7 @@ from .bounds import DROP_BOUND
 from .ablation_analysis import (ANALYSIS_VERSION, analyse, bounded_exits, calibrated_exits,  # noqa: F401
                                 images_per_second)
 from .ablation_markdown import markdown
+from .ablation_parallel import in_parallel
 from .ablation_report import BOUNDED_KEYS, aggregate, plot_summary
 from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
                                 register_token, tokens, variant_dict)
@@ -176,9 +178,7 @@ class Ablation:
                 "seeds": self.seeds, "overrides": self.overrides, "variant_sets": self.raw_variant_sets,
                 "differences": self.differences(), "convert_T": self.convert_T if self.converts() else None}
 
-    def run(self, analyse_only: bool = False) -> dict:
-        from .train import Trainer, load_data
-
+    def run(self, analyse_only: bool = False, processes: int = 1) -> dict:
         spec_path = self.out / "ablation.json"
         if self.out.is_dir() and not spec_path.is_file() and any(self.out.iterdir()):
             held = sorted(p.name for p in self.out.iterdir())
@@ -201,57 +201,77 @@ class Ablation:
         jobs = [(v, k) for k in self.seeds for v in self.variants]  # seed-major: early results are paired
         results: dict = {v: {} for v in self.variants}
         took: dict = {v: [] for v in self.variants}  # (seconds, epochs) of each run trained and analysed here
+        if processes > 1 and not analyse_only:
+            in_parallel(self, jobs, processes)  # then the loop below finds every run finished and analysed
         for i, (v, k) in enumerate(jobs, 1):
-            cfg, rd = self.configs[(v, k)], self.run_dir(v, k)
-            tag = f"[{i}/{len(jobs)}] {v} seed {k}"
-            done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
-            if not done and not (rd / "checkpoint.pt").exists() and self.reuse:
-                src, near = self._reusable(cfg)
-                if src is not None:
-                    shutil.copytree(src, rd, dirs_exist_ok=True)  # copy2: mtimes kept, so its analysis stays current
-                    self.log(f"{tag}: copied from {src} (a finished run with this config)")
-                    done = True
-                elif near is not None:  # say why the nearest run was not taken, so a user can align the configs
-                    self.log(f"{tag}: not copied from {near[0]}, which differs in {', '.join(near[1])}")
-            if not done and analyse_only:
-                self.log(f"{tag}: not trained yet, skipped (--analyse-only)")
-                continue
-            cached = self._cached(cfg, rd) if done else None
-            if cached is not None:  # analysed since its last epoch: no data or network needed
-                self.log(f"{tag}: finished earlier ({cached[1]} epochs), kept")
-                results[v][k] = dict(cached[0], val_per_epoch=cached[2])
-                continue
-            akey = (cfg.data.T, k, json.dumps(cfg.to_dict()["data"], sort_keys=True))
-            if akey not in bundles:
-                bundles.clear()  # one dataset in memory at a time
-                bundles[akey] = load_data(cfg)
-            bundle = bundles[akey]
-            if not done:
-                trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s, tag=tag: self.log(f"{tag}: {s}"))
-                self.log(f"{tag}: training -> {rd}")
-                metrics = trainer.fit()
-            else:
-                trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s: None)
-                trainer.resume()  # refuses a folder trained with another config
-                self.log(f"{tag}: finished earlier ({trainer.epoch} epochs), kept")
-                metrics = json.loads((rd / "metrics.json").read_text())
-            val_curve = [row.get("val_acc") for row in trainer.history]  # one row per epoch, kept by the checkpoint
-            start = time.perf_counter()
-            results[v][k] = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_curve)
-            if not done:  # every epoch's time is in the run's history (a resumed run's earlier epochs too)
-                trained = sum(row.get("epoch_time_s", 0.0) for row in trainer.history)
-                took[v].append((trained + time.perf_counter() - start, max(1, len(trainer.history))))
-                left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:] if self._will_train(w, s)]
-                eta = time_left(took, left)
-                if left and eta is not None:
-                    self.log(f"{tag}: trained and analysed in {duration(took[v][-1][0])}; about {duration(eta)} "
-                             f"left for the {len(left)} run{'s' if len(left) > 1 else ''} to train")
+            r = self._one(i, jobs, analyse_only, bundles, took)
+            if r is not None:
+                results[v][k] = r
         summary = aggregate(results, self.variants, self.base, self._spec())
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "results.md").write_text(markdown(summary))
         plotted = plot_summary(summary, self.out)
         self.log(f"wrote {self.out / 'results.md'}, summary.json" + "".join(f", {name}" for name in plotted))
         return summary
+
+    def _one(self, i: int, jobs: list, analyse_only: bool, bundles: dict, took: "dict | None") -> "dict | None":
+        """Train (or resume, or copy with ``--reuse``) and analyse ``jobs[i - 1]``; its analysis, or None where
+        ``analyse_only`` skips an unfinished run. ``bundles`` caches the dataset between runs; ``took`` gathers the
+        times for the estimate of the time left (None: no estimate, as in a worker of ``--jobs``)."""
+        from .train import Trainer, load_data
+
+        v, k = jobs[i - 1]
+        cfg, rd = self.configs[(v, k)], self.run_dir(v, k)
+        tag = f"[{i}/{len(jobs)}] {v} seed {k}"
+        done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
+        if not done and not (rd / "checkpoint.pt").exists() and self.reuse:
+            src, near = self._reusable(cfg)
+            if src is not None:
+                shutil.copytree(src, rd, dirs_exist_ok=True)  # copy2: mtimes kept, so its analysis stays current
+                self.log(f"{tag}: copied from {src} (a finished run with this config)")
+                done = True
+            elif near is not None:  # say why the nearest run was not taken, so a user can align the configs
+                self.log(f"{tag}: not copied from {near[0]}, which differs in {', '.join(near[1])}")
+        if not done and analyse_only:
+            self.log(f"{tag}: not trained yet, skipped (--analyse-only)")
+            return None
+        cached = self._cached(cfg, rd) if done else None
+        if cached is not None:  # analysed since its last epoch: no data or network needed
+            self.log(f"{tag}: finished earlier ({cached[1]} epochs), kept")
+            return dict(cached[0], val_per_epoch=cached[2])
+        akey = (cfg.data.T, k, json.dumps(cfg.to_dict()["data"], sort_keys=True))
+        if akey not in bundles:
+            bundles.clear()  # one dataset in memory at a time
+            bundles[akey] = load_data(cfg)
+        bundle = bundles[akey]
+        if not done:
+            trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s, tag=tag: self.log(f"{tag}: {s}"))
+            self.log(f"{tag}: training -> {rd}")
+            metrics = trainer.fit()
+        else:
+            trainer = Trainer(cfg, rd, bundle=bundle, log=lambda s: None)
+            trainer.resume()  # refuses a folder trained with another config
+            self.log(f"{tag}: finished earlier ({trainer.epoch} epochs), kept")
+            metrics = json.loads((rd / "metrics.json").read_text())
+        val_curve = [row.get("val_acc") for row in trainer.history]  # one row per epoch, kept by the checkpoint
+        start = time.perf_counter()
+        result = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_curve)
+        if not done and took is not None:  # every epoch's time is in the run's history (a resumed run's earlier ones too)
+            trained = sum(row.get("epoch_time_s", 0.0) for row in trainer.history)
+            took[v].append((trained + time.perf_counter() - start, max(1, len(trainer.history))))
+            left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:] if self._will_train(w, s)]
+            eta = time_left(took, left)
+            if left and eta is not None:
+                self.log(f"{tag}: trained and analysed in {duration(took[v][-1][0])}; about {duration(eta)} "
+                         f"left for the {len(left)} run{'s' if len(left) > 1 else ''} to train")
+        return result
+
+    def _finished(self, variant: str, seed: int) -> bool:
+        """Whether a run is trained and its analysis current (nothing for :meth:`_one` to do but read it)."""
+        rd = self.run_dir(variant, seed)
+        if not ((rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()):
+            return False
+        return self._cached(self.configs[(variant, seed)], rd) is not None
 
     @staticmethod
     def reuse_dirs(folders) -> list[Path]:
@@ -385,3 +405,4 @@ class Ablation:
                  train_device=metrics.get("device"))
         path.write_text(json.dumps(a, indent=2))
         return a
+

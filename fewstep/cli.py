@@ -152,6 +152,10 @@ def main(argv=None) -> int:
                    "its config (seed and epochs included) and copy it instead (repeatable)")
     a.add_argument("--convert-T", type=_int_at_least(1), default=64, help="steps of the SNN a QCFS variant's ANN is "
                    "converted to for the analysis (default 64)")
+    a.add_argument("--jobs", type=_int_at_least(1), default=1, metavar="N",
+                   help="train and analyse N runs at a time, each in its own process with 1/N of torch's threads "
+                   "(default 1): sooner where one run does not keep every core busy (a 2-core CPU gains little, "
+                   "bench/ablate_jobs.py); keep it the same for all of an ablation's runs (docs/config.md)")
     a.set_defaults(fn=cmd_ablate)
 
     cv = sub.add_parser("convert", help="convert a QCFS ANN run into an SNN run folder (IF neurons, threshold λ), "

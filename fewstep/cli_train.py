@@ -137,7 +137,7 @@ def cmd_ablate(args) -> int:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         abl = Ablation(args.config, variants, "3" if args.seeds is None else args.seeds, args.out, args.set,
                        args.variant_set, convert_T=args.convert_T, reuse=args.reuse)
-    summary = abl.run(analyse_only=args.analyse_only)
+    summary = abl.run(analyse_only=args.analyse_only, processes=args.jobs)
     print()
     print((Path(args.out) / "results.md").read_text())
     missing = [label for label in abl.variants if label not in summary["variants"]]

@@ -515,3 +515,40 @@ def test_bounded_exits_keep_the_guarantee_by_hand_and_report_it(tmp_path):
     # analyses made before the bounded exits existed are reported without them
     old = {k: v for k, v in a.items() if k not in ("bounded", "bounded_drop")}
     assert "% bound on" not in markdown(aggregate({"tet": {0: old}}, ["tet"], spec["base"], spec))
+
+
+def test_jobs_train_runs_side_by_side_as_each_trains_alone_and_a_failed_run_is_named(tmp_path, capfd):
+    import torch
+
+    cfg = write_config(tmp_path)
+    args = ["ablate", str(cfg), "--variants", "tet,tet+rcs", "--seeds", "0,1", "--set", "train.epochs=1"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as each of the two worker processes below trains
+        assert cli(args + ["--out", str(tmp_path / "alone")]) == 0
+        torch.set_num_threads(2)
+        capfd.readouterr()
+        assert cli(args + ["--out", str(tmp_path / "together"), "--jobs", "2"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    text = capfd.readouterr().out
+    assert "training 4 runs 2 at a time, 1 torch thread each (--jobs 2)" in text
+    assert "[1/4] tet seed 0: training ->" in text and "[4/4] tet+rcs seed 1: done (" in text
+    assert "[1/4] tet seed 0: finished earlier (1 epochs), kept" in text  # the report reads what the workers left
+    for v in ("tet", "tet+rcs"):
+        for k in (0, 1):
+            a, b = (json.loads((tmp_path / f / v / f"seed{k}" / "analysis.json").read_text())
+                    for f in ("alone", "together"))
+            assert b["test_accuracy_per_step"] == a["test_accuracy_per_step"]  # the same run, trained in a worker
+            assert b["calibrated"] == a["calibrated"] and b["train_threads"] == 1
+    one, two = (json.loads((tmp_path / f / "summary.json").read_text())["variants"]["tet+rcs"]["paired_diff"]
+                for f in ("alone", "together"))
+    assert two["final_accuracy"] == one["final_accuracy"]
+    # a run that fails in its worker stops the ablation with its name and traceback; the others are kept
+    bad = tmp_path / "together" / "tet+rcs" / "seed1"
+    (bad / "metrics.json").unlink()
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert cli(["ablate", "--out", str(tmp_path / "together"), "--jobs", "2"]) == 2
+    captured = capfd.readouterr()
+    assert "training 1 run 1 at a time" in captured.out
+    assert "[4/4] tet+rcs seed 1 failed in its worker process" in captured.err and "Traceback" in captured.err

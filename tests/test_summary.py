@@ -1,6 +1,7 @@
 """docs/results/summary.csv, the figures behind the at-a-glance plot of docs/results.md: each must be in the section
 of docs/results.md that its row names, so the plot cannot drift from the evidence it summarises."""
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -132,3 +133,21 @@ def test_one_figure_per_cell_and_a_thinner_figure_names_its_seeds(tmp_path, monk
     path.write_text(head + rows + "TRT,TET,Fashion-MNIST,4,4,3,t1,−0.17,,−1.10,+0.77,1,x\n", encoding="utf-8")
     with pytest.raises(ValueError, match="two rows for TRT / TET / Fashion-MNIST / 4 / 4 \\(t1\\)"):
         mod.draw(mod.load(path), tmp_path / "b.png")
+
+
+def test_pooling_reads_a_paired_key_or_a_ratio_against_the_fixed_T_from_an_ablation_summary(tmp_path):
+    """``summary.py --pool DIR --key KEY``: the seed-by-seed values of a paired difference (accuracies in pt) or of an
+    exit against the variant's own fixed T, not the first variant's zeros paired with itself."""
+    mod = _summary()
+    per_seed = {"values": [1.5, 1.25]}
+    summary = {"variants": {
+        "qcfs": {"paired_diff": {"acc_t1": {"values": [0.0, 0.0]}, "softmax@0.006:vs_fixed": {"values": [0.0, 0.0]}},
+                 "vs_fixed": {"softmax@0.006:vs_fixed": per_seed}},
+        "qcfs+rcs_ann": {"paired_diff": {"acc_t1": {"values": [0.02, -0.01]},
+                                         "softmax@0.006:matched_steps_saved": {"values": [3.0, -1.0]}}}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert mod.fresh_values(tmp_path, "qcfs", "softmax@0.006:vs_fixed") == [1.5, 1.25]
+    assert mod.fresh_values(tmp_path, "qcfs+rcs_ann", "acc_t1") == pytest.approx([2.0, -1.0])
+    assert mod.fresh_values(tmp_path, "qcfs+rcs_ann", "softmax@0.006:matched_steps_saved") == [3.0, -1.0]
+    with pytest.raises(KeyError, match="no 'final_accuracy' for 'qcfs\\+rcs_ann'"):
+        mod.fresh_values(tmp_path, "qcfs+rcs_ann", "final_accuracy")

@@ -141,6 +141,20 @@ def fresh_differences(folder: Path, variant: str, baseline: str, step: int) -> l
     return [acc(variant, s) - acc(baseline, s) for s in seeds]
 
 
+def fresh_values(folder: Path, variant: str, key: str) -> list[float]:
+    """Seed-by-seed values of ``key`` for ``variant`` from an ablation folder's ``summary.json``: a paired difference
+    from its first variant (``paired_diff``, e.g. ``softmax@0.006:matched_steps_saved``) or an exit against the
+    variant's own fixed T (``vs_fixed``, e.g. ``softmax@0.006:vs_fixed``); a key naming an accuracy in pt."""
+    import json
+
+    v = json.loads((folder / "summary.json").read_text())["variants"][variant]
+    for table in ("vs_fixed", "paired_diff"):  # (the first variant pairs with itself: zeros in paired_diff)
+        if key in v.get(table, {}):
+            scale = 100 if "acc" in key else 1
+            return [scale * x for x in v[table][key]["values"]]
+    raise KeyError(f"{folder / 'summary.json'} has no {key!r} for {variant!r} (in paired_diff or vs_fixed)")
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -150,13 +164,19 @@ if __name__ == "__main__":
     ap.add_argument("--variant")
     ap.add_argument("--baseline")
     ap.add_argument("--step", type=int, default=0, help="0: the first step, -1: T")
+    ap.add_argument("--key", help="pool this summary.json key of --variant instead of an accuracy at --step (a "
+                    "paired difference from the first variant, or a vs_fixed ratio; no --baseline)")
     ap.add_argument("--published", help="MEAN,LO,HI of the published paired difference (pt)")
     ap.add_argument("--published-seeds", type=int, default=3)
     a = ap.parse_args()
     if a.pool:
-        fresh = fresh_differences(Path(a.pool), a.variant, a.baseline, a.step)
+        if a.key:
+            fresh, what = fresh_values(Path(a.pool), a.variant, a.key), f"{a.variant}, {a.key}"
+        else:
+            fresh, what = fresh_differences(Path(a.pool), a.variant, a.baseline, a.step), \
+                f"{a.variant} − {a.baseline}, step {a.step}"
         m, lo, hi = pooled(tuple(number(v) for v in a.published.split(",")), a.published_seeds, fresh)
-        print(f"{a.variant} − {a.baseline}, step {a.step}: fresh {[round(v, 2) for v in fresh]}; pooled over "
+        print(f"{what}: fresh {[round(v, 2) for v in fresh]}; pooled over "
               f"{a.published_seeds + len(fresh)} seeds {m:+.2f}, [{lo:+.2f}, {hi:+.2f}]")
     else:
         print(f"wrote {draw(load())}")
