@@ -75,12 +75,17 @@ def _worker(out: str, reuse: list, jobs: list, threads: int, todo, done) -> None
     analyses that run as :meth:`fewstep.ablation.Ablation.run` does alone, and puts ``(tag, None)`` or
     ``(tag, traceback)`` on ``done``. Tqdm's batch bars are off (several would overwrite each other); every log line
     carries its run's tag."""
+    import threading
     import traceback
 
     import torch
+    from tqdm import tqdm
 
     from .ablation import Ablation
 
+    # tqdm's default lock is a multiprocessing lock, whose semaphore a worker's exit leaves behind (the resource
+    # tracker warns of it); the bars are off here, a thread lock does
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     abl = Ablation.from_folder(out, log=lambda s: print(s, flush=True))
     abl.reuse = Ablation.reuse_dirs(reuse)
