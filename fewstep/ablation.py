@@ -214,10 +214,12 @@ class Ablation:
         self.log(f"wrote {self.out / 'results.md'}, summary.json" + "".join(f", {name}" for name in plotted))
         return summary
 
-    def _one(self, i: int, jobs: list, analyse_only: bool, bundles: dict, took: "dict | None") -> "dict | None":
+    def _one(self, i: int, jobs: list, analyse_only: bool, bundles: dict, took: dict,
+             estimate: bool = True) -> "dict | None":
         """Train (or resume, or copy with ``--reuse``) and analyse ``jobs[i - 1]``; its analysis, or None where
         ``analyse_only`` skips an unfinished run. ``bundles`` caches the dataset between runs; ``took`` gathers the
-        times for the estimate of the time left (None: no estimate, as in a worker of ``--jobs``)."""
+        ``(seconds, epochs)`` of each run trained, per variant, from which it logs the time left (``estimate``; a
+        worker of ``--jobs`` leaves that to the parent, which knows every worker's runs)."""
         from .train import Trainer, load_data
 
         v, k = jobs[i - 1]
@@ -256,9 +258,10 @@ class Ablation:
         val_curve = [row.get("val_acc") for row in trainer.history]  # one row per epoch, kept by the checkpoint
         start = time.perf_counter()
         result = dict(self._analysis(trainer, metrics, tag), val_per_epoch=val_curve)
-        if not done and took is not None:  # every epoch's time is in the run's history (a resumed run's earlier ones too)
+        if not done:  # every epoch's time is in the run's history (a resumed run's earlier epochs too)
             trained = sum(row.get("epoch_time_s", 0.0) for row in trainer.history)
-            took[v].append((trained + time.perf_counter() - start, max(1, len(trainer.history))))
+            took.setdefault(v, []).append((trained + time.perf_counter() - start, max(1, len(trainer.history))))
+        if not done and estimate:
             left = [(w, self.configs[(w, s)].train.epochs) for w, s in jobs[i:] if self._will_train(w, s)]
             eta = time_left(took, left)
             if left and eta is not None:

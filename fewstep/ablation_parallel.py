@@ -10,9 +10,6 @@ N-MNIST one 1.00×: it pays on machines with more cores than one run keeps busy.
 
 from __future__ import annotations
 
-import time
-
-
 def in_parallel(abl, jobs: list, processes: int) -> None:
     """Train and analyse the unfinished runs among ``jobs`` (the ``(variant, seed)`` pairs of the ablation ``abl``)
     in ``processes`` worker processes at once, each with an equal share of torch's threads. Each run is the one
@@ -24,7 +21,7 @@ def in_parallel(abl, jobs: list, processes: int) -> None:
 
     import torch
 
-    from .ablation import duration
+    from .ablation import duration, time_left
 
     pending = [(i, v, k) for i, (v, k) in enumerate(jobs, 1) if not abl._finished(v, k)]
     if not pending:
@@ -42,14 +39,15 @@ def in_parallel(abl, jobs: list, processes: int) -> None:
         todo.put(None)
     workers = [ctx.Process(target=_worker, args=(str(abl.out), [str(r) for r in abl.reuse], jobs, threads, todo,
                                                  done), name=f"fewstep-ablate-{w}") for w in range(n)]
-    start = time.perf_counter()
+    took: dict = {}  # variant -> (seconds, epochs) of its runs trained so far, as the workers report them
+    left = {(v, k) for _, v, k in pending}
     try:
         for w in workers:
             w.start()
         for finished in range(1, len(pending) + 1):
             while True:
                 try:
-                    tag, error = done.get(timeout=5)
+                    tag, error, (v, k), timed = done.get(timeout=5)
                     break
                 except queue.Empty:
                     dead = [w for w in workers if w.exitcode not in (None, 0)]
@@ -59,9 +57,13 @@ def in_parallel(abl, jobs: list, processes: int) -> None:
             if error is not None:
                 raise RuntimeError(f"{tag} failed in its worker process; the other runs were stopped and resume "
                                    f"when the command is run again:\n{error}")
-            left = len(pending) - finished
-            eta = (time.perf_counter() - start) * left / finished  # at the rate the runs have finished so far
-            abl.log(f"{tag}: done ({finished} of {len(pending)})" + (f"; about {duration(eta)} left" if left else ""))
+            left.discard((v, k))
+            if timed is not None:
+                took.setdefault(v, []).append(timed)
+            # the runs not finished (those under way counted whole), each at its variant's seconds per epoch so far
+            eta = time_left(took, [(w, abl.configs[(w, s)].train.epochs) for w, s in left])
+            abl.log(f"{tag}: done ({finished} of {len(pending)})"
+                    + (f"; about {duration(eta / min(n, len(left)))} left" if left and eta is not None else ""))
     finally:
         for w in workers:
             if w.is_alive() and w.exitcode is None:
@@ -95,9 +97,10 @@ def _worker(out: str, reuse: list, jobs: list, threads: int, todo, done) -> None
     while (item := todo.get()) is not None:
         i, v, k = item
         tag = f"[{i}/{len(jobs)}] {v} seed {k}"
+        took: dict = {}
         try:
-            abl._one(i, jobs, False, bundles, None)
-            done.put((tag, None))
+            abl._one(i, jobs, False, bundles, took, estimate=False)
+            done.put((tag, None, (v, k), took[v][-1] if took.get(v) else None))
         except Exception:  # (KeyboardInterrupt ends the process: the parent stops the others)
-            done.put((tag, traceback.format_exc()))
+            done.put((tag, traceback.format_exc(), (v, k), None))
             return

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     a.add_argument("--jobs", type=_int_at_least(1), default=1, metavar="N",
                    help="train and analyse N runs at a time, each in its own process with 1/N of torch's threads "
                    "(default 1): sooner where one run does not keep every core busy (a 2-core CPU gains little, "
-                   "bench/ablate_jobs.py); keep it the same for all of an ablation's runs (docs/config.md)")
+                   "bench/ablate_jobs.py); a run is reproduced with its own thread count (docs/config.md)")
     a.set_defaults(fn=cmd_ablate)
 
     cv = sub.add_parser("convert", help="convert a QCFS ANN run into an SNN run folder (IF neurons, threshold λ), "
