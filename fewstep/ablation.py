@@ -90,7 +90,8 @@ def later_missing(a: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ the command
 class Ablation:
-    """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming."""
+    """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming;
+    ``run(processes=N)`` trains N runs at a time, each in its own process (``--jobs``, :mod:`fewstep.ablation_parallel`)."""
 
     def __init__(self, config_path, variants: list[str], seeds, out, overrides: list[str] | None = None,
                  variant_sets: list[str] | None = None, log: Callable[[str], None] = print, convert_T: int = 64,
