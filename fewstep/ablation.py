@@ -88,10 +88,16 @@ def later_missing(a: dict) -> list[str]:
     return [k for k in LATER_EXITS
             if k not in a or (k == "bounded_drop" and a.get("drop_bound", "bonferroni") != DROP_BOUND)]
 
+def _trained(rd: Path) -> bool:
+    """Whether the run folder ``rd`` holds a finished run (its metrics and its checkpoint)."""
+    return (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
+
+
 # ------------------------------------------------------------------------------------------ the command
 class Ablation:
     """Train and analyse every (variant, seed), then aggregate. ``run()`` does it all, resuming;
-    ``run(processes=N)`` trains N runs at a time, each in its own process (``--jobs``, :mod:`fewstep.ablation_parallel`)."""
+    ``run(processes=N)`` trains N runs at a time, each in its own process (``--jobs``,
+    :mod:`fewstep.ablation_parallel`)."""
 
     def __init__(self, config_path, variants: list[str], seeds, out, overrides: list[str] | None = None,
                  variant_sets: list[str] | None = None, log: Callable[[str], None] = print, convert_T: int = 64,
@@ -226,7 +232,7 @@ class Ablation:
         v, k = jobs[i - 1]
         cfg, rd = self.configs[(v, k)], self.run_dir(v, k)
         tag = f"[{i}/{len(jobs)}] {v} seed {k}"
-        done = (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
+        done = _trained(rd)
         if not done and not (rd / "checkpoint.pt").exists() and self.reuse:
             src, near = self._reusable(cfg)
             if src is not None:
@@ -273,9 +279,7 @@ class Ablation:
     def _finished(self, variant: str, seed: int) -> bool:
         """Whether a run is trained and its analysis current (nothing for :meth:`_one` to do but read it)."""
         rd = self.run_dir(variant, seed)
-        if not ((rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()):
-            return False
-        return self._cached(self.configs[(variant, seed)], rd) is not None
+        return _trained(rd) and self._cached(self.configs[(variant, seed)], rd) is not None
 
     @staticmethod
     def reuse_dirs(folders) -> list[Path]:
@@ -307,7 +311,7 @@ class Ablation:
                 rd = cf.parent
                 if rd.resolve() == own or own in rd.resolve().parents:
                     continue  # this ablation's own runs
-                if (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file():
+                if _trained(rd):
                     try:
                         self._reuse_runs.append((rd, yaml.safe_load(cf.read_text())))
                     except yaml.YAMLError:
