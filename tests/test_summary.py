@@ -63,9 +63,10 @@ def test_intervals_from_a_standard_deviation_match_the_published_ones():
     from fewstep.ablation_report import t95
 
     assert t95(2) == pytest.approx(4.303, abs=1e-3)
-    # sign = -1 turns "lif-t1 is 13.45 pt ahead" into the method's −13.45
+    # sign = -1 turns "lif-t1 is 13.25 pt ahead, [+12.38, +14.12]" into the method's −13.25, [−14.12, −12.38]
     cifar = next(r for r in mod.load() if r["method"].startswith("T = 1") and r["dataset"] == "CIFAR-10")
-    assert cifar["mean"] == pytest.approx(-13.45) and cifar["high"] < 0
+    assert cifar["mean"] == pytest.approx(-13.25)
+    assert cifar["low"] == pytest.approx(-14.12) and cifar["high"] == pytest.approx(-12.38)
 
 
 def test_pooling_a_published_summary_with_fresh_seeds_equals_pooling_the_seeds():
