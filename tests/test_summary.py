@@ -67,6 +67,11 @@ def test_intervals_from_a_standard_deviation_match_the_published_ones():
     cifar = next(r for r in mod.load() if r["method"].startswith("T = 1") and r["dataset"] == "CIFAR-10")
     assert cifar["mean"] == pytest.approx(-13.25)
     assert cifar["low"] == pytest.approx(-14.12) and cifar["high"] == pytest.approx(-12.38)
+    # the digits' RCS-ANN final accuracy is given as +0.35 ± 0.95 over 8 seeds: ± 0.95 · t(7) / √8 = ± 0.79
+    digits = next(r for r in mod.load() if r["method"] == "RCS-ANN" and r["dataset"].startswith("8×8")
+                  and r["metric"] == "final")
+    assert digits["low"] == pytest.approx(0.35 - 0.794, abs=2e-3)
+    assert digits["high"] == pytest.approx(0.35 + 0.794, abs=2e-3)
 
 
 def test_pooling_a_published_summary_with_fresh_seeds_equals_pooling_the_seeds():
