@@ -88,6 +88,7 @@ def later_missing(a: dict) -> list[str]:
     return [k for k in LATER_EXITS
             if k not in a or (k == "bounded_drop" and a.get("drop_bound", "bonferroni") != DROP_BOUND)]
 
+
 def _trained(rd: Path) -> bool:
     """Whether the run folder ``rd`` holds a finished run (its metrics and its checkpoint)."""
     return (rd / "metrics.json").is_file() and (rd / "checkpoint.pt").is_file()
@@ -413,4 +414,3 @@ class Ablation:
                  train_device=metrics.get("device"))
         path.write_text(json.dumps(a, indent=2))
         return a
-

@@ -10,6 +10,7 @@ N-MNIST one 1.00×: it pays on machines with more cores than one run keeps busy.
 
 from __future__ import annotations
 
+
 def in_parallel(abl, jobs: list, processes: int) -> None:
     """Train and analyse the unfinished runs among ``jobs`` (the ``(variant, seed)`` pairs of the ablation ``abl``)
     in ``processes`` worker processes at once, each with an equal share of torch's threads. Each run is the one
@@ -74,8 +75,9 @@ def in_parallel(abl, jobs: list, processes: int) -> None:
 
 def _worker(out: str, reuse: list, jobs: list, threads: int, todo, done) -> None:
     """One process of ``fewstep ablate --jobs``: takes ``(i, variant, seed)`` from ``todo`` until None, trains and
-    analyses that run as :meth:`fewstep.ablation.Ablation.run` does alone, and puts ``(tag, None)`` or
-    ``(tag, traceback)`` on ``done``. Tqdm's batch bars are off (several would overwrite each other); every log line
+    analyses that run as :meth:`fewstep.ablation.Ablation.run` does alone, and puts ``(tag, error, (variant,
+    seed), timed)`` on ``done``: ``error`` None or the traceback, ``timed`` the run's ``(seconds, epochs)`` where it
+    trained here (None where it was copied or already finished). Tqdm's batch bars are off (several would overwrite each other); every log line
     carries its run's tag."""
     import threading
     import traceback
