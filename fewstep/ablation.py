@@ -209,10 +209,11 @@ class Ablation:
         jobs = [(v, k) for k in self.seeds for v in self.variants]  # seed-major: early results are paired
         results: dict = {v: {} for v in self.variants}
         took: dict = {v: [] for v in self.variants}  # (seconds, epochs) of each run trained and analysed here
+        by_workers = set()
         if processes > 1 and not analyse_only:
-            in_parallel(self, jobs, processes)  # then the loop below finds every run finished and analysed
+            by_workers = in_parallel(self, jobs, processes)  # the loop below then finds them all analysed
         for i, (v, k) in enumerate(jobs, 1):
-            r = self._one(i, jobs, analyse_only, bundles, took)
+            r = self._one(i, jobs, analyse_only, bundles, took, by_worker=(v, k) in by_workers)
             if r is not None:
                 results[v][k] = r
         summary = aggregate(results, self.variants, self.base, self._spec())
@@ -223,11 +224,12 @@ class Ablation:
         return summary
 
     def _one(self, i: int, jobs: list, analyse_only: bool, bundles: dict, took: dict,
-             estimate: bool = True) -> "dict | None":
+             estimate: bool = True, by_worker: bool = False) -> "dict | None":
         """Train (or resume, or copy with ``--reuse``) and analyse ``jobs[i - 1]``; its analysis, or None where
         ``analyse_only`` skips an unfinished run. ``bundles`` caches the dataset between runs; ``took`` gathers the
         ``(seconds, epochs)`` of each run trained, per variant, from which it logs the time left (``estimate``; a
-        worker of ``--jobs`` leaves that to the parent, which knows every worker's runs)."""
+        worker of ``--jobs`` leaves that to the parent, which knows every worker's runs); ``by_worker``: a worker
+        of this call trained and analysed it, so it is collected, not "finished earlier"."""
         from .train import Trainer, load_data
 
         v, k = jobs[i - 1]
@@ -247,7 +249,8 @@ class Ablation:
             return None
         cached = self._cached(cfg, rd) if done else None
         if cached is not None:  # analysed since its last epoch: no data or network needed
-            self.log(f"{tag}: finished earlier ({cached[1]} epochs), kept")
+            said = "trained above, collected" if by_worker else f"finished earlier ({cached[1]} epochs), kept"
+            self.log(f"{tag}: {said}")
             return dict(cached[0], val_per_epoch=cached[2])
         akey = (cfg.data.T, k, json.dumps(cfg.to_dict()["data"], sort_keys=True))
         if akey not in bundles:

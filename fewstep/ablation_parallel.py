@@ -11,12 +11,13 @@ N-MNIST one 1.00×: it pays on machines with more cores than one run keeps busy.
 from __future__ import annotations
 
 
-def in_parallel(abl, jobs: list, processes: int) -> None:
+def in_parallel(abl, jobs: list, processes: int) -> set:
     """Train and analyse the unfinished runs among ``jobs`` (the ``(variant, seed)`` pairs of the ablation ``abl``)
     in ``processes`` worker processes at once, each with an equal share of torch's threads. Each run is the one
     trained alone with that many threads (its seed fixes its weights, split and data order) and resumes alike if
     interrupted. The first run to fail stops the others (their epochs so far are kept) and is raised, named, with
-    its traceback; a worker that dies (killed for memory) is reported too."""
+    its traceback; a worker that dies (killed for memory) is reported too. Returns the ``(variant, seed)`` pairs
+    the workers trained."""
     import multiprocessing as mp
     import queue
 
@@ -26,7 +27,7 @@ def in_parallel(abl, jobs: list, processes: int) -> None:
 
     pending = [(i, v, k) for i, (v, k) in enumerate(jobs, 1) if not abl._finished(v, k)]
     if not pending:
-        return
+        return set()
     n = min(processes, len(pending))
     threads = max(1, torch.get_num_threads() // n)
     abl.log(f"training {len(pending)} run{'s' if len(pending) > 1 else ''} {n} at a time, {threads} torch "
@@ -71,6 +72,7 @@ def in_parallel(abl, jobs: list, processes: int) -> None:
                 w.terminate()
         for w in workers:
             w.join()
+    return {(v, k) for _, v, k in pending}
 
 
 def _worker(out: str, reuse: list, jobs: list, threads: int, todo, done) -> None:

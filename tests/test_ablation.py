@@ -537,7 +537,8 @@ def test_jobs_train_runs_side_by_side_as_each_trains_alone_and_a_failed_run_is_n
     assert "[1/4] tet seed 0: training ->" in text and "[4/4] tet+rcs seed 1: done (" in text
     # the time left, from the runs the workers have reported so far; none after the last
     assert re.search(r"\] \S+ seed \d: done \(1 of 4\); about \d+ s left", text) and "done (4 of 4)\n" in text
-    assert "[1/4] tet seed 0: finished earlier (1 epochs), kept" in text  # the report reads what the workers left
+    assert "[1/4] tet seed 0: trained above, collected" in text  # the report reads what the workers left
+    assert "finished earlier" not in text  # (they were trained by this call)
     for v in ("tet", "tet+rcs"):
         for k in (0, 1):
             a, b = (json.loads((tmp_path / f / v / f"seed{k}" / "analysis.json").read_text())
