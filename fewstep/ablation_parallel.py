@@ -17,7 +17,7 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
     trained alone with that many threads (its seed fixes its weights, split and data order) and resumes alike if
     interrupted. The first run to fail stops the others (their epochs so far are kept) and is raised, named, with
     its traceback; a worker that dies (killed for memory) is reported too. Returns the ``(variant, seed)`` pairs
-    the workers trained."""
+    the workers trained (not those they copied or only analysed)."""
     import multiprocessing as mp
     import queue
 
@@ -30,7 +30,12 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
         return set()
     n = min(processes, len(pending))
     threads = max(1, torch.get_num_threads() // n)
-    abl.log(f"training {len(pending)} run{'s' if len(pending) > 1 else ''} {n} at a time, {threads} torch "
+    trains = {(v, k) for _, v, k in pending if abl._will_train(v, k)}  # the others: copied (--reuse) or analysed
+    fresh, others = len(trains), len(pending) - len(trains)
+    more = f" ({others} more to copy or analyse)" if others else ""
+    what = (f"training {fresh} run{'s' if fresh != 1 else ''}{more}" if fresh
+            else f"copying or analysing {others} run{'s' if others != 1 else ''}")
+    abl.log(f"{what} {n} at a time, {threads} torch "
             f"thread{'s' if threads > 1 else ''} each (--jobs {processes}); their training times and images/s "
             "are measured beside each other")
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
@@ -72,7 +77,7 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
                 w.terminate()
         for w in workers:
             w.join()
-    return {(v, k) for _, v, k in pending}
+    return trains
 
 
 def _worker(out: str, reuse: list, jobs: list, threads: int, todo, done) -> None:

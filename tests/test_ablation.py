@@ -548,6 +548,13 @@ def test_jobs_train_runs_side_by_side_as_each_trains_alone_and_a_failed_run_is_n
     one, two = (json.loads((tmp_path / f / "summary.json").read_text())["variants"]["tet+rcs"]["paired_diff"]
                 for f in ("alone", "together"))
     assert two["final_accuracy"] == one["final_accuracy"]
+    # runs --reuse copies are not counted as trained
+    assert cli(["ablate", str(cfg), "--variants", "tet", "--seeds", "0,1,2", "--set", "train.epochs=1", "--out",
+                str(tmp_path / "more"), "--reuse", str(tmp_path / "together"), "--jobs", "2"]) == 0
+    text = capfd.readouterr().out
+    assert "training 1 run (2 more to copy or analyse) 2 at a time" in text
+    assert "[1/3] tet seed 0: copied from" in text and "[3/3] tet seed 2: training ->" in text
+    assert "[1/3] tet seed 0: finished earlier" in text and "[3/3] tet seed 2: trained above, collected" in text
     # a run that fails in its worker stops the ablation with its name and traceback; the others are kept
     bad = tmp_path / "together" / "tet+rcs" / "seed1"
     (bad / "metrics.json").unlink()
