@@ -30,8 +30,8 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
         return set()
     n = min(processes, len(pending))
     threads = max(1, torch.get_num_threads() // n)
-    trains = {(v, k) for _, v, k in pending if abl._will_train(v, k)}  # the others: copied (--reuse) or analysed
-    fresh, others = len(trains), len(pending) - len(trains)
+    fresh = sum(abl._will_train(v, k) for _, v, k in pending)  # the others: copied (--reuse) or analysed only
+    others = len(pending) - fresh
     more = f" ({others} more to copy or analyse)" if others else ""
     what = (f"training {fresh} run{'s' if fresh != 1 else ''}{more}" if fresh
             else f"copying or analysing {others} run{'s' if others != 1 else ''}")
@@ -48,6 +48,7 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
                                                  done), name=f"fewstep-ablate-{w}") for w in range(n)]
     took: dict = {}  # variant -> (seconds, epochs) of its runs trained so far, as the workers report them
     left = {(v, k) for _, v, k in pending}
+    trained = set()  # the runs a worker reports it trained (a timed run)
     try:
         for w in workers:
             w.start()
@@ -67,6 +68,7 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
             left.discard((v, k))
             if timed is not None:
                 took.setdefault(v, []).append(timed)
+                trained.add((v, k))
             # the runs not finished (those under way counted whole), each at its variant's seconds per epoch so far
             eta = time_left(took, [(w, abl.configs[(w, s)].train.epochs) for w, s in left])
             abl.log(f"{tag}: done ({finished} of {len(pending)})"
@@ -77,15 +79,15 @@ def in_parallel(abl, jobs: list, processes: int) -> set:
                 w.terminate()
         for w in workers:
             w.join()
-    return trains
+    return trained
 
 
 def _worker(out: str, reuse: list, jobs: list, threads: int, todo, done) -> None:
     """One process of ``fewstep ablate --jobs``: takes ``(i, variant, seed)`` from ``todo`` until None, trains and
     analyses that run as :meth:`fewstep.ablation.Ablation.run` does alone, and puts ``(tag, error, (variant,
     seed), timed)`` on ``done``: ``error`` None or the traceback, ``timed`` the run's ``(seconds, epochs)`` where it
-    trained here (None where it was copied or already finished). Tqdm's batch bars are off (several would overwrite each other); every log line
-    carries its run's tag."""
+    trained here (None where it was copied or already finished). Tqdm's batch bars are off (several would overwrite
+    each other); every log line carries its run's tag."""
     import threading
     import traceback
 
