@@ -105,3 +105,36 @@ def test_the_extending_examples_work(monkeypatch):
         assert d["regularizer"]["name"] == "rcs+mine"
     finally:
         TOKENS.pop("mine", None)
+
+
+def table_rows_off(text: str) -> list[tuple[int, int, int]]:
+    """(line, cells, header's cells) for each Markdown table row whose cell count differs from its header's.
+
+    GitHub splits a cell at every unescaped ``|``, inside a code span too, and a row rewrapped onto several lines
+    stops being a row: both show up here as a count that differs from the header's."""
+    off, header, fenced = [], None, False
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced or not line.startswith("|"):
+            header = None
+            continue
+        cells = len(re.findall(r"(?<!\\)\|", line)) - 1
+        if header is None:
+            header = cells
+        elif cells != header:
+            off.append((number, cells, header))
+    return off
+
+
+def test_table_rows_off_finds_a_split_cell_and_a_merged_row():
+    good = "| a | b |\n|---|---|\n| 1 | `x\\|y` |\n"
+    assert table_rows_off(good) == []
+    assert table_rows_off("| a | b |\n|---|---|\n| 1 | `x|y` |\n") == [(3, 3, 2)]
+    assert table_rows_off("| a | b |\n|---|---|\n| 1 | 2 | | 3 | 4 |\n") == [(3, 5, 2)]
+
+
+@pytest.mark.parametrize("path", sorted([ROOT / "README.md", ROOT / "bench" / "README.md",
+                                         *(ROOT / "docs").glob("*.md")]), ids=lambda p: p.name)
+def test_every_table_row_has_its_headers_cells(path):
+    assert table_rows_off(path.read_text(encoding="utf-8")) == [], f"{path.name}: (line, cells, header's cells)"
