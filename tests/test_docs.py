@@ -135,6 +135,6 @@ def test_table_rows_off_finds_a_split_cell_and_a_merged_row():
 
 
 @pytest.mark.parametrize("path", sorted([ROOT / "README.md", ROOT / "bench" / "README.md",
-                                         *(ROOT / "docs").glob("*.md")]), ids=lambda p: p.name)
+                                         *(ROOT / "docs").glob("*.md")]), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_table_row_has_its_headers_cells(path):
     assert table_rows_off(path.read_text(encoding="utf-8")) == [], f"{path.name}: (line, cells, header's cells)"
