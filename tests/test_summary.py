@@ -157,3 +157,82 @@ def test_pooling_reads_a_paired_key_or_a_ratio_against_the_fixed_T_from_an_ablat
     assert mod.fresh_values(tmp_path, "qcfs+rcs_ann", "softmax@0.006:matched_steps_saved") == [3.0, -1.0]
     with pytest.raises(KeyError, match="no 'final_accuracy' for 'qcfs\\+rcs_ann'"):
         mod.fresh_values(tmp_path, "qcfs+rcs_ann", "final_accuracy")
+
+
+def _ablation(folder: Path, seeds: list[int], t1: list[float], *, dataset="fashion_mnist", baseline="ce") -> Path:
+    """A minimal ablation folder: its ``summary.json`` as ``fewstep ablate`` writes it (the keys pooling reads)."""
+    folder.mkdir(parents=True)
+    base = {"data": {"name": dataset, "T": 4}, "model": {"name": "cnn"}, "train": {"epochs": 4}}
+    summary = {"spec": {"command": f"fewstep ablate ... --seeds {seeds}", "base": base}, "baseline": baseline,
+               "variants": {
+                   baseline: {"seeds": seeds, "T": 4, "paired_diff": {"acc_t1": {"values": [0.0] * len(seeds)}},
+                              "vs_fixed": {"softmax@0.006:vs_fixed": {"values": [1.5] * len(seeds)}}},
+                   "tet": {"seeds": seeds, "T": 4, "paired_diff": {
+                       "acc_t1": {"values": t1},
+                       "images_per_s": {"values": [123.0] * len(seeds)},  # machine noise: not kept
+                       "softmax@0.006:matched_steps_saved": {"values": [0.25] * len(seeds)}}}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_kept_seed_values_pool_exactly_with_fresh_seeds(tmp_path):
+    """``summary.py --keep DIR`` saves an ablation's seed-by-seed paired values (the run folders stay out of the
+    repository); ``--pool DIR --with FILE`` then pools later seeds with them exactly: the mean, the interval and the
+    seeds ahead / level / behind are those of all the seeds' values together."""
+    from fewstep.ablation_report import ci95
+
+    mod = _summary()
+    old = _ablation(tmp_path / "abl-old", [0, 1, 2], [0.01, -0.005, 0.0])
+    kept = mod.keep(old, tmp_path / "seeds")
+    assert kept == tmp_path / "seeds" / "abl-old.json"
+    data = json.loads(kept.read_text())
+    assert data["dataset"] == "fashion_mnist" and data["baseline"] == "ce" and data["epochs"] == 4
+    assert set(data["variants"]["tet"]["paired_diff"]) == {"acc_t1", "softmax@0.006:matched_steps_saved"}
+    assert "paired_diff" not in data["variants"]["ce"]  # the baseline against itself: zeros, not kept
+    assert mod.fresh_values(kept, "tet", "acc_t1") == pytest.approx(mod.fresh_values(old, "tet", "acc_t1"))
+    assert mod.fresh_values(kept, "ce", "softmax@0.006:vs_fixed") == [1.5, 1.5, 1.5]
+
+    new = _ablation(tmp_path / "abl-new", [3, 4], [0.02, 0.015])
+    r = mod.pooled_exactly([kept, new], "tet", "acc_t1")
+    values = [1.0, -0.5, 0.0, 2.0, 1.5]
+    mean = sum(values) / 5
+    std = (sum((v - mean) ** 2 for v in values) / 4) ** 0.5
+    assert r["n"] == 5 and r["seeds"] == [0, 1, 2, 3, 4]
+    assert r["mean"] == pytest.approx(mean)
+    assert (r["lo"], r["hi"]) == pytest.approx(ci95(mean, std, 5))
+    assert (r["ahead"], r["level"], r["behind"]) == (3, 1, 1)
+    # the recovered-from-an-interval pooling of --published agrees with the exact one when the interval is exact
+    lo3, hi3 = ci95(sum(values[:3]) / 3, (sum((v - sum(values[:3]) / 3) ** 2 for v in values[:3]) / 2) ** 0.5, 3)
+    assert mod.pooled((sum(values[:3]) / 3, lo3, hi3), 3, values[3:]) == pytest.approx([r["mean"], r["lo"], r["hi"]])
+
+
+def test_pooling_refuses_a_seed_twice_another_setting_or_the_baseline_against_itself(tmp_path):
+    mod = _summary()
+    kept = mod.keep(_ablation(tmp_path / "abl-a", [0, 1], [0.01, 0.02]), tmp_path / "seeds")
+    with pytest.raises(ValueError, match="seed 1 of 'tet' is in both"):
+        mod.pooled_exactly([kept, _ablation(tmp_path / "abl-b", [1, 2], [0.0, 0.01])], "tet", "acc_t1")
+    with pytest.raises(ValueError, match="'dataset': 'cifar10'.*same setting only"):
+        mod.pooled_exactly([kept, _ablation(tmp_path / "abl-c", [5], [0.01], dataset="cifar10")], "tet", "acc_t1")
+    with pytest.raises(ValueError, match="'baseline': 'tebn'.*same setting only"):
+        other = _ablation(tmp_path / "abl-d", [6], [0.01], baseline="tebn")
+        mod.pooled_exactly([kept, other], "tet", "acc_t1")
+    with pytest.raises(KeyError, match="'ce' is that ablation's baseline, paired with itself"):
+        mod.fresh_values(kept, "ce", "acc_t1")
+    with pytest.raises(KeyError, match="has no variant 'tet\\+rcs'"):
+        mod.fresh_values(kept, "tet+rcs", "acc_t1")
+
+
+def test_the_kept_seed_files_of_docs_results_name_their_ablation_and_seeds():
+    """Each ``docs/results/seeds/*.json`` is what ``--keep`` wrote for an ablation docs/results.md reports: it names
+    the command that trained it, the setting, and for every variant its seeds, with one value per seed."""
+    files = sorted((ROOT / "docs" / "results" / "seeds").glob("*.json"))
+    assert files, "no kept seed files"
+    text = RESULTS.read_text(encoding="utf-8")
+    for f in files:
+        data = json.loads(f.read_text())
+        assert data["ablation"] == f.stem and f"runs/{f.stem}" in text, f.name
+        assert data["command"].startswith("fewstep ablate") and data["dataset"] and data["baseline"], f.name
+        for name, v in data["variants"].items():
+            for table in ("paired_diff", "vs_fixed"):
+                for key, s in v.get(table, {}).items():
+                    assert len(s["values"]) == len(v["seeds"]), (f.name, name, key)

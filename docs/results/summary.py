@@ -3,11 +3,20 @@
 The figures come from ``summary.csv`` beside this file, each copied from the ``docs/results.md`` section its row
 names (``tests/test_summary.py`` checks that every one is there). Run ``python docs/results/summary.py`` after
 adding a row.
+
+Pooling fresh seeds with earlier ones: ``--pool DIR --variant V --key KEY`` with ``--published=M,LO,HI`` recovers
+the earlier seeds' spread from a published interval; ``--with FILE`` pools them exactly, from the seed-by-seed
+values that ``--keep DIR`` saved (``seeds/<ablation>.json``, a few kB: accuracies per step, final accuracy, firing
+rate, steps saved and exit accuracy at the same validation bar, exits against the fixed T), and counts the seeds
+ahead / level / behind over all of them. The run folders (checkpoints) stay out of the repository; these files are
+what later sessions pool with.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -141,18 +150,102 @@ def fresh_differences(folder: Path, variant: str, baseline: str, step: int) -> l
     return [acc(variant, s) - acc(baseline, s) for s in seeds]
 
 
-def fresh_values(folder: Path, variant: str, key: str) -> list[float]:
-    """Seed-by-seed values of ``key`` for ``variant`` from an ablation folder's ``summary.json``: a paired difference
-    from its first variant (``paired_diff``, e.g. ``softmax@0.006:matched_steps_saved``) or an exit against the
-    variant's own fixed T (``vs_fixed``, e.g. ``softmax@0.006:vs_fixed``); a key naming an accuracy in pt."""
-    import json
+def _summary_file(source: Path) -> Path:
+    """An ablation folder's ``summary.json``, or a file ``--keep`` wrote (the same layout, fewer keys)."""
+    return source / "summary.json" if source.is_dir() else source
 
-    v = json.loads((folder / "summary.json").read_text())["variants"][variant]
+
+def fresh_values(folder: Path, variant: str, key: str) -> list[float]:
+    """Seed-by-seed values of ``key`` for ``variant`` from an ablation folder's ``summary.json`` (or a file ``--keep``
+    wrote): a paired difference from its first variant (``paired_diff``, e.g. ``softmax@0.006:matched_steps_saved``)
+    or an exit against the variant's own fixed T (``vs_fixed``, e.g. ``softmax@0.006:vs_fixed``); a key naming an
+    accuracy in pt."""
+    path = _summary_file(folder)
+    variants = json.loads(path.read_text())["variants"]
+    if variant not in variants:
+        raise KeyError(f"{path} has no variant {variant!r} (it has {', '.join(variants)})")
+    v = variants[variant]
     for table in ("vs_fixed", "paired_diff"):  # (the first variant pairs with itself: zeros in paired_diff)
         if key in v.get(table, {}):
             scale = 100 if "acc" in key else 1
             return [scale * x for x in v[table][key]["values"]]
-    raise KeyError(f"{folder / 'summary.json'} has no {key!r} for {variant!r} (in paired_diff or vs_fixed)")
+    if variant == json.loads(path.read_text()).get("baseline") and key not in v.get("vs_fixed", {}):
+        raise KeyError(f"{path}: {variant!r} is that ablation's baseline, paired with itself; pool a variant paired "
+                       f"with it")
+    raise KeyError(f"{path} has no {key!r} for {variant!r} (in paired_diff or vs_fixed)")
+
+
+def seeds_of(source: Path, variant: str) -> list[int]:
+    return list(json.loads(_summary_file(source).read_text())["variants"][variant]["seeds"])
+
+
+def setting(summary: dict) -> dict:
+    """What an ablation trained on, from its ``summary.json`` (or as a kept file stores it): dataset, model, epochs."""
+    if "dataset" in summary:
+        return {k: summary.get(k) for k in ("dataset", "model", "epochs")}
+    base = summary.get("spec", {}).get("base", {})
+    return {"dataset": base.get("data", {}).get("name"), "model": base.get("model", {}).get("name"),
+            "epochs": base.get("train", {}).get("epochs")}
+
+
+def _setting_of(source: Path, variant: str) -> dict:
+    summary = json.loads(_summary_file(source).read_text())
+    return {**setting(summary), "T": summary["variants"][variant].get("T"), "baseline": summary.get("baseline")}
+
+
+KEEP = re.compile(r"^(acc_t\d+|final_accuracy|val_accuracy|firing_rate|spikes_per_sample|train_time_s"
+                  r"|(softmax|topk)@[\d.]+:(matched_steps_saved|matched_exit_accuracy)"
+                  r"|(timestep|softmax|topk)(\+cap)?@[\d.]+:vs_fixed)$")
+
+
+def keep(folder: Path, out_dir: Path = HERE / "seeds") -> Path:
+    """Save an ablation's seed-by-seed paired values (the ``KEEP`` keys of ``summary.json``, each variant against
+    the first) as ``out_dir/<folder name>.json``, for exact pooling with later seeds (``--with``)."""
+    if not (folder / "summary.json").is_file():
+        raise FileNotFoundError(f"{folder}: no summary.json (not a finished `fewstep ablate` folder)")
+    summary = json.loads((folder / "summary.json").read_text())
+    spec = summary.get("spec", {})
+    kept = {"ablation": folder.name, "command": spec.get("command"), "baseline": summary.get("baseline"),
+            **setting(summary), "variants": {}}
+    for name, v in summary["variants"].items():
+        entry = {"seeds": v["seeds"], "T": v.get("T")}
+        for table in ("paired_diff", "vs_fixed"):
+            values = {k: {"values": [round(x, 6) for x in s["values"]]} for k, s in v.get(table, {}).items()
+                      if KEEP.match(k) and s.get("values") is not None}
+            if values and not (table == "paired_diff" and name == summary.get("baseline")):
+                entry[table] = values
+        kept["variants"][name] = entry
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{folder.name}.json"
+    out.write_text(json.dumps(kept, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
+    return out
+
+
+def pooled_exactly(sources: list[Path], variant: str, key: str) -> dict:
+    """Mean, 95 % interval and seeds ahead / level / behind of ``key`` for ``variant`` over the seeds of several
+    ablations (folders or kept files), each seed counted once: a seed in two of them is an error, not a double
+    count."""
+    from fewstep.ablation_report import ci95
+
+    values, seen, first = [], {}, None
+    for source in sources:
+        here = _setting_of(source, variant)
+        if first is None:
+            first = (source, here)
+        elif here != first[1]:
+            raise ValueError(f"{source} trained {here}, {first[0]} {first[1]}: pool seeds of the same setting only")
+        for seed, x in zip(seeds_of(source, variant), fresh_values(source, variant, key)):
+            if seed in seen:
+                raise ValueError(f"seed {seed} of {variant!r} is in both {seen[seed]} and {source}: "
+                                 f"pool each seed once")
+            seen[seed] = source
+            values.append(x)
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else float("nan")
+    lo, hi = ci95(mean, std, n) if n > 1 else (float("nan"), float("nan"))
+    return {"n": n, "mean": mean, "lo": lo, "hi": hi, "ahead": sum(x > 0 for x in values),
+            "level": sum(x == 0 for x in values), "behind": sum(x < 0 for x in values), "seeds": sorted(seen)}
 
 
 if __name__ == "__main__":
@@ -168,8 +261,20 @@ if __name__ == "__main__":
                     "paired difference from the first variant, or a vs_fixed ratio; no --baseline)")
     ap.add_argument("--published", help="MEAN,LO,HI of the published paired difference (pt)")
     ap.add_argument("--published-seeds", type=int, default=3)
+    ap.add_argument("--with", dest="with_", metavar="FILE", action="append", default=[],
+                    help="pool exactly with the seed-by-seed values a --keep file holds (repeatable; needs --key)")
+    ap.add_argument("--keep", metavar="DIR", help="save ablation DIR's seed-by-seed paired values as "
+                    "docs/results/seeds/<DIR name>.json")
     a = ap.parse_args()
-    if a.pool:
+    if a.keep:
+        print(f"wrote {keep(Path(a.keep))}")
+    elif a.pool and a.with_:
+        if not a.key:
+            ap.error("--with pools a --key (e.g. acc_t1, final_accuracy, softmax@0.006:matched_steps_saved)")
+        r = pooled_exactly([Path(p) for p in a.with_] + [Path(a.pool)], a.variant, a.key)
+        print(f"{a.variant}, {a.key}: pooled over {r['n']} seeds {r['seeds']} {r['mean']:+.2f}, "
+              f"[{r['lo']:+.2f}, {r['hi']:+.2f}], {r['ahead']}/{r['level']}/{r['behind']}")
+    elif a.pool:
         if a.key:
             fresh, what = fresh_values(Path(a.pool), a.variant, a.key), f"{a.variant}, {a.key}"
         else:
