@@ -236,3 +236,14 @@ def test_the_kept_seed_files_of_docs_results_name_their_ablation_and_seeds():
             for table in ("paired_diff", "vs_fixed"):
                 for key, s in v.get(table, {}).items():
                     assert len(s["values"]) == len(v["seeds"]), (f.name, name, key)
+
+
+def test_exact_pooling_counts_a_ratio_against_the_fixed_T_from_1(tmp_path):
+    """A ``vs_fixed`` ratio is ahead above 1, not above 0: 0.8× the fixed T's steps saving is behind."""
+    mod = _summary()
+    folder = _ablation(tmp_path / "abl-r", [0, 1], [0.01, 0.02])
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["variants"]["ce"]["vs_fixed"]["softmax@0.006:vs_fixed"]["values"] = [1.25, 0.8]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    r = mod.pooled_exactly([folder], "ce", "softmax@0.006:vs_fixed")
+    assert (r["ahead"], r["level"], r["behind"]) == (1, 0, 1)

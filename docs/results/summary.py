@@ -160,16 +160,22 @@ def fresh_values(folder: Path, variant: str, key: str) -> list[float]:
     wrote): a paired difference from its first variant (``paired_diff``, e.g. ``softmax@0.006:matched_steps_saved``)
     or an exit against the variant's own fixed T (``vs_fixed``, e.g. ``softmax@0.006:vs_fixed``); a key naming an
     accuracy in pt."""
+    return _lookup(folder, variant, key)[0]
+
+
+def _lookup(folder: Path, variant: str, key: str) -> tuple[list[float], str]:
+    """:func:`fresh_values` and the table they came from (``vs_fixed``: ratios, level at 1; else differences)."""
     path = _summary_file(folder)
-    variants = json.loads(path.read_text())["variants"]
+    summary = json.loads(path.read_text())
+    variants = summary["variants"]
     if variant not in variants:
         raise KeyError(f"{path} has no variant {variant!r} (it has {', '.join(variants)})")
     v = variants[variant]
     for table in ("vs_fixed", "paired_diff"):  # (the first variant pairs with itself: zeros in paired_diff)
         if key in v.get(table, {}):
             scale = 100 if "acc" in key else 1
-            return [scale * x for x in v[table][key]["values"]]
-    if variant == json.loads(path.read_text()).get("baseline") and key not in v.get("vs_fixed", {}):
+            return [scale * x for x in v[table][key]["values"]], table
+    if variant == summary.get("baseline"):
         raise KeyError(f"{path}: {variant!r} is that ablation's baseline, paired with itself; pool a variant paired "
                        f"with it")
     raise KeyError(f"{path} has no {key!r} for {variant!r} (in paired_diff or vs_fixed)")
@@ -222,30 +228,30 @@ def keep(folder: Path, out_dir: Path = HERE / "seeds") -> Path:
 
 
 def pooled_exactly(sources: list[Path], variant: str, key: str) -> dict:
-    """Mean, 95 % interval and seeds ahead / level / behind of ``key`` for ``variant`` over the seeds of several
-    ablations (folders or kept files), each seed counted once: a seed in two of them is an error, not a double
-    count."""
-    from fewstep.ablation_report import ci95
+    """Mean, 95 % interval and seeds ahead / level / behind (against 0, or 1 for a ratio against the fixed T) of
+    ``key`` for ``variant`` over the seeds of several ablations (folders or kept files), each seed counted once: a
+    seed in two of them is an error, not a double count. The statistics are ``fewstep ablate``'s own."""
+    from fewstep.ablation_report import _paired
 
-    values, seen, first = [], {}, None
+    values, seen, first, ref = [], {}, None, 0.0
     for source in sources:
         here = _setting_of(source, variant)
         if first is None:
             first = (source, here)
         elif here != first[1]:
             raise ValueError(f"{source} trained {here}, {first[0]} {first[1]}: pool seeds of the same setting only")
-        for seed, x in zip(seeds_of(source, variant), fresh_values(source, variant, key)):
+        found, table = _lookup(source, variant, key)
+        ref = 1.0 if table == "vs_fixed" else 0.0
+        for seed, x in zip(seeds_of(source, variant), found):
             if seed in seen:
                 raise ValueError(f"seed {seed} of {variant!r} is in both {seen[seed]} and {source}: "
                                  f"pool each seed once")
             seen[seed] = source
             values.append(x)
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else float("nan")
-    lo, hi = ci95(mean, std, n) if n > 1 else (float("nan"), float("nan"))
-    return {"n": n, "mean": mean, "lo": lo, "hi": hi, "ahead": sum(x > 0 for x in values),
-            "level": sum(x == 0 for x in values), "behind": sum(x < 0 for x in values), "seeds": sorted(seen)}
+    st = _paired(values, ref)
+    lo, hi = st["ci95"] or (float("nan"), float("nan"))
+    return {"n": st["n"], "mean": st["mean"], "lo": lo, "hi": hi, "ahead": st["ahead"], "level": st["level"],
+            "behind": st["behind"], "seeds": sorted(seen)}
 
 
 if __name__ == "__main__":
