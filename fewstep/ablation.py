@@ -56,8 +56,8 @@ from .ablation_analysis import (ANALYSIS_VERSION, analyse, bounded_exits, calibr
 from .ablation_markdown import markdown
 from .ablation_parallel import in_parallel
 from .ablation_report import BOUNDED_KEYS, aggregate, plot_summary
-from .ablation_variants import (LABEL_CHARS, TOKENS, flatten, parse_seeds, parse_variant_sets,  # noqa: F401
-                                register_token, tokens, variant_dict)
+from .ablation_variants import (LABEL_CHARS, TOKENS, describe_seeds, flatten, parse_seeds,  # noqa: F401
+                                parse_variant_sets, register_token, seeds_arg, tokens, variant_dict)
 
 # the exits added to the analysis after its version 1 (an older analysis gets them from --analyse-only): key -> name
 LATER_EXITS = {"capped": "capped", "bounded": "harm-bounded", "bounded_drop": "drop-bounded"}
@@ -119,6 +119,7 @@ class Ablation:
         if len(self.specs) != len(variants):
             raise ValueError(f"--variants lists a label twice: {variants}")
         self.variants, self.seeds = list(self.specs), parse_seeds(seeds)
+        self.seeds_named = describe_seeds(seeds)
         self.overrides = list(overrides or [])
         self.raw_variant_sets = list(variant_sets or [])
         self.variant_sets = parse_variant_sets(self.raw_variant_sets, self.variants)
@@ -163,7 +164,7 @@ class Ablation:
 
     def command(self) -> str:
         parts = ["fewstep ablate", self.config_path or "(defaults)", "--variants", ",".join(self.specs.values()),
-                 "--seeds", ",".join(map(str, self.seeds)), "--out", str(self.out)]
+                 "--seeds", seeds_arg(self.seeds), "--out", str(self.out)]
         parts += [f"--set {o}" for o in self.overrides] + [f"--variant-set '{o}'" for o in self.raw_variant_sets]
         if self.converts():
             parts += ["--convert-T", str(self.convert_T)]
@@ -207,6 +208,8 @@ class Ablation:
         spec_path.write_text(json.dumps(self._spec(), indent=2))
         bundles: dict = {}
         jobs = [(v, k) for k in self.seeds for v in self.variants]  # seed-major: early results are paired
+        self.log(f"ablation {self.out}: {len(self.variants)} variant{'s' if len(self.variants) > 1 else ''} "
+                 f"({', '.join(self.variants)}) × {self.seeds_named} = {len(jobs)} run{'s' if len(jobs) > 1 else ''}")
         results: dict = {v: {} for v in self.variants}
         took: dict = {v: [] for v in self.variants}  # (seconds, epochs) of each run trained and analysed here
         by_workers = set()

@@ -135,6 +135,27 @@ def parse_seeds(spec) -> list[int]:
     return seeds
 
 
+def seeds_arg(seeds: list[int]) -> str:
+    """``--seeds`` as a command line names ``seeds`` (the inverse of :func:`parse_seeds`): ``[8]`` → ``8,`` (a lone
+    ``8`` would be a count, seeds 0–7), ``[6, 7]`` → ``6,7``."""
+    return ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")
+
+
+def describe_seeds(spec) -> str:
+    """The seeds ``spec`` (:func:`parse_seeds`) names, as ``fewstep ablate`` announces them before training; where
+    a typed lone number (a string) was read as a count of seeds, how to name that seed alone instead (``--seeds 8``
+    trains seeds 0–7, ``--seeds 8,`` seed 8)."""
+    seeds = parse_seeds(spec)
+    s = str(spec).strip()
+    if len(seeds) > 4 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        named = f"seeds {seeds[0]}–{seeds[-1]}"
+    else:
+        named = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    if isinstance(spec, str) and "," not in s and len(seeds) > 1:  # (a typed count; not a default int)
+        named += f" (--seeds {s} is a count; seed {s} alone: --seeds {s},)"
+    return named
+
+
 def parse_variant_sets(items: list[str], variants: list[str]) -> dict[str, list[str]]:
     """``["tet+rcs:regularizer.rcs_weight=0.01", ...]`` → ``{"tet+rcs": ["regularizer.rcs_weight=0.01"]}``."""
     out: dict[str, list[str]] = {v: [] for v in variants}

@@ -135,7 +135,7 @@ def cmd_ablate(args) -> int:
                          f"report the one in --out ({args.out}/ablation.json)")
     else:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        abl = Ablation(args.config, variants, "3" if args.seeds is None else args.seeds, args.out, args.set,
+        abl = Ablation(args.config, variants, 3 if args.seeds is None else args.seeds, args.out, args.set,
                        args.variant_set, convert_T=args.convert_T, reuse=args.reuse)
     summary = abl.run(analyse_only=args.analyse_only, processes=args.jobs)
     print()

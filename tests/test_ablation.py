@@ -33,6 +33,15 @@ def test_variant_tokens_seeds_and_variant_sets():
     for bad in ("0", "1,1", "-1,2", "x"):
         with pytest.raises(ValueError, match="--seeds"):
             A.parse_seeds(bad)
+    for seeds in ([8], [0], [6, 7], [0, 1, 2], [5, 3]):  # the reproduce command names exactly these seeds
+        assert A.parse_seeds(A.seeds_arg(seeds)) == seeds
+    assert A.seeds_arg([8]) == "8,"
+    # announced before training: a lone number read as a count says how to name that seed alone
+    assert A.describe_seeds("8") == "seeds 0–7 (--seeds 8 is a count; seed 8 alone: --seeds 8,)"
+    assert A.describe_seeds("3") == "seeds 0, 1, 2 (--seeds 3 is a count; seed 3 alone: --seeds 3,)"
+    assert A.describe_seeds(3) == "seeds 0, 1, 2"  # the default count, not typed
+    assert A.describe_seeds("8,") == "seed 8" and A.describe_seeds("1") == "seed 0"
+    assert A.describe_seeds("0,5,7") == "seeds 0, 5, 7" and A.describe_seeds("3,4,5,6,7,") == "seeds 3–7"
     with pytest.raises(ValueError, match="not among --variants"):
         A.parse_variant_sets(["tet+str:regularizer.str_weight=1"], ["tet", "tet+rcs"])
     with pytest.raises(ValueError, match="VARIANT:KEY=VALUE"):
@@ -286,6 +295,8 @@ def test_cli_reports_finished_runs_and_refuses_another_base_config(tmp_path, cap
                 "--set", "train.epochs=2"]) == 0
     text = capsys.readouterr().out
     assert "## Accuracy per timestep (test, %)" in text and "| tet+str |" in text
+    assert "ablation " + str(out) + ": 2 variants (tet, tet+str) × seed 0 = 2 runs" in text  # announced first
+    assert "--seeds 0, --out" in (out / "results.md").read_text()  # its command reproduces seed 0 alone
     # a folder written before a config section existed (its defaults) is the same base, not another
     spec = json.loads((out / "ablation.json").read_text())
     del spec["base"]["trt"]
