@@ -43,8 +43,9 @@ def _fraction(lo_open: bool, hi_open: bool):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         ok = (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
         if not ok:
+            hint = f" (a share, not a percentage: {v / 100:g} is {v:g} %)" if 1 <= v <= 100 else ""
             raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, "
-                                             f"got {v}")
+                                             f"got {v:g}{hint}")
         return v
     return parse
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     tr = sub.add_parser("tradeoff", help="accuracy vs latency of every policy over its thresholds (plot + JSON)")
     tr.add_argument("run", help="run folder written by 'fewstep train'")
     tr.add_argument("--split", default="test", choices=["test", "val"])
-    tr.add_argument("--max-drop", type=float, default=0.01, metavar="D",
+    tr.add_argument("--max-drop", type=_fraction(False, True), default=0.01, metavar="D",
                     help="the table's choice per policy: its fastest setting within D of full-T accuracy on "
                          "validation (default 0.01 = 1 pt)")
     _data_root_arg(tr)

@@ -282,3 +282,23 @@ def test_version_is_the_package_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fewstep {project['version']}"
+
+
+def test_shares_given_as_percentages_are_refused_with_the_share_named(capsys):
+    """``--max-drop 1`` (meaning 1 pt) would otherwise read as a drop of 100 pt: every share is checked, and a
+    number that looks like a percentage gets the share it probably meant."""
+    for argv in (["cutoff", "RUN", "--max-drop", "1"], ["tradeoff", "RUN", "--max-drop", "1"],
+                 ["cutoff", "RUN", "--max-drop", "0.01", "--confidence", "95"]):
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "must be in" in err and "a share, not a percentage" in err, err
+    assert "0.01 is 1 %" in cli_err(["tradeoff", "RUN", "--max-drop", "1"], capsys)
+    assert "0.95 is 95 %" in cli_err(["cutoff", "RUN", "--confidence", "95"], capsys)
+    assert "percentage" not in cli_err(["cutoff", "RUN", "--max-drop", "-0.1"], capsys)
+
+
+def cli_err(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli(argv)
+    return capsys.readouterr().err
