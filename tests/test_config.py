@@ -289,16 +289,16 @@ def test_shares_given_as_percentages_are_refused_with_the_share_named(capsys):
     number that looks like a percentage gets the share it probably meant."""
     for argv in (["cutoff", "RUN", "--max-drop", "1"], ["tradeoff", "RUN", "--max-drop", "1"],
                  ["cutoff", "RUN", "--max-drop", "0.01", "--confidence", "95"]):
-        with pytest.raises(SystemExit) as e:
-            cli(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "must be in" in err and "a share, not a percentage" in err, err
+        err = cli_err(argv, capsys)
+        assert "must be in" in err and "a share, not a percentage" in err, err
     assert "0.01 is 1 %" in cli_err(["tradeoff", "RUN", "--max-drop", "1"], capsys)
     assert "0.95 is 95 %" in cli_err(["cutoff", "RUN", "--confidence", "95"], capsys)
     assert "percentage" not in cli_err(["cutoff", "RUN", "--max-drop", "-0.1"], capsys)
 
 
 def cli_err(argv, capsys) -> str:
-    with pytest.raises(SystemExit):
+    """What the command line refused ``argv`` with (argparse's exit status 2)."""
+    with pytest.raises(SystemExit) as e:
         cli(argv)
+    assert e.value.code == 2
     return capsys.readouterr().err
